@@ -1,0 +1,297 @@
+"""Typed configs: one per command, loaded from YAML, every field overridable from the command line.
+
+`lmdistill soft --config configs/soft.yaml --train.lr 3e-4 --loss.kind jsd` sets `train.lr` and `loss.kind` on top of
+the file. An unknown or invalid field is refused with one message naming it and the allowed values.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lmdistill.errors import ConfigError
+
+DivergenceKind = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+class BaseConfig(BaseModel):
+    """Strict base: unknown keys are errors, values are validated on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(BaseConfig):
+    """A Hugging Face causal LM by hub id or local path."""
+
+    name_or_path: str = Field(
+        "embedded:smollm2-135m-instruct",
+        description="Hub id, local directory, or `embedded:smollm2-135m-instruct` (the offline default teacher).",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Precision = Field("fp32", description="Precision the weights are loaded in.")
+    trust_remote_code: bool = Field(False, description="Run modelling code shipped with the checkpoint (off unless asked).")
+
+
+class LoraConfig(BaseConfig):
+    enabled: bool = Field(False, description="Train LoRA adapters instead of the full student.")
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA scaling alpha.")
+    dropout: float = Field(0.0, ge=0.0, le=1.0, description="LoRA dropout.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Module names that get adapters; every one must exist in the student.",
+    )
+
+
+class StudentConfig(BaseConfig):
+    """How the student starts: a checkpoint, a fresh model from a config, or layers pruned from the teacher."""
+
+    init: Literal["pretrained", "config", "prune"] = Field(
+        "prune",
+        description="`pretrained`: load name_or_path; `config`: random init from `arch` with the teacher's tokenizer; "
+        "`prune`: copy the teacher keeping `keep_layers`.",
+    )
+    name_or_path: str | None = Field(None, description="Checkpoint to load when init=pretrained.")
+    arch: dict[str, Any] = Field(
+        default_factory=dict,
+        description="init=config: transformers config fields (model_type, hidden_size, num_hidden_layers, ...); "
+        "unset fields are taken from the teacher's config.",
+    )
+    keep_layers: list[int] = Field(
+        default_factory=lambda: [0, 6, 12, 18, 24, 29],
+        description="init=prune: indices of the teacher's decoder layers the student keeps (Minitron/DistilBERT style).",
+    )
+    dtype: Precision = Field("fp32", description="Precision the student's master weights are kept in.")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    trust_remote_code: bool = Field(False, description="Run modelling code shipped with the checkpoint.")
+
+    @model_validator(mode="after")
+    def _needs_path(self) -> StudentConfig:
+        if self.init == "pretrained" and not self.name_or_path:
+            raise ValueError("student.init=pretrained needs student.name_or_path (a hub id or a local directory)")
+        return self
+
+
+class DataConfig(BaseConfig):
+    """Where text comes from and how it becomes fixed-length blocks."""
+
+    source: str = Field(
+        "embedded:wikipedia",
+        description="A local file (.jsonl/.json/.parquet/.txt/.csv), a directory of them, a hub dataset name, or "
+        "`embedded:wikipedia` (10,033 offline Wikipedia summaries).",
+    )
+    hub_config: str | None = Field(None, description="Hub dataset configuration name.")
+    split: str = Field("train", description="Split to read.")
+    stage: Literal["pretrain", "chat"] = Field(
+        "pretrain",
+        description="`pretrain`: raw text, tokenised and packed into blocks; `chat`: conversations rendered with the "
+        "tokenizer's chat template, loss on assistant tokens only.",
+    )
+    text_column: str = Field("text", description="Column with raw text (stage=pretrain).")
+    messages_column: str = Field("messages", description="Column with a list of {role, content} (stage=chat).")
+    prompt_column: str | None = Field(
+        None, description="stage=chat without messages: column with the prompt (user turn)."
+    )
+    completion_column: str | None = Field(
+        None, description="stage=chat without messages: column with the answer (assistant turn)."
+    )
+    block_size: int = Field(256, ge=8, description="Tokens per training sequence.")
+    max_documents: int | None = Field(None, ge=1, description="Use at most this many documents (after shuffling).")
+    eval_documents: int = Field(200, ge=0, description="Documents held out for evaluation (taken before packing).")
+    seed: int = Field(0, description="Seed of the document shuffle and held-out split.")
+
+
+class LossConfig(BaseConfig):
+    kind: DivergenceKind = Field("forward_kl", description="Divergence between teacher and student distributions.")
+    beta: float = Field(
+        0.5, ge=0.0, le=1.0, description="jsd: interpolation (0 = forward KL, 1 = reverse KL); skew_*: the skew."
+    )
+    temperature: float = Field(1.0, gt=0.0, description="Softens both distributions; the loss is multiplied by T^2.")
+    alpha: float = Field(
+        0.9, ge=0.0, le=1.0, description="Total loss = alpha * divergence + (1 - alpha) * cross-entropy."
+    )
+    fused: bool = Field(
+        True,
+        description="Use the chunked fused divergence (never materialises [tokens, vocab] logits of both models); "
+        "false forces the reference path.",
+    )
+
+
+class TrainConfig(BaseConfig):
+    output_dir: str = Field("runs/soft", description="Where checkpoints, logs and the final student go.")
+    max_steps: int = Field(100, ge=1, description="Optimizer steps.")
+    micro_batch_size: int = Field(4, ge=1, description="Sequences per forward pass.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(3e-4, gt=0.0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    warmup_steps: int = Field(10, ge=0, description="Linear warmup steps, then cosine decay.")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Cosine floor as a fraction of lr.")
+    max_grad_norm: float | None = Field(1.0, gt=0.0, description="Gradient clipping norm (null disables).")
+    precision: Precision = Field("fp32", description="Autocast precision of forward passes.")
+    seed: int = Field(0, description="Seed of model init, data order and sampling.")
+    eval_every: int = Field(50, ge=0, description="Evaluate on the held-out split every N steps (0: only at the end).")
+    eval_batches: int = Field(8, ge=1, description="Held-out micro-batches per evaluation.")
+    save_every: int = Field(50, ge=0, description="Checkpoint every N steps (0: only the final student).")
+    keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
+    log_every: int = Field(1, ge=1, description="Write a log line every N steps.")
+    resume: bool = Field(False, description="Continue from the newest complete checkpoint in output_dir.")
+    progress: bool = Field(True, description="Show a progress bar.")
+
+
+def _annotation_name(annotation: Any) -> str:
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return "{" + ",".join(str(a) for a in get_args(annotation)) + "}"
+    if origin in (typing.Union, types.UnionType):
+        return "|".join(_annotation_name(a) for a in get_args(annotation) if a is not type(None))
+    if origin is not None:
+        return getattr(origin, "__name__", str(origin)).upper()
+    return getattr(annotation, "__name__", str(annotation)).upper()
+
+
+def field_help(cls: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str]]:
+    """Every leaf field as (`--dotted.name`, type, description with default), for `--help`."""
+    rows: list[tuple[str, str, str]] = []
+    for name, info in cls.model_fields.items():
+        annotation = info.annotation
+        dotted = f"{prefix}{name}"
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows.extend(field_help(annotation, prefix=f"{dotted}."))
+            continue
+        default = info.get_default(call_default_factory=True)
+        rows.append((f"--{dotted}", _annotation_name(annotation), f"{info.description or ''} [default: {default}]"))
+    return rows
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`['--train.lr', '3e-4', '--loss.kind=jsd']` -> nested dict. Values are parsed as YAML (lists, bools, null)."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if not token.startswith("--") or token == "--":
+            raise ConfigError(f"unexpected argument `{token}`: overrides look like `--section.field value`")
+        key = token[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args) or (args[i + 1].startswith("--") and not _is_number(args[i + 1])):
+                raw = "true"  # a bare flag, like `--train.resume`
+                i += 1
+            else:
+                raw = args[i + 1]
+                i += 2
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.replace("-", "_").split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override `--{key}` conflicts with an earlier override of `{part}`")
+        node[parts[-1]] = value
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _allowed_fields(cls: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    model: Any = cls
+    for part in loc[:-1]:
+        info = model.model_fields.get(part) if isinstance(part, str) else None
+        if info is None or not (isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)):
+            return []
+        model = info.annotation
+    return sorted(model.model_fields)
+
+
+def format_validation_error(cls: type[BaseModel], err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not isinstance(p, int) or True)
+        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_fields(cls, loc)
+            lines.append(f"unknown field `{dotted}`; allowed here: {', '.join(allowed)}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"`{dotted}`: {msg} (got {e.get('input')!r})")
+    return f"invalid config ({source}):\n  " + "\n  ".join(lines)
+
+
+T = TypeVar("T", bound=BaseModel)
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> T:
+    """Read `path` (YAML) into `cls`, apply CLI overrides, validate. Raises ConfigError with a readable message."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file `{p}` not found; pass an existing YAML file (see configs/ for examples)")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file `{p}` is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file `{p}` must hold a mapping of sections, got {type(loaded).__name__}")
+        data, source = loaded, str(p)
+    if overrides:
+        extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        data = _deep_merge(data, extra)
+        source += " + command-line overrides"
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(cls, e, source)) from None
+
+
+def dump_config(cfg: BaseModel, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+class SoftConfig(BaseConfig):
+    """`lmdistill soft`: soft-label distillation with an online teacher (or a soft-label cache)."""
+
+    teacher: ModelConfig = Field(default_factory=ModelConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    teacher_cache: str | None = Field(
+        None, description="Train from a soft-label cache written by `lmdistill label` (no teacher model is loaded)."
+    )
+
+    @field_validator("teacher_cache")
+    @classmethod
+    def _cache_exists(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_dir():
+            raise ValueError(f"teacher cache directory `{value}` does not exist; write one with `lmdistill label`")
+        return value
