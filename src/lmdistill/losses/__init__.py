@@ -1,0 +1,19 @@
+"""Distillation losses: dense divergences, sparse (cached) divergences, and the shared soft/hard arithmetic.
+
+- :func:`divergence` / :func:`divergence_sum_and_count`: student vs teacher logits ``[..., V]``.
+- :func:`mix`, :func:`ce_sum_and_count`: combine ``alpha * KD + (1 - alpha) * CE``, normalised once by the token count.
+"""
+
+from lmdistill.losses.divergences import KINDS, LOGPROB_FLOOR, divergence, divergence_sum_and_count
+from lmdistill.losses.objective import IGNORE_INDEX, ce_sum_and_count, check_alpha, mix
+
+__all__ = [
+    "IGNORE_INDEX",
+    "KINDS",
+    "LOGPROB_FLOOR",
+    "ce_sum_and_count",
+    "check_alpha",
+    "divergence",
+    "divergence_sum_and_count",
+    "mix",
+]
