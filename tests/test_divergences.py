@@ -1,4 +1,4 @@
-"""Dense divergences against a float64 reference written straight from the definitions, plus identities and numerics."""
+"""Dense divergences vs a float64 reference written straight from the definitions, plus identities and numerics."""
 
 from __future__ import annotations
 

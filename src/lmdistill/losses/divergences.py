@@ -27,8 +27,15 @@ import math
 import torch
 from torch import Tensor
 
+from lmdistill.errors import LmdistillError
+
 KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 REDUCTIONS = ("mean", "sum", "none")
+
+
+class LossArgumentError(LmdistillError, ValueError):
+    """A loss got an invalid kind, hyper-parameter or tensor shape (also a ValueError, so plain code can catch it)."""
+
 
 # log-probability that stands in for -inf: exp() of it is exactly 0 in fp32, differences of it stay finite.
 LOGPROB_FLOOR = -1.0e4
@@ -40,7 +47,7 @@ LOGPROB_FLOOR = -1.0e4
 
 def check_kind(kind: str) -> None:
     if kind not in KINDS:
-        raise ValueError(f"unknown divergence kind {kind!r}; choose one of: {', '.join(KINDS)}")
+        raise LossArgumentError(f"unknown divergence kind {kind!r}; choose one of: {', '.join(KINDS)}")
 
 
 def _is_real(x: object) -> bool:
@@ -53,11 +60,11 @@ def _is_real(x: object) -> bool:
 
 def check_hparams(beta: float, temperature: float, reduction: str) -> None:
     if not (_is_real(temperature) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        raise LossArgumentError(f"temperature must be a finite number > 0, got {temperature!r}")
     if not (_is_real(beta) and 0.0 <= beta <= 1.0):
-        raise ValueError(f"beta must be in [0, 1], got {beta!r}")
+        raise LossArgumentError(f"beta must be in [0, 1], got {beta!r}")
     if reduction not in REDUCTIONS:
-        raise ValueError(f"unknown reduction {reduction!r}; choose one of: {', '.join(REDUCTIONS)}")
+        raise LossArgumentError(f"unknown reduction {reduction!r}; choose one of: {', '.join(REDUCTIONS)}")
 
 
 def check_mask(mask: Tensor | None, positions_shape: torch.Size, what: str = "logits") -> Tensor | None:
@@ -65,8 +72,9 @@ def check_mask(mask: Tensor | None, positions_shape: torch.Size, what: str = "lo
     if mask is None:
         return None
     if mask.shape != positions_shape:
-        raise ValueError(
-            f"mask shape {tuple(mask.shape)} must equal the {what} shape without its last dim, {tuple(positions_shape)}"
+        raise LossArgumentError(
+            f"mask shape {tuple(mask.shape)} must equal the {what} shape without its last dim, "
+            f"{tuple(positions_shape)}"
         )
     return mask if mask.dtype == torch.bool else mask != 0
 
@@ -74,9 +82,9 @@ def check_mask(mask: Tensor | None, positions_shape: torch.Size, what: str = "lo
 def _check_logits(student_logits: Tensor, teacher_logits: Tensor) -> None:
     for name, t in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not t.is_floating_point():
-            raise ValueError(f"{name} must be a float tensor [..., V], got dtype {t.dtype}")
+            raise LossArgumentError(f"{name} must be a float tensor [..., V], got dtype {t.dtype}")
         if t.dim() < 1:
-            raise ValueError(f"{name} must have a vocab dim [..., V], got a 0-d tensor")
+            raise LossArgumentError(f"{name} must have a vocab dim [..., V], got a 0-d tensor")
     s, t = tuple(student_logits.shape), tuple(teacher_logits.shape)
     if s != t:
         hint = ""
@@ -85,7 +93,7 @@ def _check_logits(student_logits: Tensor, teacher_logits: Tensor) -> None:
                 f"; only the vocab dim differs ({s[-1]} vs {t[-1]}): slice both to the shared vocab, "
                 f"e.g. logits[..., :{min(s[-1], t[-1])}] (lmdistill.models compares the tokenizers and does this)"
             )
-        raise ValueError(f"student_logits shape {s} and teacher_logits shape {t} must match{hint}")
+        raise LossArgumentError(f"student_logits shape {s} and teacher_logits shape {t} must match{hint}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -253,9 +261,9 @@ def divergence(
         fp32 scalar, or ``[...]`` for ``reduction="none"``.
 
     Raises:
-        ValueError: unknown ``kind`` or ``reduction``; ``temperature <= 0``; ``beta`` outside ``[0, 1]``; logits of
-            different shapes (with a hint to slice both to the shared vocab when only ``V`` differs); a mask whose
-            shape is not the logits' shape without ``V``.
+        LossArgumentError (a ValueError): unknown ``kind`` or ``reduction``; ``temperature <= 0``; ``beta``
+            outside ``[0, 1]``; logits of different shapes (with a hint to slice both to the shared vocab when only
+            ``V`` differs); a mask whose shape is not the logits' shape without ``V``.
     """
     check_hparams(beta, temperature, reduction)
     per_row, count, mask = _per_row(student_logits, teacher_logits, kind, beta, temperature, mask)

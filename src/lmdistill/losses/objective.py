@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmdistill.losses.divergences import LossArgumentError
+
 IGNORE_INDEX = -100
 
 
@@ -23,7 +25,7 @@ def check_alpha(alpha: float) -> None:
     except (TypeError, ValueError):
         ok = False
     if not ok or isinstance(alpha, bool):
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        raise LossArgumentError(f"alpha must be in [0, 1], got {alpha}")
 
 
 def ce_sum_and_count(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, Tensor]:
@@ -42,10 +44,10 @@ def ce_sum_and_count(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_
         int64 scalar number of counted positions.
 
     Raises:
-        ValueError: ``labels`` shape is not ``logits`` shape without the vocab dim.
+        LossArgumentError (a ValueError): ``labels`` shape is not ``logits`` shape without the vocab dim.
     """
     if labels.shape != logits.shape[:-1]:
-        raise ValueError(
+        raise LossArgumentError(
             f"labels shape {tuple(labels.shape)} must equal logits shape without the vocab dim, "
             f"{tuple(logits.shape[:-1])} (shift logits and labels by the same amount)"
         )
@@ -71,7 +73,7 @@ def mix(kd_sum: Tensor | None, ce_sum: Tensor | None, n_tokens: Tensor | int, al
         fp32 scalar loss.
 
     Raises:
-        ValueError: ``alpha`` outside ``[0, 1]``, or a None term that ``alpha`` gives weight to.
+        LossArgumentError (a ValueError): ``alpha`` outside ``[0, 1]``, or a None term that ``alpha`` gives weight to.
     """
     check_alpha(alpha)
     alpha = float(alpha)
@@ -79,11 +81,13 @@ def mix(kd_sum: Tensor | None, ce_sum: Tensor | None, n_tokens: Tensor | int, al
     # a term with weight 0 is skipped rather than multiplied by 0, so a NaN there (or a None) cannot leak in
     if alpha > 0.0:
         if kd_sum is None:
-            raise ValueError(f"kd_sum is None but alpha={alpha} gives the distillation term weight")
+            raise LossArgumentError(f"kd_sum is None but alpha={alpha} gives the distillation term weight")
         terms.append(alpha * kd_sum.float())
     if alpha < 1.0:
         if ce_sum is None:
-            raise ValueError(f"ce_sum is None but alpha={alpha} gives the cross-entropy term weight {1 - alpha}")
+            raise LossArgumentError(
+                f"ce_sum is None but alpha={alpha} gives the cross-entropy term weight {1 - alpha}"
+            )
         terms.append((1.0 - alpha) * ce_sum.float())
     total = terms[0] if len(terms) == 1 else terms[0] + terms[1]
     n = torch.as_tensor(n_tokens, device=total.device).clamp_min(1).to(total.dtype)
