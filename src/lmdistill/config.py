@@ -285,13 +285,3 @@ class SoftConfig(BaseConfig):
     data: DataConfig = Field(default_factory=DataConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    teacher_cache: str | None = Field(
-        None, description="Train from a soft-label cache written by `lmdistill label` (no teacher model is loaded)."
-    )
-
-    @field_validator("teacher_cache")
-    @classmethod
-    def _cache_exists(cls, value: str | None) -> str | None:
-        if value is not None and not Path(value).is_dir():
-            raise ValueError(f"teacher cache directory `{value}` does not exist; write one with `lmdistill label`")
-        return value

@@ -1,0 +1,3 @@
+from lmdistill.cli import run
+
+run()

@@ -1,0 +1,150 @@
+"""`lmdistill VERB --config FILE [--section.field VALUE ...]`: one line per verb, mapping it to its function.
+
+Every verb takes a typed config (YAML) whose fields can all be overridden on the command line; `lmdistill VERB
+--help` lists them. Errors a user can cause print one message and exit with code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+from pydantic import BaseModel
+
+from lmdistill import __version__
+from lmdistill.config import field_help, load_config
+from lmdistill.errors import LmdistillError
+
+
+class ConfigCommand(click.Command):
+    """A click command whose help also lists every config field as a `--dotted.name` override."""
+
+    def __init__(self, *args: Any, config_cls: type[BaseModel], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.config_cls = config_cls
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_options(ctx, formatter)
+        rows = [(f"{flag} {typ}", desc) for flag, typ, desc in field_help(self.config_cls)]
+        with formatter.section("Config fields (set in the YAML file or override here)"):
+            formatter.write_dl(rows)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lmdistill")
+@click.option("-v", "--verbose", is_flag=True, help="Show debug logs.")
+def main(verbose: bool) -> None:
+    """lmdistill: distill a small student language model from a larger teacher.
+
+    Soft labels (online `soft`, or offline via `label` + `soft --teacher_cache`), hard labels (`hard`, with
+    `generate` and `serve` for teacher text), co-distillation (`codistill`), and `eval` / `compare` / `demo` to see
+    what each method buys. Every verb takes `--config FILE.yaml` plus `--section.field value` overrides.
+    """
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def register(name: str, config_cls: type[BaseModel], fn: Callable[[Any], Any], help_text: str | None = None) -> None:
+    """Add `lmdistill NAME`: load `config_cls` from --config + overrides, then call `fn(config)`."""
+
+    def callback(config: str | None, print_config: bool, **_: Any) -> None:
+        ctx = click.get_current_context()
+        cfg = load_config(config_cls, config, list(ctx.args))
+        if print_config:
+            import yaml
+
+            click.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+            return
+        fn(cfg)
+
+    cmd = ConfigCommand(
+        name,
+        config_cls=config_cls,
+        callback=callback,
+        params=[
+            click.Option(["--config", "-c"], type=click.Path(dir_okay=False), default=None,
+                         help="YAML config file (see configs/)."),
+            click.Option(["--print-config"], is_flag=True, help="Print the resolved config and exit (validates it)."),
+        ],
+        help=help_text or (fn.__doc__ or "").strip().split("\n")[0],
+        context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                          "help_option_names": ["-h", "--help"]},
+    )
+    main.add_command(cmd)
+
+
+def _soft(cfg: Any) -> None:
+    from lmdistill.recipes.soft import run_soft
+
+    summary = run_soft(cfg)
+    _report_run(summary)
+
+
+def _report_run(summary: dict[str, Any]) -> None:
+    if "student_dir" not in summary:
+        return
+    click.echo(f"student: {summary['student_dir']}")
+    click.echo(f"logs:    {summary['log']}")
+    first, last = summary.get("eval_first"), summary.get("eval_last")
+    if first and last and "kl_to_teacher" in first:
+        click.echo(
+            f"held-out KL to teacher: {first['kl_to_teacher']:.4f} -> {last['kl_to_teacher']:.4f}; perplexity "
+            f"{first['perplexity']:.2f} -> {last['perplexity']:.2f}; agreement {first['agreement']:.3f} -> "
+            f"{last['agreement']:.3f}"
+        )
+    if "train_tokens_per_s" in summary:
+        click.echo(f"train throughput: {summary['train_tokens_per_s']:,.0f} tokens/s")
+
+
+def _register_all() -> None:
+    from lmdistill.config import SoftConfig
+
+    register("soft", SoftConfig, _soft, "Soft-label distillation: the student matches the teacher's distributions.")
+    from lmdistill.generate import GenerateConfig, ServeConfig, run_generate
+    from lmdistill.serve import run_serve
+
+    register("generate", GenerateConfig, run_generate, "Teacher completions for sequence-level distillation (JSONL).")
+    register("serve", ServeConfig, run_serve, "Serve a local model over an OpenAI-compatible HTTP API.")
+
+
+_register_all()
+
+
+@main.command("assets")
+@click.option("--convert/--no-convert", default=True, help="Convert the embedded GGUF teacher now (once, ~1 min).")
+def assets_cmd(convert: bool) -> None:
+    """Check the embedded default (teacher and text) and prepare it for offline use."""
+    from lmdistill import assets
+
+    try:
+        n = len(assets.wikipedia_records())
+        click.echo(f"text:    {n} Wikipedia summaries ({assets.TEXT_PACKAGE})")
+        click.echo(f"teacher: {assets.smollm2_gguf()}")
+        if convert:
+            click.echo(f"converted teacher: {assets.teacher_dir()}")
+    except LmdistillError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def run() -> None:
+    """Console entry point with readable errors."""
+    try:
+        main(standalone_mode=False)
+    except LmdistillError as e:
+        click.secho(f"error: {e}", fg="red", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    run()

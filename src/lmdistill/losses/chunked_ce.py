@@ -1,0 +1,43 @@
+"""Cross-entropy from hidden states without holding [tokens, vocab] logits: chunk tokens, recompute in backward."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+
+def _chunk_ce(h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, scale: float,
+              softcap: float | None) -> Tensor:
+    logits = F.linear(h, weight, bias).float() * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return F.cross_entropy(logits, labels, reduction="sum")
+
+
+def chunked_ce_sum_and_count(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
+                             logit_scale: float = 1.0, softcap: float | None = None, ignore_index: int = -100,
+                             chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
+    """Sum of token cross-entropies over labelled positions and their number.
+
+    Args:
+        hidden: [..., H] final hidden states. weight: [V, H] output layer (rows = the shared real vocab).
+        labels: [...] target ids, `ignore_index` where nothing is learned.
+
+    Only `chunk_size` rows of logits exist at once: each chunk's logits are recomputed in backward (activation
+    checkpointing), trading one extra [chunk, H] x [H, V] matmul for never storing [N, V] fp32 logits.
+    """
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1)
+    keep = y != ignore_index
+    h, y = h[keep], y[keep]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, y.numel(), chunk_size):
+        sl = slice(start, start + chunk_size)
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            total = total + checkpoint(_chunk_ce, h[sl], weight, bias, y[sl], logit_scale, softcap,
+                                       use_reentrant=False)
+        else:
+            total = total + _chunk_ce(h[sl], weight, bias, y[sl], logit_scale, softcap)
+    return total, keep.sum()

@@ -1,0 +1,263 @@
+"""Load teacher and student causal LMs, check their vocabularies agree, build students by pruning or from a config."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmdistill.assets import EMBEDDED_TEACHER, teacher_dir
+from lmdistill.config import LoraConfig, ModelConfig, Precision, StudentConfig
+from lmdistill.errors import ConfigError, ModelLoadError, VocabMismatchError
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """`embedded:...` -> the converted local directory; anything else is passed to from_pretrained as is."""
+    if name_or_path == EMBEDDED_TEACHER:
+        return str(teacher_dir())
+    if name_or_path.startswith("embedded:"):
+        raise ConfigError(f"unknown embedded model `{name_or_path}`; the only one is `{EMBEDDED_TEACHER}`")
+    return name_or_path
+
+
+def _looks_local(name_or_path: str) -> bool:
+    return name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
+
+
+def _load_error(what: str, name_or_path: str, err: Exception) -> ModelLoadError:
+    if _looks_local(name_or_path):
+        p = Path(name_or_path).expanduser()
+        found = sorted(x.name for x in p.iterdir())[:12] if p.is_dir() else []
+        where = f"found: {', '.join(found)}" if p.is_dir() else "the path does not exist"
+        return ModelLoadError(
+            f"could not load the {what} from `{name_or_path}` ({where}); point it at a directory written by "
+            f"save_pretrained (config.json + weights). Cause: {err}"
+        )
+    return ModelLoadError(
+        f"could not load the {what} `{name_or_path}` from the hub (no such repo, no network, or it needs a token / "
+        f"trust_remote_code); download it or give a local path. Cause: {err}"
+    )
+
+
+def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    """Load a tokenizer and make sure it can pad (pad = eos when the tokenizer has no pad token)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001  (every cause becomes one readable message)
+        raise _load_error("tokenizer", name_or_path, e) from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(cfg: ModelConfig | str, *, dtype: Precision | None = None) -> nn.Module:
+    """from_pretrained on a hub id or local directory (or the embedded default)."""
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(cfg, str):
+        cfg = ModelConfig(name_or_path=cfg)
+    path = resolve_model_path(cfg.name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            revision=cfg.revision,
+            dtype=DTYPES[dtype or cfg.dtype],
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except Exception as e:  # noqa: BLE001
+        raise _load_error("model", cfg.name_or_path, e) from None
+    return model
+
+
+def load_teacher(cfg: ModelConfig) -> nn.Module:
+    """A frozen teacher: eval mode, no grads (optionally in a lower precision than the student)."""
+    model = load_causal_lm(cfg)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 over the token -> id map and special tokens: equal fingerprints mean interchangeable token ids."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    special = sorted((k, str(v)) for k, v in (tokenizer.special_tokens_map or {}).items())
+    payload = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False).encode()
+    return hashlib.sha256(payload).hexdigest()
+
+
+def embedding_rows(model: nn.Module) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def shared_vocab_size(teacher_tokenizer: Any, student_tokenizer: Any, teacher: nn.Module | None = None,
+                      student: nn.Module | None = None) -> int:
+    """Size of the real vocabulary both models score, or a VocabMismatchError.
+
+    Models of one family often pad their embedding matrices differently (Qwen2.5: 151,936 vs 152,064 rows for a
+    151,665-token tokenizer). What matters is the tokenizers: equal token->id maps mean position-wise comparable
+    distributions, and logits are sliced to `len(tokenizer)`; the padded rows are never real tokens.
+    """
+    t_vocab, s_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    if t_vocab != s_vocab:
+        t_only = sorted(set(t_vocab) - set(s_vocab))[:5]
+        s_only = sorted(set(s_vocab) - set(t_vocab))[:5]
+        moved = sum(1 for k in set(t_vocab) & set(s_vocab) if t_vocab[k] != s_vocab[k])
+        raise VocabMismatchError(
+            f"teacher and student tokenizers differ (teacher {len(t_vocab)} tokens, student {len(s_vocab)}; "
+            f"teacher-only e.g. {t_only}, student-only e.g. {s_only}, {moved} shared tokens with other ids), so their "
+            "distributions cannot be compared token by token. Use hard-label distillation on teacher text instead: "
+            "`lmdistill generate` then `lmdistill hard --mode sequence`, or give the student the teacher's tokenizer."
+        )
+    n_vocab = len(teacher_tokenizer)
+    for name, model in (("teacher", teacher), ("student", student)):
+        if model is not None and embedding_rows(model) < n_vocab:
+            raise VocabMismatchError(
+                f"the {name} scores {embedding_rows(model)} tokens but its tokenizer has {n_vocab}; "
+                "resize its embeddings (model.resize_token_embeddings(len(tokenizer))) and save it again"
+            )
+    return n_vocab
+
+
+def prune_layers(model: nn.Module, keep_layers: list[int]) -> nn.Module:
+    """A copy of `model` that keeps only the decoder layers `keep_layers` (in that order), Minitron/DistilBERT style."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)
+    n_layers = int(config.num_hidden_layers)
+    bad = [i for i in keep_layers if not 0 <= i < n_layers]
+    if bad or not keep_layers or len(set(keep_layers)) != len(keep_layers):
+        raise ConfigError(
+            f"student.keep_layers must be distinct indices in [0, {n_layers - 1}] (the teacher has {n_layers} layers), "
+            f"got {keep_layers}"
+        )
+    config.num_hidden_layers = len(keep_layers)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in keep_layers]
+    student = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
+    src, dst = model.state_dict(), {}
+    for key, value in src.items():
+        parts = key.split(".")
+        if "layers" in parts:
+            idx = parts.index("layers") + 1
+            old = int(parts[idx])
+            if old not in keep_layers:
+                continue
+            parts[idx] = str(keep_layers.index(old))
+        dst[".".join(parts)] = value.clone()
+    missing, unexpected = student.load_state_dict(dst, strict=False)
+    # Tied lm_head weights appear as missing in some architectures; anything else means the copy is wrong.
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise ModelLoadError(f"pruning could not map weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for i, layer in enumerate(_decoder_layers(student)):
+        if hasattr(getattr(layer, "self_attn", None), "layer_idx"):
+            layer.self_attn.layer_idx = i  # KV-cache slots follow the new numbering
+    student.generation_config = copy.deepcopy(model.generation_config)
+    return student
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    decoder = model.get_decoder()
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise ModelLoadError(f"{type(model).__name__} has no `.layers` in its decoder; pruning is not supported for it")
+    return layers
+
+
+def model_from_arch(arch: dict[str, Any], base_config: Any, n_vocab: int) -> nn.Module:
+    """A randomly initialised causal LM: `arch` fields on top of `base_config` (the teacher's), vocab from the tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = base_config.to_dict()
+    fields.update(arch)
+    model_type = fields.pop("model_type")
+    fields.setdefault("vocab_size", n_vocab)
+    for key in ("architectures", "_name_or_path", "transformers_version", "dtype", "torch_dtype"):
+        fields.pop(key, None)
+    try:
+        config = AutoConfig.for_model(model_type, **fields)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"student.arch is not a valid `{model_type}` config: {e}") from None
+    return AutoModelForCausalLM.from_config(config)
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
+    """Wrap with peft LoRA adapters; refuse target modules the model does not have."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    names = {name.split(".")[-1] for name, _ in model.named_modules()}
+    absent = [m for m in cfg.target_modules if m not in names]
+    if absent:
+        linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ConfigError(
+            f"student.lora.target_modules {absent} do not exist in {type(model).__name__}; its linear modules are: "
+            f"{', '.join(linear)}"
+        )
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def build_student(cfg: StudentConfig, teacher: nn.Module | None, teacher_config: Any, n_vocab: int,
+                  seed: int = 0) -> nn.Module:
+    """The student as the config asks: pretrained checkpoint, random init from `arch`, or pruned from the teacher."""
+    torch.manual_seed(seed)
+    if cfg.init == "pretrained":
+        model = load_causal_lm(
+            ModelConfig(name_or_path=cfg.name_or_path or "", dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+        )
+    elif cfg.init == "config":
+        model = model_from_arch(cfg.arch, teacher_config, n_vocab)
+    else:
+        if teacher is None:
+            raise ConfigError("student.init=prune needs the teacher model; with a teacher cache use init=pretrained")
+        model = prune_layers(teacher, cfg.keep_layers)
+    model = model.to(DTYPES[cfg.dtype])
+    model.requires_grad_(True)
+    model.train()
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora)
+    return model
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def decoder_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Final hidden states [B, T, H] (after the last norm), without computing the [B, T, V] logits.
+
+    Goes through the model's own forward (so DDP/FSDP wrappers and peft adapters see the call) and asks for logits at
+    no position (`logits_to_keep` = empty index tensor).
+    """
+    none = torch.zeros(0, dtype=torch.long, device=input_ids.device)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=none,
+                use_cache=False)
+    return out.hidden_states[-1]
+
+
+def lm_head_of(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, float, float | None]:
+    """(weight [V_rows, H], bias or None, logit scale, final softcap or None) of a causal LM's output layer."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = getattr(base, "module", base)
+    head = base.get_output_embeddings()
+    cfg = base.config
+    scale = float(getattr(cfg, "logit_scale", None) or 1.0)
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    return head.weight, getattr(head, "bias", None), scale, (float(softcap) if softcap else None)

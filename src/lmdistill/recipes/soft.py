@@ -1,0 +1,109 @@
+"""Soft-label distillation with a frozen teacher running online in the same step.
+
+    loss = alpha * divergence(student, teacher) + (1 - alpha) * CE(student, ground truth)
+
+summed over target tokens and divided once by the global target-token count (lmdistill.train.loop).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lmdistill.config import LossConfig, SoftConfig
+from lmdistill.data import IGNORE
+from lmdistill.evaluate import evaluate_blocks
+from lmdistill.losses import ce_sum_and_count, divergence_sum_and_count
+from lmdistill.losses.chunked_ce import chunked_ce_sum_and_count
+from lmdistill.losses.fused import fused_divergence_sum_and_count
+from lmdistill.models import decoder_hidden, lm_head_of
+from lmdistill.recipes.common import build_setup, describe, write_summary
+from lmdistill.teachers import HFTeacher
+from lmdistill.train.loop import StepLoss, Trainer, make_accelerator, save_student
+
+
+def soft_step_loss(student: torch.nn.Module, teacher: HFTeacher, batch: dict[str, Tensor], loss: LossConfig,
+                   n_vocab: int) -> StepLoss:
+    """alpha * KD_sum + (1 - alpha) * CE_sum over this micro-batch's target tokens."""
+    labels = batch["labels"]
+    mask = labels != IGNORE
+    if loss.fused:
+        # Never materialise [B, T, V] logits of either model: project chunk by chunk inside the loss.
+        h = decoder_hidden(student, batch["input_ids"], batch["attention_mask"])
+        weight, bias, scale, softcap = lm_head_of(student)
+        weight = weight[:n_vocab]
+        bias = None if bias is None else bias[:n_vocab]
+        t = teacher.hidden(batch)
+        kd, _ = fused_divergence_sum_and_count(
+            h, weight, teacher_hidden=t.hidden, teacher_weight=t.weight, student_bias=bias, teacher_bias=t.bias,
+            student_logit_scale=scale, teacher_logit_scale=t.logit_scale, student_softcap=softcap,
+            teacher_softcap=t.softcap, kind=loss.kind, beta=loss.beta, temperature=loss.temperature, mask=mask,
+        )
+        ce = (chunked_ce_sum_and_count(h, weight, labels, bias=bias, logit_scale=scale, softcap=softcap)[0]
+              if loss.alpha < 1 else kd.new_zeros(()))
+    else:
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., :n_vocab]
+        t_logits = teacher.logits(batch)
+        kd, _ = divergence_sum_and_count(logits, t_logits, loss.kind, beta=loss.beta,
+                                         temperature=loss.temperature, mask=mask)
+        ce = ce_sum_and_count(logits, labels)[0] if loss.alpha < 1 else kd.new_zeros(())
+    total = loss.alpha * kd + (1 - loss.alpha) * ce
+    return StepLoss(total, {"kd": kd, "ce": ce})
+
+
+def run_soft(cfg: SoftConfig) -> dict[str, Any]:
+    """Train a student from an online teacher; returns the run summary (also written to output_dir/summary.json)."""
+    accelerator = make_accelerator(cfg.train)
+    setup = build_setup(cfg.teacher, cfg.student, cfg.data, cfg.train)
+    assert setup.teacher is not None
+    setup.teacher.to(accelerator.device)
+    teacher = HFTeacher(setup.teacher, setup.n_vocab)
+    info = describe(setup)
+    if accelerator.is_main_process:
+        accelerator.print(
+            f"soft distillation: teacher {info['teacher_parameters'] / 1e6:.1f}M params -> student "
+            f"{info['student_parameters'] / 1e6:.1f}M ({info['student_trainable'] / 1e6:.1f}M trainable), "
+            f"{info['train_blocks']} train blocks x {cfg.data.block_size} tokens, {cfg.train.max_steps} steps"
+        )
+
+    trainer: Trainer | None = None
+
+    def loss_fn(batch: dict[str, Tensor]) -> StepLoss:
+        assert trainer is not None
+        return soft_step_loss(trainer.model, teacher, batch, cfg.loss, setup.n_vocab)
+
+    def eval_fn(step: int) -> dict[str, float]:
+        assert trainer is not None
+        return evaluate_blocks(trainer.unwrapped, setup.splits.eval, n_vocab=setup.n_vocab,
+                               batch_size=cfg.train.micro_batch_size, max_batches=cfg.train.eval_batches,
+                               teacher_logits_fn=teacher.logits)
+
+    trainer = Trainer(cfg.train, model=setup.student, data=setup.splits.train, loss_fn=loss_fn,
+                      eval_fn=eval_fn if len(setup.splits.eval) else None, accelerator=accelerator,
+                      run_info={"recipe": "soft"})
+    result = trainer.fit()
+    summary: dict[str, Any] = {"recipe": "soft", **info, "steps": result.step, "final_train_loss": result.last_loss,
+                               "train_tokens_per_s": result.tokens_per_s}
+    if accelerator.is_main_process:
+        student_dir = save_student(trainer.unwrapped, setup.tokenizer, Path(cfg.train.output_dir) / "student")
+        summary["student_dir"] = str(student_dir)
+        summary["log"] = str(Path(cfg.train.output_dir) / "log.jsonl")
+        evals = [r for r in _eval_rows(cfg.train.output_dir)]
+        if evals:
+            summary["eval_first"], summary["eval_last"] = evals[0], evals[-1]
+        write_summary(cfg.train.output_dir, cfg, summary)
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _eval_rows(output_dir: str) -> list[dict[str, Any]]:
+    from lmdistill.train.logging import read_log
+
+    path = Path(output_dir) / "log.jsonl"
+    if not path.exists():
+        return []
+    return [{k.removeprefix("eval/"): v for k, v in r.items() if k.startswith("eval/") or k == "step"}
+            for r in read_log(path) if any(k.startswith("eval/") for k in r)]

@@ -1,0 +1,151 @@
+"""Atomic, pickle-free training checkpoints that any recipe (one model or two) can write and resume from.
+
+Layout of `<output_dir>/checkpoints/step-00000050/`:
+  model-<name>.safetensors      trainable parameters of each model (frozen ones are rebuilt identically at start-up)
+  optimizer-<name>.pt           optimizer state (tensors and numbers only; loaded with weights_only=True)
+  rng.safetensors               torch RNG state(s)
+  state.json                    step, schedulers, recipe extras, format version; written last
+
+A checkpoint is written under `.tmp-step-*`, fsynced and renamed, so a directory named `step-*` is complete; a kill
+mid-write leaves only a `.tmp-*` directory that resume ignores with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lmdistill import __version__
+from lmdistill.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in path.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fsync_dir(path)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
+        raise CheckpointError(
+            f"checkpoint `{where}` does not fit this model (missing {missing}, unexpected {extra}); resume with the "
+            "same student config, or start a fresh output_dir"
+        )
+    with torch.no_grad():
+        for name, value in state.items():
+            if params[name].shape != value.shape:
+                raise CheckpointError(
+                    f"checkpoint `{where}`: `{name}` has shape {tuple(value.shape)}, the model expects "
+                    f"{tuple(params[name].shape)}; resume with the same student config"
+                )
+            params[name].copy_(value.to(params[name].dtype))
+
+
+class CheckpointManager:
+    def __init__(self, output_dir: str | Path, keep: int = 2) -> None:
+        self.root = Path(output_dir) / "checkpoints"
+        self.keep = keep
+
+    def save(self, step: int, *, models: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+             schedulers: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.root / f"step-{step:08d}"
+        tmp = self.root / f".tmp-step-{step:08d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for name, model in models.items():
+            save_file(trainable_state(model), str(tmp / f"model-{name}.safetensors"))
+        for name, opt in optimizers.items():
+            torch.save(opt.state_dict(), tmp / f"optimizer-{name}.pt")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_file(rng, str(tmp / "rng.safetensors"))
+        state = {
+            "format_version": FORMAT_VERSION,
+            "lmdistill_version": __version__,
+            "step": step,
+            "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+            "extra": extra or {},
+        }
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        fsync_dir(self.root)
+        self._prune()
+        return final
+
+    def _complete(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        for partial in self.root.glob(".tmp-step-*"):
+            log.warning("ignoring half-written checkpoint %s (the run was stopped while saving it)", partial)
+        return sorted(p for p in self.root.glob("step-*") if (p / "state.json").is_file())
+
+    def _prune(self) -> None:
+        for old in self._complete()[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def latest(self) -> Path | None:
+        done = self._complete()
+        return done[-1] if done else None
+
+    def load(self, path: Path, *, models: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+             schedulers: dict[str, Any]) -> dict[str, Any]:
+        """Restore everything saved at `path`; returns the state dict (step, extra)."""
+        try:
+            state = json.loads((path / "state.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"checkpoint `{path}` has an unreadable state.json ({e}); delete it to fall back") from None
+        version = state.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CheckpointError(
+                f"checkpoint `{path}` has format version {version}, this lmdistill ({__version__}) reads version "
+                f"{FORMAT_VERSION}; resume with the lmdistill that wrote it, or start a fresh output_dir"
+            )
+        try:
+            for name, model in models.items():
+                load_trainable_state(model, load_file(str(path / f"model-{name}.safetensors")), str(path))
+            for name, opt in optimizers.items():
+                opt.load_state_dict(torch.load(path / f"optimizer-{name}.pt", weights_only=True))
+            rng = load_file(str(path / "rng.safetensors"))
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"checkpoint `{path}` is damaged ({e}); delete it to resume from an older one") from None
+        for name, sched in schedulers.items():
+            sched.load_state_dict(state["schedulers"][name])
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+        return state
