@@ -1,0 +1,864 @@
+"""A divergence computed straight from hidden states, never holding ``[N, V]`` logits for all tokens.
+
+Over a 150k vocabulary the loss, not the model, decides memory: the fp32 logits of teacher and student for 16k tokens
+take tens of GiB. :func:`fused_divergence` folds the lm_head projections into the loss and walks the tokens in
+chunks (and, optionally, the vocabulary in tiles), so at any time only ``[chunk, V]`` (or ``[chunk, tile]``) logits
+exist. It computes the same value and the same gradients (w.r.t. the student's hidden states, lm_head weight and
+bias) as :func:`lmdistill.losses.divergence` on the projected logits, which stays the reference it is tested against.
+
+How it works, per chunk of valid tokens (masked tokens are dropped before anything is projected):
+
+1. Project both models' hidden states to logits (``h @ W.T + b``, then ``logit_scale``, ``softcap``, ``/T``).
+2. Get each side's log-normaliser: directly when one tile spans the vocabulary, else by an online log-sum-exp over
+   the tiles.
+3. Get the per-token value and the per-token aggregate the gradient needs (e.g. reverse KL's gradient
+   ``p_S * (log p_S - log p_T - KL)`` needs the KL itself), then the gradient w.r.t. the logits, in closed form.
+4. Push that gradient through the projection at once: ``grad_h[chunk] = g @ W`` and ``grad_W += g.T @ h``.
+
+Gradients are therefore computed *during the forward* (as Liger's fused losses do) and the backward only scales them
+by the incoming gradient. With whole-vocab rows (the default) each projection and each gradient matmul runs exactly
+once, as in the naive path; with vocab tiles the logits are recomputed per pass (2 passes for forward KL, 3 for the
+kinds whose gradient needs a per-token aggregate) in exchange for ``[chunk, tile]`` buffers.
+Two consequences: calling the loss with grad enabled but never calling ``backward`` wastes the gradient work, and
+activation checkpointing that re-runs this forward would do it twice. With no input requiring grad (evaluation) the
+gradient work is skipped.
+
+The teacher never receives a gradient (distillation targets are detached by construction here).
+
+On CUDA with Triton installed, the element-wise part of step 3 runs in a Triton kernel
+(:mod:`lmdistill.losses.fused_triton`) and the matmuls stay in cuBLAS; ``backend="torch"`` forces the pure-torch path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lmdistill.losses.divergences import check_hparams, check_kind, check_mask
+
+REDUCTIONS = ("mean", "sum")
+BACKENDS = ("auto", "torch", "triton")
+
+# Elements per [chunk, tile] logits buffer when chunk_size is not given: large enough that the projection matmuls
+# run near their peak rate, small enough that a handful of fp32 buffers stay far below the naive [N, V] logits.
+_TILE_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 25}
+
+
+@dataclass(frozen=True)
+class SparseTargets:
+    """Teacher targets read from a soft-label cache, in the shape :func:`lmdistill.losses.sparse_divergence` takes.
+
+    Attributes:
+        ids: ``[..., K]`` int64 token ids (the same leading shape as the student's hidden states without ``H``);
+            ``-1`` marks an absent entry.
+        logprobs: ``[..., K]`` teacher log-probabilities of ``ids``.
+        tail_logprob: ``[...]`` log of the teacher mass outside ``ids`` (top-k with a tail bucket), or None.
+        weights: ``[..., K]`` importance weights of sampled ids (``estimator="sampled"``), or None.
+        estimator: ``"topk"`` or ``"sampled"``.
+    """
+
+    ids: Tensor
+    logprobs: Tensor
+    tail_logprob: Tensor | None = None
+    weights: Tensor | None = None
+    estimator: str = "topk"
+
+
+@dataclass(frozen=True)
+class _Head:
+    """One model's projection from hidden states to logits: ``softcap(scale * (h @ weight.T + bias)) / T``."""
+
+    weight: Tensor  # [V, H]
+    bias: Tensor | None  # [V]
+    scale: float
+    softcap: float | None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything the autograd function needs besides the student's differentiable tensors."""
+
+    rows: Tensor | None  # [N_valid] indices of the valid tokens in the flattened [N, Hs] hidden, None = all valid
+    student_scale: float
+    student_softcap: float | None
+    teacher: _Head | None
+    teacher_hidden: Tensor | None  # [N_valid, Ht], valid rows only, detached
+    sparse: SparseTargets | None  # valid rows only, [N_valid, K]
+    kind: str  # the effective kind (endpoints of jsd/skew resolved), or "zero"
+    beta: float
+    temperature: float
+    chunk_size: int
+    vocab_chunk_size: int
+    backend: str  # "torch" or "triton"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the element-wise arithmetic, on fp32 log-probabilities [n, w] (w = the vocab, or one tile of it)
+
+
+def _effective_kind(kind: str, beta: float) -> str:
+    """Resolve the endpoints exactly as the reference does, so no formula below meets ``log(0)``."""
+    if kind == "jsd":
+        return "forward_kl" if beta == 0.0 else "reverse_kl" if beta == 1.0 else "jsd"
+    if kind == "skew_forward_kl":
+        return "forward_kl" if beta == 0.0 else "zero" if beta == 1.0 else kind
+    if kind == "skew_reverse_kl":
+        return "reverse_kl" if beta == 0.0 else "zero" if beta == 1.0 else kind
+    return kind
+
+
+def _needs_aggregate(kind: str) -> bool:
+    # The gradient of every kind but forward KL has the form p_S * (u - sum_v p_S u): it needs a full-vocab sum.
+    return kind != "forward_kl"
+
+
+def _terms(kind: str, beta: float, ls: Tensor, lt: Tensor, want_value: bool) -> tuple[Tensor | None, Tensor | None]:
+    """Per-row divergence summed over these columns, and ``u = dD/dp_S`` per element (None for forward KL).
+
+    The gradient w.r.t. the student's (tempered) logits is then ``p_S * (u - sum_vocab(p_S * u))``. ``ls``/``lt``
+    are normalised over the *whole* vocabulary even when they hold one tile.
+    """
+    if kind == "forward_kl":
+        value = (lt.exp() * (lt - ls)).sum(-1) if want_value else None
+        return value, None
+    if kind == "reverse_kl":
+        u = ls - lt
+        value = (ls.exp() * u).sum(-1) if want_value else None
+        return value, u
+    if kind == "jsd":
+        lm = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
+        u = ls - lm
+        value = None
+        if want_value:
+            value = beta * (lt.exp() * (lt - lm)).sum(-1) + (1.0 - beta) * (ls.exp() * u).sum(-1)
+        return value, u.mul_(1.0 - beta)
+    if kind == "skew_forward_kl":
+        lm = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
+        d = lt - lm
+        value = (lt.exp() * d).sum(-1) if want_value else None
+        # p_T / m = exp(lt - lm) <= 1 / beta: bounded, never overflows
+        return value, d.exp_().mul_(-(1.0 - beta))
+    if kind == "skew_reverse_kl":
+        lm = torch.logaddexp(ls + math.log(beta), lt + math.log1p(-beta))
+        d = ls - lm
+        value = (ls.exp() * d).sum(-1) if want_value else None
+        # dD/dp_S = log(p_S / m) + 1 - beta * p_S / m; the constant 1 cancels in the softmax Jacobian
+        return value, d - beta * d.exp()
+    if kind == "tvd":
+        diff = ls.exp() - lt.exp()
+        value = 0.5 * diff.abs().sum(-1) if want_value else None
+        return value, diff.sign_().mul_(0.5)
+    raise AssertionError(f"unhandled kind {kind!r}")
+
+
+def _grad_from_terms(kind: str, ls: Tensor, lt: Tensor, u: Tensor | None, aggregate: Tensor | None) -> Tensor:
+    """``dD/dz_S`` for these columns, ``[n, w]`` fp32 (``z_S`` = tempered student logits).
+
+    ``u`` and ``aggregate`` must be shifted by the same per-row constant (see :func:`_shift`); the gradient
+    ``p_S * (u - sum(p_S * u))`` does not change under such a shift because ``sum(p_S) = 1``.
+    """
+    ps = ls.exp()
+    if kind == "forward_kl":
+        return ps.sub_(lt.exp())
+    assert u is not None and aggregate is not None
+    return ps.mul_(u.sub_(aggregate.unsqueeze(-1)))
+
+
+def _shift(kind: str, beta: float, ls_top: Tensor, lt_top: Tensor) -> Tensor | None:
+    """Per-row ``u`` at the student's most probable token, ``[n, 1]``, to subtract from ``u`` everywhere.
+
+    Without it, a confident student (``p_S`` one-hot at k, ``|u_k|`` ~ 1e4 at extreme logits) gets its gradient at k
+    as ``u_k - sum(p_S * u)``: two nearly equal large numbers whose fp32 difference is all round-off. After the
+    shift ``u_k = 0`` exactly and the sum holds only the small terms.
+    """
+    if kind == "forward_kl":
+        return None
+    _, u_top = _terms(kind, beta, ls_top, lt_top, want_value=False)
+    return u_top
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# projections
+
+
+def _project(h: Tensor, weight: Tensor, bias: Tensor | None, lo: int, hi: int) -> Tensor:
+    """``h @ weight[lo:hi].T + bias[lo:hi]`` in the inputs' dtype (bf16 on GPU runs the bf16 matmul)."""
+    w = weight[lo:hi]
+    if bias is None:
+        return h @ w.t()
+    return torch.addmm(bias[lo:hi].to(h.dtype), h, w.t())
+
+
+def _transform(y: Tensor, scale: float, softcap: float | None, inv_t: float) -> tuple[Tensor, Tensor | None]:
+    """Linear output -> tempered fp32 logits; also returns ``tanh`` when soft-capping (its derivative needs it).
+
+    ``y`` is a fresh projection owned by the caller, so it is transformed in place when already fp32.
+    """
+    z = y.float()
+    if scale != 1.0:
+        z.mul_(scale)
+    if softcap is None:
+        return (z.mul_(inv_t) if inv_t != 1.0 else z), None
+    th = z.div_(softcap).tanh_()
+    return th * (softcap * inv_t), th
+
+
+def _chain(g: Tensor, th: Tensor | None, scale: float, factor: float) -> Tensor:
+    """``dD/dz`` -> ``dD/d(h @ W.T + b)``, in place: temperature and T^2 (``factor``), softcap, logit scale."""
+    if th is not None:
+        # d/dy [c * tanh(y / c)] = 1 - tanh^2
+        g.mul_(1.0 - th * th)
+    factor = factor * scale
+    return g.mul_(factor) if factor != 1.0 else g
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the chunk loop
+
+
+def _sparse_chunk(plan: _Plan, z_raw: Tensor, r0: int, r1: int, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """Sparse targets: the reference :func:`sparse_divergence` on this chunk's logits, differentiated by autograd.
+
+    The teacher side is only ``[n, K]``, so the whole-vocab student row is all there is to hold; reusing the
+    reference on it keeps every estimator and tail convention identical by construction.
+    """
+    from lmdistill.losses.sparse import sparse_divergence
+
+    st = plan.sparse
+    assert st is not None
+    leaf = z_raw.detach().requires_grad_(need_grad)
+    with torch.enable_grad():
+        total = sparse_divergence(
+            leaf,
+            st.ids[r0:r1],
+            st.logprobs[r0:r1],
+            plan.kind,
+            tail_logprob=None if st.tail_logprob is None else st.tail_logprob[r0:r1],
+            target_weights=None if st.weights is None else st.weights[r0:r1],
+            estimator=st.estimator,
+            beta=plan.beta,
+            temperature=plan.temperature,
+            reduction="sum",
+        )
+        grad = torch.autograd.grad(total, leaf)[0] if need_grad else None
+    return total.detach().float(), grad
+
+
+def _dense_rows_torch(plan: _Plan, ys: Tensor, yt: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """Whole-vocab rows ``[n, V]``: sum of the divergence over the rows and ``dD/dy_S`` (fp32), no recomputation.
+
+    ``ys``/``yt`` are the linear outputs ``h @ W.T + b``; ``ys`` may be overwritten.
+    """
+    inv_t = 1.0 / plan.temperature
+    teacher = plan.teacher
+    assert teacher is not None
+    zs, th = _transform(ys, plan.student_scale, plan.student_softcap, inv_t)
+    ls = torch.log_softmax(zs, dim=-1)
+    del zs
+    lt = torch.log_softmax(_transform(yt, teacher.scale, teacher.softcap, inv_t)[0], dim=-1)
+    value, u = _terms(plan.kind, plan.beta, ls, lt, want_value=True)
+    assert value is not None
+    if not need_grad:
+        return value.sum(), None
+    aggregate = None
+    if u is not None:
+        top = ls.argmax(dim=-1, keepdim=True)
+        shift = _shift(plan.kind, plan.beta, ls.gather(1, top), lt.gather(1, top))
+        u.sub_(shift)
+        aggregate = (ls.exp() * u).sum(-1)
+    g = _grad_from_terms(plan.kind, ls, lt, u, aggregate)
+    return value.sum(), _chain(g, th, plan.student_scale, plan.temperature)
+
+
+def _run(
+    plan: _Plan, hidden: Tensor, weight: Tensor, bias: Tensor | None, needs: tuple[bool, bool, bool]
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """The chunk loop. Returns ``(sum over valid tokens, grad_hidden [N, Hs], grad_weight [V, Hs], grad_bias [V])``."""
+    n_all, width = hidden.shape
+    vocab = weight.shape[0]
+    h_valid = hidden if plan.rows is None else hidden.index_select(0, plan.rows)
+    n = h_valid.shape[0]
+    need_h, need_w, need_b = needs
+    need_grad = need_h or need_w or need_b
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+
+    # fp32 accumulators: summing bf16 partial products over many chunks would lose the small contributions
+    grad_h = torch.zeros((n, width), dtype=torch.float32, device=hidden.device) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    grad_b = torch.zeros((vocab,), dtype=torch.float32, device=weight.device) if need_b else None
+
+    def accumulate(g: Tensor, h: Tensor, r0: int, r1: int, lo: int, hi: int) -> None:
+        gc = g.to(h.dtype)
+        if grad_h is not None:
+            if gc.dtype == torch.float32:
+                grad_h[r0:r1].addmm_(gc, weight[lo:hi])
+            else:
+                grad_h[r0:r1].add_(gc @ weight[lo:hi])
+        if grad_w is not None:
+            if gc.dtype == torch.float32:
+                grad_w[lo:hi].addmm_(gc.t(), h)
+            else:
+                grad_w[lo:hi].add_(gc.t() @ h)
+        if grad_b is not None:
+            grad_b[lo:hi].add_(g.sum(0))
+
+    # the reference multiplies every dense kind by T^2; sparse_divergence (the sparse reference) does so itself
+    value_factor = 1.0 if plan.sparse is not None else plan.temperature**2
+    if plan.kind != "zero":
+        tiled = plan.sparse is None and plan.vocab_chunk_size < vocab
+        for r0 in range(0, n, plan.chunk_size):
+            r1 = min(r0 + plan.chunk_size, n)
+            hs = h_valid[r0:r1]
+            if plan.sparse is not None:
+                ys = _project(hs, weight, bias, 0, vocab)
+                z_raw, th = _transform(ys, plan.student_scale, plan.student_softcap, 1.0)
+                value, g = _sparse_chunk(plan, z_raw, r0, r1, need_grad)
+                if g is not None:
+                    accumulate(_chain(g.float(), th, plan.student_scale, 1.0), hs, r0, r1, 0, vocab)
+            elif tiled:
+                value = _tiled_chunk(plan, hs, weight, bias, r0, r1, need_grad, accumulate)
+            else:
+                teacher = plan.teacher
+                assert teacher is not None and plan.teacher_hidden is not None
+                ys = _project(hs, weight, bias, 0, vocab)
+                yt = _project(plan.teacher_hidden[r0:r1], teacher.weight, teacher.bias, 0, vocab)
+                if plan.backend == "triton":
+                    from lmdistill.losses.fused_triton import dense_rows_triton
+
+                    value, g = dense_rows_triton(plan, ys, yt, need_grad)
+                else:
+                    value, g = _dense_rows_torch(plan, ys, yt, need_grad)
+                del yt
+                if g is not None:
+                    accumulate(g, hs, r0, r1, 0, vocab)
+            total += value * value_factor
+
+    if grad_h is not None and plan.rows is not None:
+        full = torch.zeros((n_all, width), dtype=torch.float32, device=hidden.device)
+        grad_h = full.index_copy_(0, plan.rows, grad_h)
+    return (
+        total,
+        None if grad_h is None else grad_h.to(hidden.dtype),
+        None if grad_w is None else grad_w.to(weight.dtype),
+        None if grad_b is None or bias is None else grad_b.to(bias.dtype),
+    )
+
+
+def _tiled_chunk(
+    plan: _Plan, hs: Tensor, weight: Tensor, bias: Tensor | None, r0: int, r1: int, need_grad: bool, accumulate: Any
+) -> Tensor:
+    """One token chunk over vocab tiles: online log-sum-exp, then value/aggregate, then gradients (recomputing)."""
+    teacher = plan.teacher
+    assert teacher is not None and plan.teacher_hidden is not None
+    ht = plan.teacher_hidden[r0:r1]
+    vocab, tile = weight.shape[0], plan.vocab_chunk_size
+    inv_t = 1.0 / plan.temperature
+    kind, n = plan.kind, r1 - r0
+
+    def logits(lo: int, hi: int) -> tuple[Tensor, Tensor | None, Tensor]:
+        zs, th = _transform(_project(hs, weight, bias, lo, hi), plan.student_scale, plan.student_softcap, inv_t)
+        zt, _ = _transform(_project(ht, teacher.weight, teacher.bias, lo, hi), teacher.scale, teacher.softcap, inv_t)
+        return zs, th, zt
+
+    # pass 1: running (max, sum of exp(z - max)) per row for both sides (the online log-sum-exp), and the teacher's
+    # logit at the student's running argmax (for _shift)
+    m_s = torch.full((n, 1), -math.inf, device=hs.device)
+    m_t = torch.full_like(m_s, -math.inf)
+    sum_s, sum_t, zt_at_top = torch.zeros_like(m_s), torch.zeros_like(m_s), torch.zeros_like(m_s)
+    for lo in range(0, vocab, tile):
+        zs, _, zt = logits(lo, min(lo + tile, vocab))
+        tile_max, tile_arg = zs.max(dim=-1, keepdim=True)
+        zt_at_top = torch.where(tile_max > m_s, zt.gather(1, tile_arg), zt_at_top)
+        new_m = torch.maximum(m_s, tile_max)
+        sum_s = sum_s * (m_s - new_m).exp() + (zs - new_m).exp_().sum(-1, keepdim=True)
+        m_s = new_m
+        new_m = torch.maximum(m_t, zt.amax(dim=-1, keepdim=True))
+        sum_t = sum_t * (m_t - new_m).exp() + (zt - new_m).exp_().sum(-1, keepdim=True)
+        m_t = new_m
+    log_sum_s, log_sum_t = sum_s.log(), sum_t.log()
+
+    def logprobs(zs: Tensor, zt: Tensor) -> tuple[Tensor, Tensor]:
+        # (z - max) - log(sum): as log_softmax does, more exact than z - logsumexp once |z| is large
+        return zs.sub_(m_s).sub_(log_sum_s), zt.sub_(m_t).sub_(log_sum_t)
+
+    shift = _shift(kind, plan.beta, -log_sum_s, (zt_at_top - m_t) - log_sum_t)
+
+    # pass 2: the value, and the full-vocab aggregate sum(p_S * u) the gradient needs
+    value = torch.zeros(n, device=hs.device)
+    aggregate = torch.zeros(n, device=hs.device) if _needs_aggregate(kind) else None
+    fold_value_into_grad_pass = need_grad and aggregate is None
+    if not fold_value_into_grad_pass:
+        for lo in range(0, vocab, tile):
+            zs, _, zt = logits(lo, min(lo + tile, vocab))
+            ls, lt = logprobs(zs, zt)
+            v, u = _terms(kind, plan.beta, ls, lt, want_value=True)
+            assert v is not None
+            value += v
+            if aggregate is not None and need_grad:
+                aggregate += (ls.exp() * u.sub_(shift)).sum(-1)
+    if not need_grad:
+        return value.sum()
+
+    # pass 3: gradients, pushed through the projection tile by tile
+    for lo in range(0, vocab, tile):
+        hi = min(lo + tile, vocab)
+        zs, th, zt = logits(lo, hi)
+        ls, lt = logprobs(zs, zt)
+        v, u = _terms(kind, plan.beta, ls, lt, want_value=fold_value_into_grad_pass)
+        if v is not None:
+            value += v
+        if u is not None:
+            u.sub_(shift)
+        g = _grad_from_terms(kind, ls, lt, u, aggregate)
+        accumulate(_chain(g, th, plan.student_scale, plan.temperature), hs, r0, r1, lo, hi)
+    return value.sum()
+
+
+class _FusedDivergence(torch.autograd.Function):
+    """Sum of the divergence over valid tokens; gradients computed in forward, scaled in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan) -> Tensor:
+        needs = tuple(ctx.needs_input_grad[:3])
+        total, grad_h, grad_w, grad_b = _run(plan, hidden, weight, bias, needs)  # type: ignore[arg-type]
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        scale = grad_out.to(torch.float32)
+
+        def scaled(g: Tensor | None) -> Tensor | None:
+            return None if g is None else g * scale.to(g.dtype)
+
+        return scaled(grad_h), scaled(grad_w), scaled(grad_b), None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# public API
+
+
+def _auto_chunk(vocab_or_tile: int, device: torch.device) -> int:
+    budget = _TILE_ELEMENTS["cuda" if device.type == "cuda" else "cpu"]
+    return max(1, budget // max(1, vocab_or_tile))
+
+
+def _check_positive_int(name: str, value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+
+
+def _check_2d_pair(name_h: str, h: Tensor, name_w: str, w: Tensor) -> None:
+    if not h.is_floating_point() or not w.is_floating_point():
+        raise ValueError(f"{name_h} and {name_w} must be float tensors, got {h.dtype} and {w.dtype}")
+    if w.dim() != 2:
+        raise ValueError(f"{name_w} must be [V, H], got shape {tuple(w.shape)}")
+    if h.shape[-1] != w.shape[1]:
+        raise ValueError(
+            f"{name_h} width {h.shape[-1]} does not match {name_w} [V, H] = {tuple(w.shape)}: pass the lm_head "
+            f"weight of the same model as the hidden states"
+        )
+
+
+def _check_bias(name: str, bias: Tensor | None, vocab: int) -> None:
+    if bias is not None and tuple(bias.shape) != (vocab,):
+        raise ValueError(f"{name} must be [V] = ({vocab},), got shape {tuple(bias.shape)}")
+
+
+def _triton_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
+
+
+def _resolve_backend(backend: str, device: torch.device, dense: bool, tiled: bool) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    if backend == "torch":
+        return "torch"
+    usable = device.type == "cuda" and dense and not tiled and _triton_available()
+    if backend == "triton" and not usable:
+        raise ValueError(
+            "backend='triton' needs CUDA tensors, the `triton` package, a dense teacher and vocab_chunk_size=None; "
+            "use backend='torch' (or 'auto') otherwise"
+        )
+    return "triton" if usable else "torch"
+
+
+def fused_divergence_sum_and_count(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    *,
+    teacher_hidden: Tensor | None = None,
+    teacher_weight: Tensor | None = None,
+    sparse_targets: SparseTargets | None = None,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Sum of the divergence over valid positions and their number; see :func:`fused_divergence` for the arguments.
+
+    The form the trainer wants: sum over micro-batches (and ranks), divide once by the global token count.
+
+    Returns:
+        ``(sum, count)``: fp32 scalar (times ``temperature ** 2``), int64 scalar.
+    """
+    check_kind(kind)
+    check_hparams(beta, temperature, "mean")
+    _check_positive_int("chunk_size", chunk_size)
+    _check_positive_int("vocab_chunk_size", vocab_chunk_size)
+    for name, value in (("student_logit_scale", student_logit_scale), ("teacher_logit_scale", teacher_logit_scale)):
+        if not math.isfinite(value) or value == 0:
+            raise ValueError(f"{name} must be a finite non-zero number, got {value!r}")
+    for name, value in (("student_softcap", student_softcap), ("teacher_softcap", teacher_softcap)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be None or a finite number > 0, got {value!r}")
+    _check_2d_pair("student_hidden", student_hidden, "student_weight", student_weight)
+    vocab, width = student_weight.shape
+    _check_bias("student_bias", student_bias, vocab)
+
+    positions = student_hidden.shape[:-1]
+    mask = check_mask(mask, positions, what="student_hidden")
+    hidden = student_hidden.reshape(-1, width)
+    rows = None
+    if mask is not None:
+        flat = mask.reshape(-1)
+        count = flat.sum()
+        if not bool(flat.all()):
+            rows = flat.nonzero().squeeze(-1)
+    else:
+        count = torch.tensor(hidden.shape[0], device=hidden.device)
+
+    def valid(t: Tensor, tail: tuple[int, ...]) -> Tensor:
+        t = t.detach().reshape(-1, *tail)
+        return t if rows is None else t.index_select(0, rows)
+
+    teacher = teacher_h = sparse = None
+    if (teacher_hidden is None) != (teacher_weight is None):
+        raise ValueError("pass teacher_hidden and teacher_weight together (the teacher's hidden states and lm_head)")
+    if (teacher_hidden is None) == (sparse_targets is None):
+        raise ValueError(
+            "pass exactly one target: teacher_hidden + teacher_weight (online), or sparse_targets (cache)"
+        )
+    if teacher_hidden is not None and teacher_weight is not None:
+        _check_2d_pair("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight)
+        if teacher_hidden.shape[:-1] != positions:
+            raise ValueError(
+                f"teacher_hidden positions {tuple(teacher_hidden.shape[:-1])} must equal student_hidden positions "
+                f"{tuple(positions)}"
+            )
+        if teacher_weight.shape[0] != vocab:
+            raise ValueError(
+                f"student and teacher lm_heads have {vocab} and {teacher_weight.shape[0]} rows: slice both to the "
+                f"shared real vocab (fused_divergence_from_models(..., n_vocab=...) does this)"
+            )
+        _check_bias("teacher_bias", teacher_bias, vocab)
+        teacher = _Head(
+            teacher_weight.detach(),
+            None if teacher_bias is None else teacher_bias.detach(),
+            float(teacher_logit_scale),
+            None if teacher_softcap is None else float(teacher_softcap),
+        )
+        teacher_h = valid(teacher_hidden, (teacher_hidden.shape[-1],))
+    else:
+        assert sparse_targets is not None
+        st = sparse_targets
+        k = st.ids.shape[-1]
+        if st.ids.shape[:-1] != positions or st.logprobs.shape != st.ids.shape:
+            raise ValueError(
+                f"sparse_targets ids {tuple(st.ids.shape)} and logprobs {tuple(st.logprobs.shape)} must both be "
+                f"[..., K] with the student_hidden positions {tuple(positions)}"
+            )
+        sparse = SparseTargets(
+            ids=valid(st.ids, (k,)),
+            logprobs=valid(st.logprobs, (k,)),
+            tail_logprob=None if st.tail_logprob is None else valid(st.tail_logprob, ()),
+            weights=None if st.weights is None else valid(st.weights, (k,)),
+            estimator=st.estimator,
+        )
+
+    tile = vocab if vocab_chunk_size is None else min(vocab_chunk_size, vocab)
+    tiled = sparse is None and tile < vocab
+    plan = _Plan(
+        rows=rows,
+        student_scale=float(student_logit_scale),
+        student_softcap=None if student_softcap is None else float(student_softcap),
+        teacher=teacher,
+        teacher_hidden=teacher_h,
+        sparse=sparse,
+        kind=_effective_kind(kind, beta) if sparse is None else kind,
+        beta=float(beta),
+        temperature=float(temperature),
+        chunk_size=chunk_size or _auto_chunk(tile, hidden.device),
+        vocab_chunk_size=tile,
+        backend=_resolve_backend(backend, hidden.device, dense=sparse is None, tiled=tiled),
+    )
+    total = _FusedDivergence.apply(hidden, student_weight, student_bias, plan)
+    return total, count
+
+
+def fused_divergence(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    *,
+    teacher_hidden: Tensor | None = None,
+    teacher_weight: Tensor | None = None,
+    sparse_targets: SparseTargets | None = None,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """:func:`lmdistill.losses.divergence` of the projected logits, without materialising them for all tokens.
+
+    The logits of each model are ``softcap(logit_scale * (hidden @ weight.T + bias)) / temperature`` with
+    ``softcap(y) = c * tanh(y / c)`` (Gemma 2's ``final_logit_softcapping``), and the value is the reference
+    divergence of those logits, times ``temperature ** 2``. Give exactly one target: the teacher's hidden states and
+    lm_head (online distillation; widths may differ, the vocabulary rows must be the shared real vocab), or
+    ``sparse_targets`` read from a soft-label cache (then the value is
+    :func:`lmdistill.losses.sparse_divergence` of the student logits).
+
+    Gradients flow to ``student_hidden``, ``student_weight`` and ``student_bias`` (those that require grad), never to
+    the teacher. They are computed in this call (see the module docstring), so memory peaks here, not in backward.
+
+    Args:
+        student_hidden: ``[N, Hs]`` or ``[B, T, Hs]``, the student's last hidden states (after the final norm).
+        student_weight: ``[V, Hs]`` the student's lm_head weight, sliced to the shared vocab.
+        teacher_hidden: ``[N, Ht]`` or ``[B, T, Ht]``, the teacher's last hidden states (detached here).
+        teacher_weight: ``[V, Ht]`` the teacher's lm_head weight, same ``V`` rows as the student's.
+        sparse_targets: cached top-k / sampled teacher targets instead of a teacher.
+        student_bias: ``[V]`` lm_head bias, or None.
+        teacher_bias: ``[V]`` lm_head bias, or None.
+        student_logit_scale: multiplies the student's linear output (Cohere's ``logit_scale``; Granite's
+            ``1 / logits_scaling``).
+        teacher_logit_scale: the same for the teacher.
+        student_softcap: final logit soft-capping of the student, or None.
+        teacher_softcap: final logit soft-capping of the teacher, or None.
+        kind: one of :data:`lmdistill.losses.KINDS`.
+        beta: JSD interpolation / DistiLLM skew in ``[0, 1]`` (same convention as the reference).
+        temperature: ``T > 0``; the value is multiplied by ``T ** 2``.
+        mask: ``[N]`` or ``[B, T]`` bool, True where a position counts. Masked positions are never projected.
+        reduction: ``"mean"`` over valid positions (all masked -> 0.0) or ``"sum"`` (the trainer divides by a global
+            token count; see :func:`fused_divergence_sum_and_count`). ``"none"`` is not offered: the gradient is
+            folded into the weights during the forward, which needs a scalar output.
+        chunk_size: tokens per chunk; None picks about 4M (CPU) / 32M (CUDA) logits per buffer.
+        vocab_chunk_size: vocab columns per tile; None (the default and the fastest) projects whole-vocab rows once.
+            A smaller tile bounds memory by ``chunk_size * vocab_chunk_size`` at the cost of recomputing the
+            projections (dense teacher only; ignored with ``sparse_targets``).
+        backend: ``"auto"`` (Triton on CUDA when installed, else torch), ``"torch"``, or ``"triton"``.
+
+    Returns:
+        fp32 scalar.
+
+    Raises:
+        ValueError: an unknown ``kind``, ``reduction`` or ``backend``; ``temperature <= 0``; ``beta`` outside
+            ``[0, 1]``; mismatched shapes (hidden width vs weight, teacher vs student positions or vocab rows, mask);
+            both or neither of the teacher and ``sparse_targets``.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(
+            f"fused_divergence supports reduction 'mean' or 'sum', got {reduction!r}; for per-position values use "
+            "lmdistill.losses.divergence on materialised logits"
+        )
+    total, count = fused_divergence_sum_and_count(
+        student_hidden,
+        student_weight,
+        teacher_hidden=teacher_hidden,
+        teacher_weight=teacher_weight,
+        sparse_targets=sparse_targets,
+        student_bias=student_bias,
+        teacher_bias=teacher_bias,
+        student_logit_scale=student_logit_scale,
+        teacher_logit_scale=teacher_logit_scale,
+        student_softcap=student_softcap,
+        teacher_softcap=teacher_softcap,
+        kind=kind,
+        beta=beta,
+        temperature=temperature,
+        mask=mask,
+        chunk_size=chunk_size,
+        vocab_chunk_size=vocab_chunk_size,
+        backend=backend,
+    )
+    if reduction == "sum":
+        return total
+    return total / count.clamp_min(1).to(total.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hugging Face models
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """A causal LM's projection to logits, as :func:`fused_divergence` takes it.
+
+    Attributes:
+        weight: ``[n_vocab, H]`` lm_head weight rows of the real vocab (a view: gradients reach the parameter,
+            tied input embeddings included).
+        bias: ``[n_vocab]`` or None.
+        logit_scale: multiplier of the linear output (1.0 for most models).
+        softcap: ``final_logit_softcapping`` or None.
+    """
+
+    weight: Tensor
+    bias: Tensor | None
+    logit_scale: float
+    softcap: float | None
+
+
+def lm_head_spec(model: torch.nn.Module, n_vocab: int) -> HeadSpec:
+    """Read a causal LM's lm_head (tied or not), sliced to the first ``n_vocab`` rows, and its logit post-processing.
+
+    Embedding matrices are often padded past the tokenizer (e.g. Qwen2.5: 151,936 rows for 151,665 tokens); only the
+    first ``n_vocab`` rows are real tokens, and the two models must agree on them.
+
+    Args:
+        model: a Hugging Face ``*ForCausalLM`` (optionally wrapped by PEFT).
+        n_vocab: the shared real vocabulary size.
+
+    Raises:
+        ValueError: the model has no output embeddings, its lm_head carries an adapter (the fused path would ignore
+            the adapter's delta), or it has fewer than ``n_vocab`` rows.
+    """
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is None or not isinstance(getattr(head, "weight", None), Tensor):
+        raise ValueError(
+            f"{type(model).__name__} has no lm_head (get_output_embeddings() returned {head!r}); the fused loss needs "
+            f"a *ForCausalLM model"
+        )
+    if hasattr(head, "base_layer"):
+        raise ValueError(
+            "the lm_head carries an adapter (e.g. LoRA on lm_head); the fused loss reads the base weight only. "
+            "Leave lm_head out of the adapter's target_modules, or use the reference (non-fused) loss"
+        )
+    weight = head.weight
+    if weight.shape[0] < n_vocab:
+        raise ValueError(
+            f"{type(model).__name__} lm_head has {weight.shape[0]} rows, fewer than n_vocab={n_vocab}: the "
+            f"tokenizers do not share a vocab of that size"
+        )
+    bias = getattr(head, "bias", None)
+    config = getattr(model, "config", None)
+    if config is not None and callable(getattr(config, "get_text_config", None)):
+        config = config.get_text_config()
+    scale = 1.0
+    if config is not None:
+        if getattr(config, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
+            scale = float(config.logit_scale)
+        if getattr(config, "logits_scaling", None) is not None:  # Granite: logits / logits_scaling
+            scale = 1.0 / float(config.logits_scaling)
+    softcap = getattr(config, "final_logit_softcapping", None) if config is not None else None
+    return HeadSpec(
+        weight=weight[:n_vocab],
+        bias=None if bias is None else bias[:n_vocab],
+        logit_scale=scale,
+        softcap=None if softcap is None else float(softcap),
+    )
+
+
+def last_hidden_states(
+    model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any
+) -> Tensor:
+    """Run a causal LM's decoder only (no lm_head): the ``[B, T, H]`` hidden states the fused loss projects.
+
+    Calling the full model would materialise ``[B, T, V]`` logits, the very tensor the fused loss avoids.
+    """
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    if decoder is None:
+        raise ValueError(f"{type(model).__name__} has no get_decoder(); pass its last hidden states yourself")
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def fused_divergence_from_models(
+    student_model: torch.nn.Module,
+    student_hidden: Tensor,
+    teacher_model: torch.nn.Module | None = None,
+    teacher_hidden: Tensor | None = None,
+    *,
+    n_vocab: int,
+    sparse_targets: SparseTargets | None = None,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    reduction: str = "sum",
+    chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """:func:`fused_divergence` with the lm_heads, biases, logit scales and softcaps read from the models.
+
+    Typical online step (the student's gradient reaches its lm_head, tied embeddings included)::
+
+        h_s = last_hidden_states(student, ids, attn)[:, :-1]
+        with torch.no_grad():
+            h_t = last_hidden_states(teacher, ids, attn)[:, :-1]
+        kd_sum = fused_divergence_from_models(student, h_s, teacher, h_t, n_vocab=n, mask=valid, reduction="sum")
+
+    Args:
+        student_model: the student ``*ForCausalLM``.
+        student_hidden: ``[B, T, Hs]`` its last hidden states.
+        teacher_model: the teacher ``*ForCausalLM``, or None with ``sparse_targets``.
+        teacher_hidden: ``[B, T, Ht]`` its last hidden states, or None with ``sparse_targets``.
+        n_vocab: the shared real vocab; only the first ``n_vocab`` lm_head rows of each model count.
+        sparse_targets: cached targets instead of a teacher.
+        kind, beta, temperature, mask, reduction, chunk_size, vocab_chunk_size, backend: as :func:`fused_divergence`
+            (``reduction`` defaults to ``"sum"`` here: the trainer normalises by a global token count).
+
+    Raises:
+        ValueError: as :func:`lm_head_spec` and :func:`fused_divergence`.
+    """
+    s = lm_head_spec(student_model, n_vocab)
+    t = lm_head_spec(teacher_model, n_vocab) if teacher_model is not None else None
+    if sparse_targets is not None and (teacher_model is not None or teacher_hidden is not None):
+        raise ValueError("pass either a teacher (model + hidden states) or sparse_targets, not both")
+    return fused_divergence(
+        student_hidden,
+        s.weight,
+        teacher_hidden=teacher_hidden,
+        teacher_weight=None if t is None else t.weight,
+        sparse_targets=sparse_targets,
+        student_bias=s.bias,
+        teacher_bias=None if t is None else t.bias,
+        student_logit_scale=s.logit_scale,
+        teacher_logit_scale=1.0 if t is None else t.logit_scale,
+        student_softcap=s.softcap,
+        teacher_softcap=None if t is None else t.softcap,
+        kind=kind,
+        beta=beta,
+        temperature=temperature,
+        mask=mask,
+        reduction=reduction,
+        chunk_size=chunk_size,
+        vocab_chunk_size=vocab_chunk_size,
+        backend=backend,
+    )
