@@ -1,0 +1,417 @@
+"""OpenAI-compatible HTTP teacher (hosted APIs, `lmdistill serve`, vLLM's server, Ollama, llama.cpp's server).
+
+Requests run in a thread pool of `concurrency` workers with the official `openai` client. The client's own retries are
+off (`max_retries=0`): ours run instead, so they are the ones tested. A retry follows a 429, a 408/409/5xx, a timeout,
+a dropped connection, or a malformed reply (bad JSON, no choices, no content); it waits `Retry-After` when the server
+sends one, else an exponential backoff with jitter. A malformed reply is logged and never written.
+
+The API key is read from an env var or a key file named in the config; it is never logged, written, or put in an error.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import math
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+import pydantic
+
+from lmdistill.errors import ConfigError, TeacherAPIError
+from lmdistill.generate.base import Completion, Job, JobResult
+from lmdistill.generate.config import SamplingConfig, TeacherBackendConfig
+from lmdistill.generate.prompts import Prompt
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = {408, 409, 425, 429}
+# The reachability check before a run gives up sooner than a prompt does: nothing is lost by failing early.
+PREFLIGHT_RETRIES = 2
+# The log-prob OpenAI returns for tokens it will not score; JSON has no -inf.
+MIN_LOGPROB = -9999.0
+
+
+class MalformedReply(Exception):
+    """A 200 reply that cannot be used (no choices, no content, wrong shape)."""
+
+
+@dataclass
+class RetryPolicy:
+    """When and how long to wait before retrying one request.
+
+    Args:
+        max_retries: retries after the first attempt.
+        base_s: the first backoff is in [base_s/2, base_s]; each retry doubles it.
+        max_s: cap of one backoff.
+        max_retry_after_s: cap of a server-sent Retry-After.
+    """
+
+    max_retries: int = 8
+    base_s: float = 1.0
+    max_s: float = 60.0
+    max_retry_after_s: float = 600.0
+
+    def delay(self, attempt: int, error: BaseException | None, rng: random.Random) -> float:
+        """Seconds to wait after failed attempt number `attempt` (0-based)."""
+        retry_after = retry_after_seconds(error)
+        if retry_after is not None:
+            # Honour the server, plus a little jitter so clients told the same time do not return together.
+            wait_s = min(retry_after, self.max_retry_after_s)
+            return wait_s + rng.uniform(0, 0.1 * wait_s)
+        # "Equal jitter": half fixed so the wait really grows, half random so clients spread out.
+        cap = min(self.max_s, self.base_s * 2**attempt)
+        return cap / 2 + rng.uniform(0, cap / 2)
+
+
+def retry_after_seconds(error: BaseException | None) -> float | None:
+    """The wait a 429/503 asks for: `retry-after-ms`, or `Retry-After` as seconds or an HTTP date; None if absent."""
+    response = getattr(error, "response", None)
+    headers = getattr(response, "headers", None)
+    if headers is None:
+        return None
+    if (ms := headers.get("retry-after-ms")) is not None:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def read_api_key(env_name: str | None, key_file: str | None) -> tuple[str | None, str]:
+    """(key or None, where it came from, in words that never include the key)."""
+    if key_file:
+        path = Path(key_file).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"API key file `{path}` does not exist (teacher.api_key_file / api_key_file)")
+        lines = path.read_text(encoding="utf-8").strip().splitlines()
+        if not lines or not lines[0].strip():
+            raise ConfigError(f"API key file `{path}` is empty; put the key on its first line")
+        return lines[0].strip(), f"the key from file `{path}`"
+    if env_name:
+        key = os.environ.get(env_name)
+        if key:
+            return key, f"the key from env var `{env_name}`"
+        return None, f"no key (env var `{env_name}` is not set)"
+    return None, "no key (neither an env var nor a key file is configured)"
+
+
+class OpenAIBackend:
+    """`generate` backend for an OpenAI-compatible endpoint.
+
+    Args:
+        cfg: the teacher section (base_url, api_model, key source, concurrency, timeout, retry settings).
+        seed: seeds the backoff jitter (not the teacher).
+    """
+
+    def __init__(self, cfg: TeacherBackendConfig, seed: int | None = None) -> None:
+        self.cfg = cfg
+        self.base_url = cfg.base_url.rstrip("/")
+        self._key, self._key_source = read_api_key(cfg.api_key_env, cfg.api_key_file)
+        self.client = openai.OpenAI(
+            base_url=self.base_url,
+            # Local servers take any key; the client insists on one.
+            api_key=self._key or "EMPTY",
+            max_retries=0,
+            timeout=cfg.timeout_s,
+        )
+        self.policy = RetryPolicy(cfg.max_retries, cfg.backoff_base_s, cfg.backoff_max_s, cfg.max_retry_after_s)
+        self._rng = random.Random(seed)
+        self._rng_lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def teacher_info(self) -> dict[str, Any]:
+        return {"backend": "openai", "model": self.cfg.api_model, "base_url": self.base_url, "api": self.cfg.api}
+
+    def close(self) -> None:
+        self._stop.set()
+        self.client.close()
+
+    # ------------------------------------------------------------------ errors and retries
+
+    def _redact(self, text: str) -> str:
+        if self._key and len(self._key) >= 4:
+            text = text.replace(self._key, "***")
+        return text
+
+    def _describe(self, error: BaseException) -> str:
+        if isinstance(error, openai.APIStatusError):
+            return self._redact(f"HTTP {error.status_code}: {error.message}")
+        if isinstance(error, openai.APITimeoutError):
+            return f"no reply within {self.cfg.timeout_s:g}s (timeout)"
+        if isinstance(error, openai.APIConnectionError):
+            cause = error.__cause__ or error.__context__
+            return self._redact(f"connection failed ({type(cause).__name__ if cause else 'error'}: {cause or error})")
+        if isinstance(error, json.JSONDecodeError | pydantic.ValidationError):
+            return f"malformed reply ({type(error).__name__}: {error})"
+        return self._redact(f"{type(error).__name__}: {error}")
+
+    def _fatal(self, error: openai.APIStatusError, what: str) -> TeacherAPIError:
+        status = error.status_code
+        if status in (401, 403):
+            return _api_error(
+                status,
+                f"teacher endpoint {self.base_url} refused the request (HTTP {status}) with {self._key_source}: "
+                f"{self._redact(str(error.message))}. Check the key (teacher.api_key_env names the env var, "
+                "teacher.api_key_file a key file)"
+            )
+        if status == 404:
+            return _api_error(
+                status,
+                f"teacher endpoint {self.base_url} answered 404 for {what}: {self._redact(str(error.message))}. Check "
+                f"teacher.base_url (it usually ends in /v1) and teacher.api_model (`{self.cfg.api_model}`)"
+            )
+        return _api_error(
+            status,
+            f"teacher endpoint {self.base_url} rejected {what} (HTTP {status}): {self._redact(str(error.message))}. "
+            "Check the sampling settings against what the endpoint supports"
+        )
+
+    def _with_retries(self, call: Callable[[], Any], what: str, max_retries: int | None = None) -> tuple[Any, int]:
+        """Run `call` until it succeeds; (its result, attempts). Raises TeacherAPIError when retries run out."""
+        last: BaseException | None = None
+        max_retries = self.policy.max_retries if max_retries is None else max_retries
+        for attempt in range(max_retries + 1):
+            if self._stop.is_set():
+                raise TeacherAPIError(f"stopped before {what} finished")
+            try:
+                return call(), attempt + 1
+            except openai.APIStatusError as e:
+                if e.status_code not in RETRYABLE_STATUS and e.status_code < 500:
+                    raise self._fatal(e, what) from None
+                last = e
+            except (openai.APIConnectionError, MalformedReply, json.JSONDecodeError, pydantic.ValidationError) as e:
+                last = e
+            if attempt == max_retries:
+                break
+            with self._rng_lock:
+                delay = self.policy.delay(attempt, last, self._rng)
+            log.warning(
+                "%s: %s (attempt %d of %d); retrying in %.2fs",
+                what, self._describe(last), attempt + 1, max_retries + 1, delay,
+            )
+            self._stop.wait(delay)
+        assert last is not None
+        raise _api_error(
+            getattr(last, "status_code", None),
+            f"{what} failed after {max_retries + 1} attempts at {self.base_url}; last error: {self._describe(last)}",
+            transport=isinstance(last, openai.APIConnectionError),
+        )
+
+    # ------------------------------------------------------------------ requests
+
+    def check(self) -> None:
+        """Fail fast with a clear message when the endpoint is unreachable or refuses the key.
+
+        Servers without `/v1/models` (404) are accepted; a model list without `api_model` only warns, since some
+        servers answer under any name.
+        """
+        try:
+            models, _ = self._with_retries(
+                lambda: self.client.models.list(), "listing models", min(self.policy.max_retries, PREFLIGHT_RETRIES)
+            )
+        except TeacherAPIError as e:
+            if getattr(e, "status", None) == 404:
+                return
+            if getattr(e, "transport", False):
+                raise TeacherAPIError(
+                    f"cannot reach the teacher endpoint {self.base_url}: {e}. Is the server running, and is "
+                    "teacher.base_url right (scheme, host, port, ending in /v1)?"
+                ) from None
+            raise
+        names = [m.id for m in getattr(models, "data", None) or []]
+        if names and self.cfg.api_model not in names:
+            log.warning("teacher endpoint %s does not list model `%s` (it lists: %s)",
+                        self.base_url, self.cfg.api_model, ", ".join(names[:10]))
+
+    def _request(self, prompt: Prompt, sampling: SamplingConfig, n: int) -> list[Completion]:
+        common: dict[str, Any] = {
+            "model": self.cfg.api_model,
+            "n": n,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "max_tokens": sampling.max_new_tokens,
+        }
+        if sampling.seed is not None:
+            common["seed"] = sampling.seed
+        if sampling.stop:
+            common["stop"] = list(sampling.stop)
+        if self.cfg.api == "chat":
+            if sampling.logprobs:
+                common["logprobs"] = True
+                common["top_logprobs"] = sampling.top_logprobs
+            reply = self.client.chat.completions.create(messages=prompt.messages or [], **common)
+            return self._parse_chat(reply, sampling)
+        if sampling.logprobs:
+            common["logprobs"] = sampling.top_logprobs
+        reply = self.client.completions.create(prompt=prompt.text or "", **common)
+        return self._parse_text(reply, sampling)
+
+    def _no_logprobs(self) -> TeacherAPIError:
+        return TeacherAPIError(
+            f"teacher endpoint {self.base_url} returned no logprobs although sampling.logprobs=true; it may not "
+            "support them (set sampling.logprobs=false, or use an endpoint that returns them)"
+        )
+
+    def _parse_chat(self, reply: Any, sampling: SamplingConfig) -> list[Completion]:
+        choices = getattr(reply, "choices", None)
+        if not isinstance(choices, list) or not choices:
+            raise MalformedReply("the reply has no choices")
+        out = []
+        for choice in choices:
+            message = getattr(choice, "message", None)
+            content = getattr(message, "content", None)
+            # Reasoning servers (vLLM's reasoning parser, DeepSeek) return the trace beside the answer.
+            reasoning = getattr(message, "reasoning_content", None) or getattr(message, "reasoning", None)
+            if not isinstance(content, str) and not isinstance(reasoning, str):
+                raise MalformedReply("a choice has no message content")
+            text = content or ""
+            if isinstance(reasoning, str) and reasoning and "<think>" not in text:
+                text = f"<think>\n{reasoning}\n</think>\n\n{text}"
+            logprobs = None
+            if sampling.logprobs:
+                content_lp = getattr(getattr(choice, "logprobs", None), "content", None)
+                if content_lp is None:
+                    raise self._no_logprobs()
+                logprobs = [_chat_logprob(entry) for entry in content_lp]
+            out.append(Completion(text=text, finish_reason=str(choice.finish_reason or "unknown"), logprobs=logprobs))
+        self._counts(reply, out)
+        return out
+
+    def _parse_text(self, reply: Any, sampling: SamplingConfig) -> list[Completion]:
+        choices = getattr(reply, "choices", None)
+        if not isinstance(choices, list) or not choices:
+            raise MalformedReply("the reply has no choices")
+        out = []
+        for choice in choices:
+            text = getattr(choice, "text", None)
+            if not isinstance(text, str):
+                raise MalformedReply("a choice has no text")
+            logprobs = None
+            if sampling.logprobs:
+                lp = getattr(choice, "logprobs", None)
+                if lp is None or lp.tokens is None or lp.token_logprobs is None:
+                    raise self._no_logprobs()
+                tops = lp.top_logprobs or [None] * len(lp.tokens)
+                logprobs = [
+                    {
+                        "token": token,
+                        "id": None,
+                        "logprob": _finite(value),
+                        "top_logprobs": [{"token": t, "id": None, "logprob": _finite(v)} for t, v in (top or {}).items()],
+                    }
+                    for token, value, top in zip(lp.tokens, lp.token_logprobs, tops, strict=False)
+                ]
+            out.append(Completion(text=text, finish_reason=str(choice.finish_reason or "unknown"), logprobs=logprobs))
+        self._counts(reply, out)
+        return out
+
+    @staticmethod
+    def _counts(reply: Any, completions: list[Completion]) -> None:
+        usage = getattr(reply, "usage", None)
+        prompt_tokens = getattr(usage, "prompt_tokens", None)
+        total = getattr(usage, "completion_tokens", None)
+        for c in completions:
+            c.prompt_tokens = prompt_tokens
+            # usage sums over the n choices; per choice it is only known for n=1 or from the log-probs.
+            if len(completions) == 1:
+                c.completion_tokens = total
+            elif c.logprobs is not None:
+                c.completion_tokens = len(c.logprobs)
+
+    def _run_job(self, job: Job, sampling: SamplingConfig) -> JobResult:
+        got: list[Completion] = []
+        attempts, t0 = 0, time.perf_counter()
+        # Some servers ignore n and send one choice: ask again for the rest.
+        while len(got) < len(job.samples):
+            missing = len(job.samples) - len(got)
+            completions, tries = self._with_retries(
+                lambda m=missing: self._request(job.prompt, sampling, m), f"prompt `{job.prompt.id}`"
+            )
+            got.extend(completions[:missing])
+            attempts += tries
+        return JobResult(job=job, completions=got, seconds=time.perf_counter() - t0, attempts=attempts)
+
+    def generate(self, jobs: Sequence[Job], sampling: SamplingConfig) -> Iterator[JobResult]:
+        """Yield results as requests finish. After a job fails for good, no new job starts; the ones in flight finish
+        and are yielded, then the first failure is raised (a rerun resumes where this stopped)."""
+        pool = ThreadPoolExecutor(max_workers=self.cfg.concurrency, thread_name_prefix="lmdistill-api")
+        queue = iter(jobs)
+        pending: set[Future[JobResult]] = set()
+        failure: TeacherAPIError | None = None
+
+        def refill() -> None:
+            while len(pending) < self.cfg.concurrency:
+                job = next(queue, None)
+                if job is None:
+                    return
+                pending.add(pool.submit(self._run_job, job, sampling))
+
+        try:
+            refill()
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    pending.discard(future)
+                    try:
+                        result = future.result()
+                    except TeacherAPIError as e:
+                        failure = failure or e
+                        continue
+                    yield result
+                if failure is None:
+                    refill()
+        finally:
+            # On an interrupt: stop retry sleeps and queued jobs; in-flight requests end within the timeout.
+            if pending:
+                self._stop.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+        if failure is not None:
+            raise failure
+
+
+def _api_error(status: int | None, message: str, transport: bool = False) -> TeacherAPIError:
+    """A TeacherAPIError that remembers the HTTP status (None: no reply) and whether the transport failed."""
+    error = TeacherAPIError(message)
+    error.status = status  # type: ignore[attr-defined]
+    error.transport = transport  # type: ignore[attr-defined]
+    return error
+
+
+def _finite(value: float | None) -> float:
+    if value is None or not math.isfinite(value):
+        return MIN_LOGPROB
+    return float(value)
+
+
+def _chat_logprob(entry: Any) -> dict[str, Any]:
+    # `token_id` is an extra field `lmdistill serve` sends; other servers give token strings only.
+    return {
+        "token": entry.token,
+        "id": getattr(entry, "token_id", None),
+        "logprob": _finite(entry.logprob),
+        "top_logprobs": [
+            {"token": t.token, "id": getattr(t, "token_id", None), "logprob": _finite(t.logprob)}
+            for t in (entry.top_logprobs or [])
+        ],
+    }
