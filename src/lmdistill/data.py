@@ -41,8 +41,10 @@ class TokenBlocks:
         return int(self.input_ids.shape[0])
 
     def batch(self, indices: torch.Tensor | list[int]) -> dict[str, torch.Tensor]:
+        """Rows `indices` as a batch; `index` carries the block indices so cached targets can be aligned to them."""
         idx = torch.as_tensor(indices, dtype=torch.long)
-        return {"input_ids": self.input_ids[idx], "labels": self.labels[idx], "attention_mask": self.attention_mask[idx]}
+        return {"input_ids": self.input_ids[idx], "labels": self.labels[idx], "attention_mask": self.attention_mask[idx],
+                "index": idx}
 
     @property
     def n_target_tokens(self) -> int:
