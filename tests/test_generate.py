@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model
 
+from conftest import make_model
 from lmdistill.config import load_config
 from lmdistill.errors import ConfigError, DataError
 from lmdistill.generate import GenerateConfig, run_generate

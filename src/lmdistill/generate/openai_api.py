@@ -156,7 +156,7 @@ class OpenAIBackend:
 
     def _describe(self, error: BaseException) -> str:
         if isinstance(error, openai.APIStatusError):
-            return self._redact(f"HTTP {error.status_code}: {error.message}")
+            return self._redact(f"HTTP {error.status_code}: {_server_message(error)}")
         if isinstance(error, openai.APITimeoutError):
             return f"no reply within {self.cfg.timeout_s:g}s (timeout)"
         if isinstance(error, openai.APIConnectionError):
@@ -172,18 +172,18 @@ class OpenAIBackend:
             return _api_error(
                 status,
                 f"teacher endpoint {self.base_url} refused the request (HTTP {status}) with {self._key_source}: "
-                f"{self._redact(str(error.message))}. Check the key (teacher.api_key_env names the env var, "
+                f"{self._redact(_server_message(error))}. Check the key (teacher.api_key_env names the env var, "
                 "teacher.api_key_file a key file)"
             )
         if status == 404:
             return _api_error(
                 status,
-                f"teacher endpoint {self.base_url} answered 404 for {what}: {self._redact(str(error.message))}. Check "
+                f"teacher endpoint {self.base_url} answered 404 for {what}: {self._redact(_server_message(error))}. Check "
                 f"teacher.base_url (it usually ends in /v1) and teacher.api_model (`{self.cfg.api_model}`)"
             )
         return _api_error(
             status,
-            f"teacher endpoint {self.base_url} rejected {what} (HTTP {status}): {self._redact(str(error.message))}. "
+            f"teacher endpoint {self.base_url} rejected {what} (HTTP {status}): {self._redact(_server_message(error))}. "
             "Check the sampling settings against what the endpoint supports"
         )
 
@@ -212,11 +212,13 @@ class OpenAIBackend:
             )
             self._stop.wait(delay)
         assert last is not None
-        raise _api_error(
+        error = _api_error(
             getattr(last, "status_code", None),
             f"{what} failed after {max_retries + 1} attempts at {self.base_url}; last error: {self._describe(last)}",
             transport=isinstance(last, openai.APIConnectionError),
         )
+        error.attempts, error.last = max_retries + 1, self._describe(last)  # type: ignore[attr-defined]
+        raise error
 
     # ------------------------------------------------------------------ requests
 
@@ -235,8 +237,8 @@ class OpenAIBackend:
                 return
             if getattr(e, "transport", False):
                 raise TeacherAPIError(
-                    f"cannot reach the teacher endpoint {self.base_url}: {e}. Is the server running, and is "
-                    "teacher.base_url right (scheme, host, port, ending in /v1)?"
+                    f"cannot reach the teacher endpoint {self.base_url}: {e.last} ({e.attempts} attempts). Is the "
+                    "server running, and is teacher.base_url right (scheme, host, port, ending in /v1)?"
                 ) from None
             raise
         names = [m.id for m in getattr(models, "data", None) or []]
@@ -388,6 +390,18 @@ class OpenAIBackend:
             pool.shutdown(wait=False, cancel_futures=True)
         if failure is not None:
             raise failure
+
+
+def _server_message(error: openai.APIStatusError) -> str:
+    """The server's own words: `{"error": {"message": ...}}` (OpenAI's shape), else the client's summary."""
+    body = error.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+            return inner["message"]
+        if isinstance(inner, str):
+            return inner
+    return str(error.message)
 
 
 def _api_error(status: int | None, message: str, transport: bool = False) -> TeacherAPIError:
