@@ -91,6 +91,11 @@ class HFGenerator:
         Returns:
             One list of `n` completions per text, in order.
         """
+        if temperature == 0 and n > 1:
+            # Greedy decoding gives one answer; HF refuses num_return_sequences > 1 without sampling, APIs repeat it.
+            once = self.generate(texts, n=1, temperature=0, max_new_tokens=max_new_tokens, stop=stop,
+                                 top_logprobs=top_logprobs, seed=seed, add_special_tokens=add_special_tokens)
+            return [[copy.deepcopy(group[0]) for _ in range(n)] for group in once]
         tok = self.tokenizer
         enc = tok(list(texts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(self.device)
         config = copy.deepcopy(self.model.generation_config)

@@ -1,0 +1,307 @@
+"""`lmdistill serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) around a local Hugging Face model.
+
+Endpoints: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions` (with `n`, `temperature`, `top_p`,
+`max_tokens`, `stop`, `seed`, `logprobs`/`top_logprobs`), and `GET /health`. Each log-prob entry also carries
+`token_id`, an extra field that `lmdistill generate` stores so API soft labels keep exact token ids.
+
+Concurrency: one model, one lock. Requests are handled in worker threads and run `generate` one at a time, so
+concurrent clients are safe and queue up; one request's `n` samples (and a list of prompts on /v1/completions) are
+batched together. Cross-request batching is not done.
+
+Binds 127.0.0.1 unless told otherwise; with `api_key_env`/`api_key_file` every request needs `Authorization: Bearer
+<key>` (401 otherwise).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import secrets
+import threading
+import time
+import uuid
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lmdistill.errors import ConfigError
+from lmdistill.generate.base import Completion
+from lmdistill.generate.config import ServeConfig
+
+log = logging.getLogger(__name__)
+
+
+class _Request(BaseModel):
+    # Unknown OpenAI fields (user, presence_penalty, ...) are accepted and ignored, as most servers do.
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    n: int = Field(1, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str]
+    max_tokens: int = Field(16, ge=1)  # the OpenAI default for /v1/completions
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+
+
+class APIError(Exception):
+    """Answered as OpenAI's error shape: `{"error": {"message", "type", "param", "code"}}`."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code = status, message, kind, code
+
+
+def _content_text(content: str | list[dict[str, Any]] | None) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    parts = []
+    for part in content:
+        if part.get("type") != "text":
+            raise APIError(400, f"message content parts of type `{part.get('type')}` are not supported (text only)")
+        parts.append(str(part.get("text", "")))
+    return "".join(parts)
+
+
+def _chat_logprobs(completion: Completion) -> dict[str, Any]:
+    def entry(e: dict[str, Any]) -> dict[str, Any]:
+        return {"token": e["token"], "logprob": e["logprob"], "bytes": list(e["token"].encode()), "token_id": e["id"]}
+
+    return {
+        "content": [{**entry(e), "top_logprobs": [entry(t) for t in e["top_logprobs"]]} for e in completion.logprobs or []]
+    }
+
+
+def _text_logprobs(completion: Completion) -> dict[str, Any]:
+    entries = completion.logprobs or []
+    offsets, pos = [], 0
+    for e in entries:
+        offsets.append(pos)
+        pos += len(e["token"])
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+        "text_offset": offsets,
+        "token_ids": [e["id"] for e in entries],
+    }
+
+
+def _usage(prompt_tokens: int, completions: list[Completion]) -> dict[str, int]:
+    generated = sum(c.completion_tokens or 0 for c in completions)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": generated, "total_tokens": prompt_tokens + generated}
+
+
+def create_app(generator: Any, cfg: ServeConfig, api_key: str | None = None) -> Any:
+    """The FastAPI app around an `HFGenerator` (or anything with its `render`/`generate`).
+
+    Args:
+        generator: the model wrapper; calls into it are serialised by one lock.
+        cfg: limits, served name.
+        api_key: the bearer token every request must send; None disables auth.
+    """
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    served = cfg.served_model_name or served_name(cfg.model.name_or_path)
+    lock = threading.Lock()
+    app = FastAPI(title="lmdistill serve", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        body = {"error": {"message": exc.message, "type": exc.kind, "param": None, "code": exc.code}}
+        return JSONResponse(body, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        msgs = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in exc.errors())
+        body = {"error": {"message": f"invalid request: {msgs}", "type": "invalid_request_error", "param": None,
+                          "code": None}}
+        return JSONResponse(body, status_code=400)
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next: Any) -> Any:
+        if api_key is not None and request.url.path != "/health":
+            sent = request.headers.get("authorization", "")
+            if not secrets.compare_digest(sent.encode(), f"Bearer {api_key}".encode()):
+                body = {"error": {"message": "missing or wrong API key (send `Authorization: Bearer <key>`)",
+                                  "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}
+                return JSONResponse(body, status_code=401)
+        return await call_next(request)
+
+    def check_common(req: _Request, max_tokens: int) -> list[str]:
+        if req.model != served:
+            raise APIError(404, f"model `{req.model}` is not served here; this server serves `{served}`",
+                           code="model_not_found")
+        if req.stream:
+            raise APIError(400, "stream=true is not supported by lmdistill serve")
+        if req.n > cfg.max_n:
+            raise APIError(400, f"n={req.n} is above this server's limit of {cfg.max_n} (max_n)")
+        if max_tokens > cfg.max_new_tokens_limit:
+            raise APIError(400, f"max_tokens={max_tokens} is above this server's limit of {cfg.max_new_tokens_limit}")
+        return [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+
+    def run(texts: list[str], req: _Request, max_tokens: int, stop: list[str], top: int | None,
+            raw: bool) -> list[list[Completion]]:
+        with lock:
+            return generator.generate(
+                texts, n=req.n, temperature=req.temperature, top_p=req.top_p, max_new_tokens=max_tokens, stop=stop,
+                top_logprobs=top, seed=req.seed, add_special_tokens=raw,
+            )
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": served, "object": "model", "created": 0, "owned_by": "lmdistill"}]}
+
+    @app.post("/v1/chat/completions")
+    def chat(req: ChatRequest) -> dict[str, Any]:
+        max_tokens = req.max_completion_tokens or req.max_tokens or cfg.default_max_tokens
+        stop = check_common(req, max_tokens)
+        messages = [{"role": m.role, "content": _content_text(m.content)} for m in req.messages]
+        try:
+            text = generator.render(messages)
+        except ConfigError as e:
+            raise APIError(400, str(e)) from None
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        t0 = time.perf_counter()
+        completions = run([text], req, max_tokens, stop, top, raw=False)[0]
+        log.info("chat: %d completions in %.2fs", len(completions), time.perf_counter() - t0)
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": c.text},
+                "finish_reason": c.finish_reason,
+                "logprobs": _chat_logprobs(c) if top is not None else None,
+            }
+            for i, c in enumerate(completions)
+        ]
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": served,
+            "choices": choices,
+            "usage": _usage(completions[0].prompt_tokens or 0, completions),
+        }
+
+    @app.post("/v1/completions")
+    def completions(req: CompletionRequest) -> dict[str, Any]:
+        stop = check_common(req, req.max_tokens)
+        if req.echo:
+            raise APIError(400, "echo=true is not supported by lmdistill serve")
+        prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+        if not prompts:
+            raise APIError(400, "prompt is empty")
+        outputs = run(prompts, req, req.max_tokens, stop, req.logprobs, raw=True)
+        choices, flat = [], []
+        for group in outputs:
+            for c in group:
+                choices.append(
+                    {
+                        "index": len(choices),
+                        "text": c.text,
+                        "finish_reason": c.finish_reason,
+                        "logprobs": _text_logprobs(c) if req.logprobs is not None else None,
+                    }
+                )
+                flat.append(c)
+        prompt_tokens = sum(group[0].prompt_tokens or 0 for group in outputs)
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": served,
+            "choices": choices,
+            "usage": _usage(prompt_tokens, flat),
+        }
+
+    app.state.served_model_name = served
+    return app
+
+
+def served_name(name_or_path: str) -> str:
+    """`/data/models/my-teacher/` -> `my-teacher`; `org/model` -> `org/model` (hub ids stay as they are)."""
+    stripped = name_or_path.rstrip("/")
+    if stripped.startswith(("/", ".", "~")):
+        return stripped.rsplit("/", 1)[-1]
+    return stripped
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run_serve(cfg: ServeConfig) -> None:
+    """Load the model and serve it until interrupted."""
+    import uvicorn
+
+    from lmdistill.generate.hf import HFGenerator
+    from lmdistill.generate.openai_api import read_api_key
+
+    api_key, source = read_api_key(cfg.api_key_env, cfg.api_key_file)
+    if (cfg.api_key_env or cfg.api_key_file) and api_key is None:
+        raise ConfigError(f"serve was asked to require a key but has {source}; set it, or drop api_key_env")
+    if not _is_loopback(cfg.host) and api_key is None:
+        log.warning("serving on %s without an API key: anyone who can reach this port can use the model", cfg.host)
+    generator = HFGenerator.load(cfg.model, cfg.device)
+    app = create_app(generator, cfg, api_key)
+    name = app.state.served_model_name
+    print(f"serve: `{name}` at http://{cfg.host}:{cfg.port}/v1 (auth: {'bearer token' if api_key else 'none'})",
+          flush=True)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m lmdistill.serve [--config FILE] [--field value ...]`, the same as `lmdistill serve`."""
+    import sys
+
+    from lmdistill.config import load_config
+    from lmdistill.errors import LmdistillError
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    path = None
+    if args[:1] == ["--config"] and len(args) > 1:
+        path, args = args[1], args[2:]
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run_serve(load_config(ServeConfig, path, args))
+    except LmdistillError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
