@@ -12,9 +12,10 @@ import zlib
 import pytest
 import torch
 
-from lmdistill.losses import KINDS, divergence
+from lmdistill.losses import KINDS, divergence, sparse_divergence
 from lmdistill.losses.divergences import divergence_from_logprobs
 from lmdistill.losses.fused import (
+    SparseTargets,
     fused_divergence,
     fused_divergence_from_models,
     fused_divergence_sum_and_count,
@@ -202,7 +203,7 @@ def test_chunk_sizes_do_not_change_the_result(request):
     x = _inputs(_gen(request), bias=False)
     kw = dict(teacher_hidden=x["ht"], teacher_weight=x["wt"], kind="tvd", mask=x["mask"])
     base = fused_divergence(x["hs"], x["ws"], **kw)
-    for chunk, tile in [(1, None), (5, 7), (1000, 1000), (8, 1)]:
+    for chunk, tile in [(1, None), (5, 7), (1000, 1000), (23, 3)]:
         got = fused_divergence(x["hs"], x["ws"], chunk_size=chunk, vocab_chunk_size=tile, **kw)
         torch.testing.assert_close(got, base, rtol=1e-5, atol=1e-6)
 
@@ -221,6 +222,77 @@ def test_errors_name_the_problem(request):
         fused_divergence(x["hs"], x["ws"], teacher_hidden=x["ht"], teacher_weight=x["wt"], kind="kl")
     with pytest.raises(ValueError, match="chunk_size"):
         fused_divergence(x["hs"], x["ws"], teacher_hidden=x["ht"], teacher_weight=x["wt"], chunk_size=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sparse targets (a soft-label cache): the reference is sparse_divergence on the projected student logits
+
+
+def _topk_targets(g: torch.Generator, n: int, k: int, tail: bool, absent: bool) -> SparseTargets:
+    teacher_lp = torch.log_softmax(torch.randn(n, V, generator=g) * 2, dim=-1)
+    lp, ids = teacher_lp.topk(k, dim=-1)
+    if absent:  # some positions hold fewer than K entries
+        drop = torch.rand(n, k, generator=g) < 0.2
+        drop[:, 0] = False
+        ids, lp = ids.masked_fill(drop, -1), lp.masked_fill(drop, 0.0)
+    tail_lp = torch.log1p(-lp.exp().masked_fill(ids < 0, 0).sum(-1).clamp(max=1 - 1e-6)) if tail else None
+    return SparseTargets(ids=ids, logprobs=lp, tail_logprob=tail_lp)
+
+
+def _sampled_targets(g: torch.Generator, n: int, draws: int) -> SparseTargets:
+    teacher_lp = torch.log_softmax(torch.randn(n, V, generator=g) * 2, dim=-1)
+    sample = torch.multinomial(teacher_lp.exp(), draws, replacement=True, generator=g)
+    counts = torch.zeros(n, V).scatter_add_(1, sample, torch.ones(n, draws))
+    k = int((counts > 0).sum(-1).max())
+    w, ids = counts.topk(k, dim=-1)
+    ids = ids.masked_fill(w == 0, -1)
+    lp = teacher_lp.gather(1, ids.clamp_min(0)).masked_fill(ids < 0, 0.0)
+    return SparseTargets(ids=ids, logprobs=lp, weights=w / draws, estimator="sampled")
+
+
+def _check_sparse(x: dict, targets: SparseTargets, kind: str, **kw) -> None:
+    ref = sparse_divergence(
+        _logits(x["hs"], x["ws"], x["bs"], scale=1.3, softcap=4.0), targets.ids, targets.logprobs, kind,
+        tail_logprob=targets.tail_logprob, target_weights=targets.weights, estimator=targets.estimator,
+        mask=x["mask"], **kw,
+    )  # fmt: skip
+    got = fused_divergence(x["hs"], x["ws"], student_bias=x["bs"], sparse_targets=targets, student_logit_scale=1.3,
+                           student_softcap=4.0, kind=kind, mask=x["mask"], chunk_size=6, **kw)  # fmt: skip
+    torch.testing.assert_close(got, ref, rtol=2e-5, atol=1e-6)
+    params = [x["hs"], x["ws"], x["bs"]]
+    _assert_close(_grads(got, params), _grads(ref, params))
+
+
+@pytest.mark.parametrize("tail", [True, False], ids=["tail", "no_tail"])
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+def test_sparse_topk_matches_reference(request, kind, tail):
+    g = _gen(request)
+    x = _inputs(g)
+    _check_sparse(x, _topk_targets(g, 45, k=8, tail=tail, absent=True), kind, beta=0.4, temperature=1.5)
+
+
+def test_sparse_sampled_matches_reference(request):
+    g = _gen(request)
+    x = _inputs(g)
+    _check_sparse(x, _sampled_targets(g, 45, draws=12), "forward_kl", temperature=2.0)
+
+
+def test_sparse_batched_shapes_and_errors(request):
+    g = _gen(request)
+    hs = torch.randn(3, 5, HS, generator=g, requires_grad=True)
+    ws = torch.randn(V, HS, generator=g)
+    flat = _topk_targets(g, 15, k=4, tail=True, absent=False)
+    targets = SparseTargets(ids=flat.ids.view(3, 5, 4), logprobs=flat.logprobs.view(3, 5, 4),
+                            tail_logprob=flat.tail_logprob.view(3, 5))  # fmt: skip
+    got = fused_divergence(hs, ws, sparse_targets=targets, reduction="sum")
+    ref = sparse_divergence(hs @ ws.t(), targets.ids, targets.logprobs, tail_logprob=targets.tail_logprob,
+                            reduction="sum")  # fmt: skip
+    torch.testing.assert_close(got, ref, rtol=2e-5, atol=1e-5)
+    _assert_close(_grads(got, [hs]), _grads(ref, [hs]))
+    with pytest.raises(ValueError, match="exactly one target"):
+        fused_divergence(hs, ws, sparse_targets=targets, teacher_hidden=hs.detach(), teacher_weight=ws)
+    with pytest.raises(ValueError, match="student_hidden positions"):
+        fused_divergence(hs[:, :4], ws, sparse_targets=targets)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lmdistill.losses.divergences import check_hparams, check_kind, check_mask
+from lmdistill.losses.divergences import LossArgumentError, check_hparams, check_kind, check_mask
 
 REDUCTIONS = ("mean", "sum")
 BACKENDS = ("auto", "torch", "triton")
@@ -450,16 +450,16 @@ def _auto_chunk(vocab_or_tile: int, device: torch.device) -> int:
 
 def _check_positive_int(name: str, value: int | None) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        raise LossArgumentError(f"{name} must be a positive int or None, got {value!r}")
 
 
 def _check_2d_pair(name_h: str, h: Tensor, name_w: str, w: Tensor) -> None:
     if not h.is_floating_point() or not w.is_floating_point():
-        raise ValueError(f"{name_h} and {name_w} must be float tensors, got {h.dtype} and {w.dtype}")
+        raise LossArgumentError(f"{name_h} and {name_w} must be float tensors, got {h.dtype} and {w.dtype}")
     if w.dim() != 2:
-        raise ValueError(f"{name_w} must be [V, H], got shape {tuple(w.shape)}")
+        raise LossArgumentError(f"{name_w} must be [V, H], got shape {tuple(w.shape)}")
     if h.shape[-1] != w.shape[1]:
-        raise ValueError(
+        raise LossArgumentError(
             f"{name_h} width {h.shape[-1]} does not match {name_w} [V, H] = {tuple(w.shape)}: pass the lm_head "
             f"weight of the same model as the hidden states"
         )
@@ -467,7 +467,7 @@ def _check_2d_pair(name_h: str, h: Tensor, name_w: str, w: Tensor) -> None:
 
 def _check_bias(name: str, bias: Tensor | None, vocab: int) -> None:
     if bias is not None and tuple(bias.shape) != (vocab,):
-        raise ValueError(f"{name} must be [V] = ({vocab},), got shape {tuple(bias.shape)}")
+        raise LossArgumentError(f"{name} must be [V] = ({vocab},), got shape {tuple(bias.shape)}")
 
 
 def _triton_available() -> bool:
@@ -478,12 +478,12 @@ def _triton_available() -> bool:
 
 def _resolve_backend(backend: str, device: torch.device, dense: bool, tiled: bool) -> str:
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+        raise LossArgumentError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     if backend == "torch":
         return "torch"
     usable = device.type == "cuda" and dense and not tiled and _triton_available()
     if backend == "triton" and not usable:
-        raise ValueError(
+        raise LossArgumentError(
             "backend='triton' needs CUDA tensors, the `triton` package, a dense teacher and vocab_chunk_size=None; "
             "use backend='torch' (or 'auto') otherwise"
         )
@@ -524,10 +524,10 @@ def fused_divergence_sum_and_count(
     _check_positive_int("vocab_chunk_size", vocab_chunk_size)
     for name, value in (("student_logit_scale", student_logit_scale), ("teacher_logit_scale", teacher_logit_scale)):
         if not math.isfinite(value) or value == 0:
-            raise ValueError(f"{name} must be a finite non-zero number, got {value!r}")
+            raise LossArgumentError(f"{name} must be a finite non-zero number, got {value!r}")
     for name, value in (("student_softcap", student_softcap), ("teacher_softcap", teacher_softcap)):
         if value is not None and not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be None or a finite number > 0, got {value!r}")
+            raise LossArgumentError(f"{name} must be None or a finite number > 0, got {value!r}")
     _check_2d_pair("student_hidden", student_hidden, "student_weight", student_weight)
     vocab, width = student_weight.shape
     _check_bias("student_bias", student_bias, vocab)
@@ -550,20 +550,20 @@ def fused_divergence_sum_and_count(
 
     teacher = teacher_h = sparse = None
     if (teacher_hidden is None) != (teacher_weight is None):
-        raise ValueError("pass teacher_hidden and teacher_weight together (the teacher's hidden states and lm_head)")
+        raise LossArgumentError("pass teacher_hidden and teacher_weight together (the teacher's hidden states and lm_head)")
     if (teacher_hidden is None) == (sparse_targets is None):
-        raise ValueError(
+        raise LossArgumentError(
             "pass exactly one target: teacher_hidden + teacher_weight (online), or sparse_targets (cache)"
         )
     if teacher_hidden is not None and teacher_weight is not None:
         _check_2d_pair("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight)
         if teacher_hidden.shape[:-1] != positions:
-            raise ValueError(
+            raise LossArgumentError(
                 f"teacher_hidden positions {tuple(teacher_hidden.shape[:-1])} must equal student_hidden positions "
                 f"{tuple(positions)}"
             )
         if teacher_weight.shape[0] != vocab:
-            raise ValueError(
+            raise LossArgumentError(
                 f"student and teacher lm_heads have {vocab} and {teacher_weight.shape[0]} rows: slice both to the "
                 f"shared real vocab (fused_divergence_from_models(..., n_vocab=...) does this)"
             )
@@ -580,7 +580,7 @@ def fused_divergence_sum_and_count(
         st = sparse_targets
         k = st.ids.shape[-1]
         if st.ids.shape[:-1] != positions or st.logprobs.shape != st.ids.shape:
-            raise ValueError(
+            raise LossArgumentError(
                 f"sparse_targets ids {tuple(st.ids.shape)} and logprobs {tuple(st.logprobs.shape)} must both be "
                 f"[..., K] with the student_hidden positions {tuple(positions)}"
             )
@@ -676,12 +676,12 @@ def fused_divergence(
         fp32 scalar.
 
     Raises:
-        ValueError: an unknown ``kind``, ``reduction`` or ``backend``; ``temperature <= 0``; ``beta`` outside
+        LossArgumentError (a ValueError): an unknown ``kind``, ``reduction`` or ``backend``; ``temperature <= 0``; ``beta`` outside
             ``[0, 1]``; mismatched shapes (hidden width vs weight, teacher vs student positions or vocab rows, mask);
             both or neither of the teacher and ``sparse_targets``.
     """
     if reduction not in REDUCTIONS:
-        raise ValueError(
+        raise LossArgumentError(
             f"fused_divergence supports reduction 'mean' or 'sum', got {reduction!r}; for per-position values use "
             "lmdistill.losses.divergence on materialised logits"
         )
@@ -743,24 +743,24 @@ def lm_head_spec(model: torch.nn.Module, n_vocab: int) -> HeadSpec:
         n_vocab: the shared real vocabulary size.
 
     Raises:
-        ValueError: the model has no output embeddings, its lm_head carries an adapter (the fused path would ignore
+        LossArgumentError (a ValueError): the model has no output embeddings, its lm_head carries an adapter (the fused path would ignore
             the adapter's delta), or it has fewer than ``n_vocab`` rows.
     """
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     if head is None or not isinstance(getattr(head, "weight", None), Tensor):
-        raise ValueError(
+        raise LossArgumentError(
             f"{type(model).__name__} has no lm_head (get_output_embeddings() returned {head!r}); the fused loss needs "
             f"a *ForCausalLM model"
         )
     if hasattr(head, "base_layer"):
-        raise ValueError(
+        raise LossArgumentError(
             "the lm_head carries an adapter (e.g. LoRA on lm_head); the fused loss reads the base weight only. "
             "Leave lm_head out of the adapter's target_modules, or use the reference (non-fused) loss"
         )
     weight = head.weight
     if weight.shape[0] < n_vocab:
-        raise ValueError(
+        raise LossArgumentError(
             f"{type(model).__name__} lm_head has {weight.shape[0]} rows, fewer than n_vocab={n_vocab}: the "
             f"tokenizers do not share a vocab of that size"
         )
@@ -793,7 +793,7 @@ def last_hidden_states(
     get_decoder = getattr(model, "get_decoder", None)
     decoder = get_decoder() if callable(get_decoder) else None
     if decoder is None:
-        raise ValueError(f"{type(model).__name__} has no get_decoder(); pass its last hidden states yourself")
+        raise LossArgumentError(f"{type(model).__name__} has no get_decoder(); pass its last hidden states yourself")
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
@@ -835,12 +835,12 @@ def fused_divergence_from_models(
             (``reduction`` defaults to ``"sum"`` here: the trainer normalises by a global token count).
 
     Raises:
-        ValueError: as :func:`lm_head_spec` and :func:`fused_divergence`.
+        LossArgumentError (a ValueError): as :func:`lm_head_spec` and :func:`fused_divergence`.
     """
     s = lm_head_spec(student_model, n_vocab)
     t = lm_head_spec(teacher_model, n_vocab) if teacher_model is not None else None
     if sparse_targets is not None and (teacher_model is not None or teacher_hidden is not None):
-        raise ValueError("pass either a teacher (model + hidden states) or sparse_targets, not both")
+        raise LossArgumentError("pass either a teacher (model + hidden states) or sparse_targets, not both")
     return fused_divergence(
         student_hidden,
         s.weight,
