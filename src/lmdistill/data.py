@@ -144,6 +144,8 @@ def pack_text(texts: list[str], tokenizer: Any, block_size: int) -> TokenBlocks:
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no eos token, needed to separate packed documents; set tokenizer.eos_token")
+    if not texts:
+        return _empty(block_size)
     stream: list[int] = []
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     for ids in encoded:
