@@ -82,6 +82,12 @@ def _soft(cfg: Any) -> None:
     _report_run(summary)
 
 
+def _hard(cfg: Any) -> None:
+    from lmdistill.recipes.hard import run_hard
+
+    _report_run(run_hard(cfg))
+
+
 def _report_run(summary: dict[str, Any]) -> None:
     if "student_dir" not in summary:
         return
@@ -99,9 +105,10 @@ def _report_run(summary: dict[str, Any]) -> None:
 
 
 def _register_all() -> None:
-    from lmdistill.config import SoftConfig
+    from lmdistill.config import HardConfig, SoftConfig
 
     register("soft", SoftConfig, _soft, "Soft-label distillation: the student matches the teacher's distributions.")
+    register("hard", HardConfig, _hard, "Hard-label distillation: the student learns the teacher's tokens or text.")
     from lmdistill.generate import GenerateConfig, ServeConfig, run_generate
     from lmdistill.serve import run_serve
 

@@ -285,3 +285,46 @@ class SoftConfig(BaseConfig):
     data: DataConfig = Field(default_factory=DataConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+class HardLossConfig(BaseConfig):
+    alpha: float = Field(
+        1.0, ge=0.0, le=1.0,
+        description="mode=token: loss = alpha * CE(teacher's argmax tokens) + (1 - alpha) * CE(ground truth). "
+        "mode=sequence ignores it (the ground truth is the teacher's text).",
+    )
+    chunk_size: int = Field(
+        1024, ge=1,
+        description="Tokens per chunk when hidden states are projected to logits (teacher argmax, student CE): "
+        "at most [chunk_size, vocab] logits exist at once.",
+    )
+
+
+class HardConfig(BaseConfig):
+    """`lmdistill hard`: hard-label distillation on the teacher's argmax tokens (token) or its text (sequence)."""
+
+    mode: Literal["token", "sequence"] = Field(
+        "token",
+        description="`token`: the teacher's argmax at every target position of data.source is the label; "
+        "`sequence`: supervised fine-tuning on teacher completions (a `lmdistill generate` JSONL, data.stage=chat, "
+        "loss on the completion only; no teacher model is needed).",
+    )
+    teacher: ModelConfig = Field(default_factory=ModelConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    loss: HardLossConfig = Field(default_factory=HardLossConfig)
+    eval_teacher: bool = Field(
+        False,
+        description="mode=sequence: also load the teacher (training does not need it) to report held-out KL and "
+        "agreement with it; needs the student to share its tokenizer. mode=token always reports them.",
+    )
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(output_dir="runs/hard"))
+
+    @model_validator(mode="after")
+    def _mode_settings(self) -> HardConfig:
+        if self.mode == "sequence" and self.data.stage != "chat":
+            raise ValueError(
+                "mode=sequence trains on teacher completions with the chat template: set data.stage=chat and "
+                "data.source to a `lmdistill generate` JSONL (its `messages` column)"
+            )
+        return self

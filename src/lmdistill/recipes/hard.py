@@ -1,0 +1,167 @@
+"""Hard-label distillation: the student learns the tokens the teacher chose, never its probabilities.
+
+- `mode=token` (word-level hard KD): the teacher reads the corpus and its argmax at every target position becomes
+  the label,
+
+      loss = alpha * CE(student, teacher argmax) + (1 - alpha) * CE(student, ground truth).
+
+  The teacher runs online in the step, its argmax taken chunk by chunk from hidden states (never [B, T, V] logits).
+- `mode=sequence` (how DeepSeek-R1 was distilled into Qwen and Llama students): `lmdistill generate` writes teacher
+  completions, and the student is fine-tuned on them with the chat template, loss on completion tokens only. No
+  teacher model is needed: the teacher may be a closed model behind an API with a tokenizer of its own.
+
+Losses are sums over target tokens, divided once by the global target-token count (lmdistill.train.loop).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lmdistill.config import HardConfig, StudentConfig
+from lmdistill.data import IGNORE, build_splits, check_block_size
+from lmdistill.errors import ConfigError
+from lmdistill.evaluate import evaluate_blocks
+from lmdistill.losses.chunked_ce import chunked_ce_sum_and_count
+from lmdistill.models import build_student, decoder_hidden, lm_head_of, load_tokenizer, shared_vocab_size
+from lmdistill.recipes.common import Setup, build_setup, describe, seed_everything, write_summary
+from lmdistill.teachers import HFTeacher, HiddenTargets, project_logits
+from lmdistill.train.logging import read_log
+from lmdistill.train.loop import StepLoss, Trainer, make_accelerator, save_student
+
+
+@torch.no_grad()
+def teacher_argmax(targets: HiddenTargets, mask: Tensor, chunk_size: int = 1024) -> Tensor:
+    """The teacher's top-1 token at every position of `mask`, computed `chunk_size` rows of logits at a time.
+
+    Args:
+        targets: the teacher's hidden states [B, T, H] and output layer (`HFTeacher.hidden`).
+        mask: [B, T] bool, the positions that get a label (`labels != IGNORE`).
+
+    Returns:
+        [B, T] int64: the argmax over the shared vocab where `mask`, IGNORE elsewhere.
+    """
+    labels = torch.full(mask.shape, IGNORE, dtype=torch.long, device=mask.device)
+    rows = targets.hidden[mask]  # [N, H]: masked positions are never projected
+    if rows.shape[0]:
+        top1 = [project_logits(dataclasses.replace(targets, hidden=rows[s : s + chunk_size])).argmax(-1)
+                for s in range(0, rows.shape[0], chunk_size)]
+        labels[mask] = torch.cat(top1)
+    return labels
+
+
+def hard_step_loss(student: nn.Module, batch: dict[str, Tensor], teacher_labels: Tensor | None, alpha: float,
+                   n_vocab: int, chunk_size: int = 1024) -> StepLoss:
+    """alpha * CE_sum(teacher tokens) + (1 - alpha) * CE_sum(ground truth) over this micro-batch's target tokens.
+
+    Args:
+        batch: input_ids, attention_mask, labels [B, T] (shifted; IGNORE = not learned).
+        teacher_labels: [B, T] the teacher's tokens, IGNORE exactly where `batch["labels"]` is; None for plain
+            fine-tuning on `batch["labels"]` (mode=sequence, where the ground truth is the teacher's text).
+        alpha: weight of the teacher-token term.
+        n_vocab: the shared real vocab; the student's padded output rows are never scored.
+    """
+    h = decoder_hidden(student, batch["input_ids"], batch["attention_mask"])
+    weight, bias, scale, softcap = lm_head_of(student)
+    weight, bias = weight[:n_vocab], None if bias is None else bias[:n_vocab]
+
+    def ce(labels: Tensor) -> Tensor:
+        # logits exist for chunk_size tokens at a time (recomputed in backward), never for the whole batch
+        return chunked_ce_sum_and_count(h, weight, labels, bias=bias, logit_scale=scale, softcap=softcap,
+                                        chunk_size=chunk_size)[0]
+
+    if teacher_labels is None:
+        gt = ce(batch["labels"])
+        return StepLoss(gt, {"ce": gt})
+    zero = h.new_zeros((), dtype=torch.float32)
+    kd = ce(teacher_labels) if alpha > 0 else zero
+    gt = ce(batch["labels"]) if alpha < 1 else zero
+    return StepLoss(alpha * kd + (1 - alpha) * gt, {"ce_teacher": kd, "ce": gt})
+
+
+def student_only(student_cfg: StudentConfig, seed: int) -> tuple[Any, nn.Module, int]:
+    """(tokenizer, student, vocab size) of a pretrained student, without touching any teacher.
+
+    For teachers that are only text (or log-probs) in a file: the student's own tokenizer reads the data.
+    """
+    if student_cfg.init != "pretrained":
+        raise ConfigError(
+            f"student.init={student_cfg.init} builds the student from the teacher, which this run does not load; use "
+            "student.init=pretrained with student.name_or_path, or give a local teacher"
+        )
+    seed_everything(seed)
+    tokenizer = load_tokenizer(student_cfg.name_or_path or "", trust_remote_code=student_cfg.trust_remote_code)
+    student = build_student(student_cfg, None, None, len(tokenizer), seed=seed)
+    return tokenizer, student, shared_vocab_size(tokenizer, tokenizer, None, student)
+
+
+def _setup(cfg: HardConfig, load_teacher: bool) -> Setup:
+    if load_teacher or cfg.student.init != "pretrained":
+        return build_setup(cfg.teacher, cfg.student, cfg.data, cfg.train, load_teacher_model=load_teacher)
+    tokenizer, student, n_vocab = student_only(cfg.student, cfg.train.seed)
+    check_block_size(cfg.data.block_size, student.config)
+    return Setup(tokenizer=tokenizer, teacher=None, student=student, n_vocab=n_vocab,
+                 splits=build_splits(cfg.data, tokenizer))
+
+
+def run_hard(cfg: HardConfig) -> dict[str, Any]:
+    """Train a student on hard labels; returns the run summary (also written to output_dir/summary.json)."""
+    accelerator = make_accelerator(cfg.train)
+    setup = _setup(cfg, load_teacher=cfg.mode == "token" or cfg.eval_teacher)
+    teacher = None
+    if setup.teacher is not None:
+        teacher = HFTeacher(setup.teacher.to(accelerator.device), setup.n_vocab)
+
+    def teacher_labels(batch: dict[str, Tensor]) -> Tensor | None:
+        if cfg.mode == "sequence":
+            return None  # the labels already are the teacher's text
+        assert teacher is not None
+        return teacher_argmax(teacher.hidden(batch), batch["labels"] != IGNORE, cfg.loss.chunk_size)
+
+    info = describe(setup)
+    source = {"token": "online teacher", "sequence": "teacher text"}
+    accelerator.print(
+        f"hard distillation ({cfg.mode}, {source[cfg.mode]}): student {info['student_parameters'] / 1e6:.1f}M params "
+        f"({info['student_trainable'] / 1e6:.1f}M trainable), {info['train_blocks']} train blocks x "
+        f"{cfg.data.block_size} tokens ({info['train_target_tokens']} target tokens), {cfg.train.max_steps} steps"
+    )
+
+    trainer: Trainer | None = None
+
+    def loss_fn(batch: dict[str, Tensor]) -> StepLoss:
+        assert trainer is not None
+        return hard_step_loss(trainer.model, batch, teacher_labels(batch), cfg.loss.alpha, setup.n_vocab,
+                              cfg.loss.chunk_size)
+
+    def eval_fn(step: int) -> dict[str, float]:
+        assert trainer is not None
+        return evaluate_blocks(trainer.unwrapped, setup.splits.eval, n_vocab=setup.n_vocab,
+                               batch_size=cfg.train.micro_batch_size, max_batches=cfg.train.eval_batches,
+                               teacher_logits_fn=teacher.logits if teacher is not None else None)
+
+    trainer = Trainer(cfg.train, model=setup.student, data=setup.splits.train, loss_fn=loss_fn,
+                      eval_fn=eval_fn if len(setup.splits.eval) else None, accelerator=accelerator,
+                      run_info={"recipe": f"hard-{cfg.mode}"})
+    result = trainer.fit()
+    summary: dict[str, Any] = {"recipe": f"hard-{cfg.mode}", **info, "steps": result.step,
+                               "final_train_loss": result.last_loss, "train_tokens_per_s": result.tokens_per_s}
+    return finish_run(trainer, setup.tokenizer, cfg, summary)
+
+
+def finish_run(trainer: Trainer, tokenizer: Any, cfg: Any, summary: dict[str, Any]) -> dict[str, Any]:
+    """Save the student, add its path, the log and the first/last held-out metrics to `summary`, write it."""
+    out = Path(cfg.train.output_dir)
+    if trainer.is_main:
+        summary["student_dir"] = str(save_student(trainer.unwrapped, tokenizer, out / "student"))
+        summary["log"] = str(out / "log.jsonl")
+        evals = [{k.removeprefix("eval/"): v for k, v in r.items() if k.startswith("eval/") or k == "step"}
+                 for r in read_log(out / "log.jsonl") if any(k.startswith("eval/") for k in r)]
+        if evals:
+            summary["eval_first"], summary["eval_last"] = evals[0], evals[-1]
+        write_summary(out, cfg, summary)
+    trainer.accelerator.wait_for_everyone()
+    return summary
