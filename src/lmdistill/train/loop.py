@@ -8,6 +8,7 @@ the per-token mean however the batch is split into micro-batches, padded or shar
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,7 +43,11 @@ def make_accelerator(cfg: TrainConfig):
     if cfg.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision]
-    return Accelerator(mixed_precision=mixed)
+    # Under plain `torchrun` on a machine without a GPU, accelerate only sets up a (gloo) process group when told to
+    # use the CPU; without this every rank would silently train alone on the whole batch and write the same files.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cpu = world > 1 and not torch.cuda.is_available()
+    return Accelerator(mixed_precision=mixed, cpu=cpu)
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -169,7 +174,10 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 n_local = int(sum(int(b["attention_mask"].sum()) for b in batches))
                 tokens_done += n_local * acc.num_processes
-                denom = float(n_global) / acc.num_processes  # this rank's share, for a per-token average
+                # Logged numbers are means over the whole global batch (all ranks), so they do not depend on how
+                # many processes share it.
+                loss_total, sums = _global_sums(acc, loss_total, sums)
+                denom = float(n_global)
                 last_loss = loss_total / denom
                 elapsed = time.perf_counter() - t_start
                 tps = tokens_done / max(elapsed, 1e-9)
@@ -196,6 +204,16 @@ class Trainer:
         logger.close()
         elapsed = time.perf_counter() - t_start
         return TrainResult(cfg.max_steps, last_loss, tokens_done / max(elapsed, 1e-9), history)
+
+
+def _global_sums(accelerator: Any, loss_sum: float, parts: dict[str, float]) -> tuple[float, dict[str, float]]:
+    """Sum the step's loss and logged parts over ranks (one all-reduce); identity on one process."""
+    if accelerator.num_processes == 1:
+        return loss_sum, parts
+    keys = sorted(parts)
+    t = torch.tensor([loss_sum, *(parts[k] for k in keys)], dtype=torch.float64, device=accelerator.device)
+    t = accelerator.reduce(t, reduction="sum")
+    return float(t[0]), {k: float(v) for k, v in zip(keys, t[1:].tolist(), strict=True)}
 
 
 class _null:

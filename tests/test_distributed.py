@@ -1,0 +1,192 @@
+"""`lmdistill soft` under `torchrun` with 2 CPU processes (gloo) equals the 1-process run.
+
+One global batch is split across ranks (BatchSchedule), the loss is divided by the global target-token count, so
+2 processes x grad_accum 1 must reproduce 1 process x grad_accum 2 up to float summation order. The data is chat-style
+(prompt tokens masked) so every micro-batch has a different number of target tokens: a per-rank or per-micro-batch
+mean instead of the global one would move the result well outside the tolerance.
+
+The 2-process run goes through `python -m torch.distributed.run ... -m lmdistill soft` with a small probe loaded in
+front of the CLI (it counts who writes what and which tensors optimizers hold; it changes nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import soft_overrides
+from safetensors.torch import load_file
+
+from lmdistill.config import SoftConfig, load_config
+from lmdistill.recipes.soft import run_soft
+from lmdistill.train.logging import read_log
+
+# Runs `python -m lmdistill ...` exactly as the CLI would, after installing counters. Written next to the run.
+PROBE = textwrap.dedent(
+    """
+    import json, os, runpy, sys
+
+    import torch
+
+    import lmdistill.recipes.common as common
+    import lmdistill.recipes.soft as soft
+    from lmdistill.train.checkpoint import CheckpointManager
+    from lmdistill.train.logging import RunLogger
+
+    counts = {"checkpoint_saves": 0, "log_writes": 0, "students_saved": 0, "summaries": 0}
+    optimizers, teachers = [], []
+
+    def counting(name, fn):
+        def wrapper(*a, **k):
+            counts[name] += 1
+            return fn(*a, **k)
+        return wrapper
+
+    orig_opt_init = torch.optim.Optimizer.__init__
+    def opt_init(self, *a, **k):
+        orig_opt_init(self, *a, **k)
+        optimizers.append(self)
+    torch.optim.Optimizer.__init__ = opt_init
+
+    orig_load_teacher = common.load_teacher
+    def load_teacher(cfg):
+        model = orig_load_teacher(cfg)
+        teachers.append(model)
+        return model
+    common.load_teacher = load_teacher
+
+    CheckpointManager.save = counting("checkpoint_saves", CheckpointManager.save)
+    orig_log = RunLogger.log
+    def log(self, step, record):
+        if self.enabled:
+            counts["log_writes"] += 1
+        return orig_log(self, step, record)
+    RunLogger.log = log
+    soft.save_student = counting("students_saved", soft.save_student)
+    soft.write_summary = counting("summaries", soft.write_summary)
+
+    sys.argv = ["lmdistill", *sys.argv[1:]]
+    try:
+        runpy.run_module("lmdistill", run_name="__main__", alter_sys=True)
+    finally:
+        from accelerate.state import PartialState
+
+        teacher_ids = {id(p) for t in teachers for p in t.parameters()}
+        in_optimizers = sum(1 for o in optimizers for g in o.param_groups for p in g["params"] if id(p) in teacher_ids)
+        probe = {
+            **counts,
+            "world": PartialState().num_processes,
+            "rank": PartialState().process_index,
+            "optimizers": len(optimizers),
+            "teacher_params_in_optimizers": in_optimizers,
+            "teacher_requires_grad": any(p.requires_grad for t in teachers for p in t.parameters()),
+            "teacher_has_grads": any(p.grad is not None for t in teachers for p in t.parameters()),
+            "teachers": len(teachers),
+        }
+        out = os.environ["LMDISTILL_PROBE_DIR"]
+        with open(os.path.join(out, f"rank{os.environ.get('RANK', '0')}.json"), "w") as fh:
+            json.dump(probe, fh)
+    """
+)
+
+STEPS = 4
+
+
+def _args(teacher_dir: Path, student_dir: Path, chat_file: Path, out: Path, **extra: str) -> list[str]:
+    settings = {
+        "data.stage": "chat", "data.block_size": "48", "data.eval_documents": "8", "train.max_steps": str(STEPS),
+        "train.micro_batch_size": "2", "train.save_every": "2", "train.warmup_steps": "1", "loss.alpha": "0.6",
+        "loss.kind": "jsd", "train.eval_batches": "1",
+    }
+    settings.update(extra)
+    return soft_overrides(teacher_dir, student_dir, chat_file, out, **settings)
+
+
+def _torchrun(args: list[str], probe: Path, probe_dir: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LMDISTILL_PROBE_DIR": str(probe_dir), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(probe), "soft", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "student" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def one_process(teacher_dir, student_dir, chat_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dist") / "one"
+    cfg = load_config(SoftConfig, None, _args(teacher_dir, student_dir, chat_file, out, **{"train.grad_accum": "2"}))
+    run_soft(cfg)
+    return out
+
+
+def test_two_processes_match_one_and_only_rank0_writes(one_process, teacher_dir, student_dir, chat_file, tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    out = tmp_path / "two"
+    proc = _torchrun(_args(teacher_dir, student_dir, chat_file, out, **{"train.grad_accum": "1"}), probe, probes)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    ranks = [json.loads((probes / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r, p in enumerate(ranks):
+        assert p["world"] == 2 and p["rank"] == r, p  # a real process group, not two independent runs
+        assert p["teachers"] == 1 and p["optimizers"] >= 1
+        assert p["teacher_params_in_optimizers"] == 0, p
+        assert not p["teacher_requires_grad"] and not p["teacher_has_grads"], p
+    assert ranks[0]["checkpoint_saves"] == 2 and ranks[1]["checkpoint_saves"] == 0  # step 2 and the final one
+    assert ranks[0]["log_writes"] > 0 and ranks[1]["log_writes"] == 0
+    assert (ranks[0]["students_saved"], ranks[1]["students_saved"]) == (1, 0)
+    assert (ranks[0]["summaries"], ranks[1]["summaries"]) == (1, 0)
+    train_steps = [r["step"] for r in read_log(out / "log.jsonl") if "loss" in r]
+    assert train_steps == list(range(1, STEPS + 1))  # one writer: no duplicated or interleaved lines
+
+    one = {r["step"]: r for r in read_log(one_process / "log.jsonl") if "loss" in r}
+    two = {r["step"]: r for r in read_log(out / "log.jsonl") if "loss" in r}
+    for step in one:
+        for key in ("loss", "kd", "ce"):
+            assert two[step][key] == pytest.approx(one[step][key], rel=1e-5, abs=1e-7), (step, key)
+    summary_one = json.loads((one_process / "summary.json").read_text())
+    summary_two = json.loads((out / "summary.json").read_text())
+    assert summary_two["final_train_loss"] == pytest.approx(summary_one["final_train_loss"], rel=1e-5)
+    a, b = _weights(one_process), _weights(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+    # Print the comparison so the CI log shows the numbers.
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"\n1-proc loss {summary_one['final_train_loss']:.8f} 2-proc {summary_two['final_train_loss']:.8f} "
+          f"max |dw| {diff:.3e}")
+
+
+def test_two_processes_resume_a_one_process_checkpoint(one_process, teacher_dir, student_dir, chat_file, tmp_path):
+    """Every rank loads the step-2 checkpoint (model, optimizer, scheduler, RNG) and finishes the run identically."""
+    out = tmp_path / "resumed"
+    shutil.copytree(one_process, out)
+    shutil.rmtree(out / "student")
+    for ckpt in (out / "checkpoints").glob("step-*"):
+        if ckpt.name != "step-00000002":
+            shutil.rmtree(ckpt)
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    args = _args(teacher_dir, student_dir, chat_file, out, **{"train.grad_accum": "1", "train.resume": "true"})
+    proc = _torchrun(args, probe, probes)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from step 2" in proc.stdout
+    a, b = _weights(one_process), _weights(out)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+    steps = [r["step"] for r in read_log(out / "log.jsonl") if "loss" in r]
+    assert steps == list(range(1, STEPS + 1))
