@@ -88,6 +88,15 @@ def _hard(cfg: Any) -> None:
     _report_run(run_hard(cfg))
 
 
+def _codistill(cfg: Any) -> None:
+    from lmdistill.recipes.codistill import run_codistill
+
+    summary = run_codistill(cfg)
+    if "teacher_dir" in summary:
+        click.echo(f"teacher: {summary['teacher_dir']}")
+    _report_run(summary)
+
+
 def _report_run(summary: dict[str, Any]) -> None:
     if "student_dir" not in summary:
         return
@@ -109,6 +118,9 @@ def _register_all() -> None:
 
     register("soft", SoftConfig, _soft, "Soft-label distillation: the student matches the teacher's distributions.")
     register("hard", HardConfig, _hard, "Hard-label distillation: the student learns the teacher's tokens or text.")
+    from lmdistill.config import CodistillConfig
+
+    register("codistill", CodistillConfig, _codistill, "Co-distillation: teacher and student trained together.")
     from lmdistill.generate import GenerateConfig, ServeConfig, run_generate
     from lmdistill.serve import run_serve
 

@@ -328,3 +328,117 @@ class HardConfig(BaseConfig):
                 "data.source to a `lmdistill generate` JSONL (its `messages` column)"
             )
         return self
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# co-distillation (`lmdistill codistill`)
+
+
+def _llama_arch(hidden: int, layers: int) -> dict[str, Any]:
+    return {"model_type": "llama", "hidden_size": hidden, "intermediate_size": 4 * hidden,
+            "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 4,
+            "max_position_embeddings": 512, "tie_word_embeddings": True}
+
+
+class CoModelConfig(BaseConfig):
+    """One of the two co-trained models: a fresh model from `arch`, or a checkpoint to continue from."""
+
+    init: Literal["config", "pretrained"] = Field(
+        "config", description="`config`: random init from `arch`; `pretrained`: start from the checkpoint name_or_path."
+    )
+    name_or_path: str | None = Field(None, description="init=pretrained: hub id or local directory.")
+    arch: dict[str, Any] = Field(
+        default_factory=lambda: _llama_arch(128, 2),
+        description="init=config: transformers config fields; the ones given replace those of this default "
+        "(vocab size and special-token ids come from the tokenizer unless set).",
+    )
+    dtype: Precision = Field("fp32", description="Precision the master weights are kept in.")
+    lr: float | None = Field(None, gt=0.0, description="Peak learning rate of this model (null: train.lr).")
+    trust_remote_code: bool = Field(False, description="Run modelling code shipped with the checkpoint.")
+
+    @field_validator("arch", mode="before")
+    @classmethod
+    def _on_default_arch(cls, value: Any) -> Any:
+        # `--student.arch.hidden_size 64` changes one field; the rest stay those of the default architecture
+        if isinstance(value, dict):
+            factory = cls.model_fields["arch"].default_factory
+            return {**(factory() if factory else {}), **value}  # type: ignore[call-arg]
+        return value
+
+    @model_validator(mode="after")
+    def _check_init(self) -> CoModelConfig:
+        if self.init == "pretrained" and not self.name_or_path:
+            raise ValueError("init=pretrained needs name_or_path (a hub id or a local directory)")
+        if self.init == "config" and not self.arch.get("model_type"):
+            raise ValueError("init=config needs arch.model_type (e.g. llama, qwen2)")
+        return self
+
+
+class CoTeacherConfig(CoModelConfig):
+    """The co-trained teacher: like the student's, plus how often it takes an optimizer step."""
+
+    arch: dict[str, Any] = Field(
+        default_factory=lambda: _llama_arch(256, 4),
+        description="init=config: transformers config fields; the ones given replace those of this default.",
+    )
+    update_every: int = Field(
+        1, ge=1, description="Update the teacher every k steps (it still gives targets every step)."
+    )
+
+
+class CodistillWeightConfig(BaseConfig):
+    """a(t), the weight of the divergence in the student's loss: a*divergence + (1-a)*CE."""
+
+    schedule: Literal["constant", "linear", "cosine", "dynamic"] = Field(
+        "dynamic",
+        description="`constant`: a=value; `linear`/`cosine`: start_value -> value over [start_step, end_step]; "
+        "`dynamic`: value * clip(relative CE gap of student over teacher / gap_scale, 0, 1).",
+    )
+    value: float = Field(0.5, ge=0.0, le=1.0, description="Constant weight; end of a ramp; ceiling of dynamic.")
+    start_value: float = Field(0.0, ge=0.0, le=1.0, description="linear/cosine: weight at and before start_step.")
+    start_step: int = Field(0, ge=0, description="linear/cosine: first step of the ramp.")
+    end_step: int | None = Field(None, ge=1, description="linear/cosine: step the ramp reaches `value` (null: max_steps).")
+    ema: float = Field(0.9, ge=0.0, lt=1.0, description="dynamic: decay of the running per-token CE of both models.")
+    gap_scale: float = Field(
+        0.1, gt=0.0, description="dynamic: relative gap (L_student - L_teacher) / L_student at which a reaches value."
+    )
+
+    @model_validator(mode="after")
+    def _check_ramp(self) -> CodistillWeightConfig:
+        if self.end_step is not None and self.end_step <= self.start_step:
+            raise ValueError(f"end_step ({self.end_step}) must be greater than start_step ({self.start_step})")
+        return self
+
+
+class CodistillLossConfig(BaseConfig):
+    """Student: a(t)*divergence(student, teacher.detach()) + (1-a(t))*CE; teacher: (1-mutual)*CE + mutual*KD."""
+
+    kind: DivergenceKind = Field("forward_kl", description="Divergence between teacher and student distributions.")
+    beta: float = Field(
+        0.5, ge=0.0, le=1.0, description="jsd: interpolation (0 = forward KL, 1 = reverse KL); skew_*: the skew."
+    )
+    temperature: float = Field(1.0, gt=0.0, description="Softens both distributions; the loss is multiplied by T^2.")
+    fused: bool = Field(
+        False,
+        description="Chunked fused losses from hidden states (never materialise [tokens, vocab] logits); worth it for "
+        "large vocabularies.",
+    )
+    mutual: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Deep-mutual-learning weight of the student->teacher divergence in the teacher's loss (0: off).",
+    )
+    weight: CodistillWeightConfig = Field(default_factory=CodistillWeightConfig)
+
+
+class CodistillConfig(BaseConfig):
+    """`lmdistill codistill`: teacher and student trained together; the student also learns the teacher's labels."""
+
+    tokenizer: str = Field(
+        "embedded:smollm2-135m-instruct",
+        description="Tokenizer both models use: a local directory, hub id, or the embedded SmolLM2 one.",
+    )
+    teacher: CoTeacherConfig = Field(default_factory=CoTeacherConfig)
+    student: CoModelConfig = Field(default_factory=CoModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    loss: CodistillLossConfig = Field(default_factory=CodistillLossConfig)
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(output_dir="runs/codistill"))
