@@ -236,6 +236,19 @@ def test_wikipedia_questions_use_the_extract_as_reference():
     assert "Moon" in rows[1]["prompt"] and rows[1]["prompt"] != rows[0]["prompt"].replace("Cat", "Moon")
 
 
+@pytest.mark.assets
+def test_embedded_wikipedia_questions_default_source():
+    from lmdistill.errors import AssetError
+
+    try:
+        prompts = load_prompts(PromptsConfig(max_prompts=4))
+    except AssetError as e:
+        pytest.skip(str(e))
+    assert [p.id for p in prompts] == sorted({p.id for p in prompts}, key=[p.id for p in prompts].index)
+    assert all(p.id.startswith("wiki/") and p.reference and p.messages[-1]["role"] == "user" for p in prompts)
+    assert prompts[0].prompt.startswith("In one sentence, what is ")
+
+
 # ---------------------------------------------------------------------------------------------- filters
 
 

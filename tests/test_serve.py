@@ -45,7 +45,8 @@ def _free_port() -> int:
 def server(served_teacher):
     """`lmdistill serve` in a subprocess with a required bearer token; yields its base URL."""
     port = _free_port()
-    env = {**os.environ, "LMDISTILL_SERVE_KEY": KEY}
+    # One thread: the tiny model gains nothing from more, and a busy 2-core machine punishes spinning OpenMP threads.
+    env = {**os.environ, "LMDISTILL_SERVE_KEY": KEY, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "lmdistill", "serve", "--model.name_or_path", str(served_teacher), "--port", str(port),
            "--served_model_name", "tiny", "--api_key_env", "LMDISTILL_SERVE_KEY", "--device", "cpu",
            "--log_level", "warning"]

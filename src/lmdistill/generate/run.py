@@ -52,7 +52,8 @@ def make_backend(cfg: TeacherBackendConfig, seed: int | None = None) -> Backend:
 def make_record(prompt: Prompt, sample: int, completion: Completion, result: JobResult, teacher: dict[str, Any],
                 sampling: dict[str, Any]) -> dict[str, Any]:
     """One output line. `messages` is the prompt conversation plus the completion as the assistant turn (ready for
-    chat-template SFT); raw-text prompts have `messages: null` and are trained on prompt + completion."""
+    chat-template SFT); raw-text prompts have `messages: null` and are trained on prompt + completion. `seconds` is
+    the wall time of this prompt's request(s), retries included (HTTP), or its share of the batch (local)."""
     messages = None
     if prompt.messages is not None:
         messages = [*prompt.messages, {"role": "assistant", "content": completion.text}]
