@@ -7,6 +7,7 @@ own inputs from a seed derived from its name, so no two tests share data and a f
 
 from __future__ import annotations
 
+import os
 import zlib
 
 import pytest
@@ -344,3 +345,68 @@ def test_lm_head_spec_reads_softcap_scale_and_refuses_short_heads():
     assert spec.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()  # tied: the same storage
     with pytest.raises(ValueError, match="fewer than n_vocab=65"):
         lm_head_spec(model, 65)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CUDA (pytest -m gpu on a GPU machine) and the Triton kernel under Triton's CPU interpreter
+
+
+def _has_triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+@pytest.mark.skipif(
+    not (_has_triton() and os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="needs the triton package and TRITON_INTERPRET=1 (runs the kernel on CPU through Triton's interpreter)",
+)
+@pytest.mark.parametrize("softcap", [None, 4.0], ids=["plain", "softcap"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_triton_kernel_under_interpreter_matches_torch_rows(request, kind, softcap, monkeypatch):
+    from lmdistill.losses import fused, fused_triton
+
+    monkeypatch.setattr(fused_triton, "BLOCK", 64)  # several blocks per row, the last one partial
+    g = _gen(request)
+    teacher = fused._Head(weight=torch.empty(0), bias=None, scale=0.7, softcap=3.0)
+    plan = fused._Plan(rows=None, student_scale=1.3, student_softcap=softcap, teacher=teacher, teacher_hidden=None,
+                       sparse=None, kind=fused._effective_kind(kind, 0.3), beta=0.3, temperature=1.5, chunk_size=8,
+                       vocab_chunk_size=V, backend="triton")  # fmt: skip
+    ys, yt = torch.randn(6, V, generator=g) * 3, torch.randn(6, V, generator=g) * 3
+    want_v, want_g = fused._dense_rows_torch(plan, ys.clone(), yt.clone(), need_grad=True)
+    got_v, got_g = fused_triton.dense_rows_triton(plan, ys.clone(), yt.clone(), need_grad=True)
+    torch.testing.assert_close(got_v, want_v, rtol=1e-5, atol=1e-5)
+    _assert_close([got_g], [want_g])
+    value_only, none = fused_triton.dense_rows_triton(plan, ys.clone(), yt.clone(), need_grad=False)
+    assert none is None
+    torch.testing.assert_close(value_only, want_v, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_matches_reference(request, kind, dtype, backend):
+    g = _gen(request)
+    n, vocab, hs_w, ht_w = 300, 5003, 64, 96
+
+    def rnd(*shape, std=1.0, grad=False):
+        return (torch.randn(*shape, generator=g) * std).to("cuda", dtype).requires_grad_(grad)
+
+    hs, ws, bs = rnd(n, hs_w, grad=True), rnd(vocab, hs_w, std=0.25, grad=True), rnd(vocab, std=0.5, grad=True)
+    ht, wt = rnd(n, ht_w), rnd(vocab, ht_w, std=0.2)
+    mask = (torch.rand(n, generator=g) > 0.2).cuda()
+    kw = dict(kind=kind, beta=0.3, temperature=1.5, mask=mask)
+    ref = divergence(
+        _logits(hs, ws, bs, scale=1.2, softcap=20.0), _logits(ht, wt, scale=0.9, softcap=25.0), **kw
+    )  # fmt: skip
+    got = fused_divergence(hs, ws, student_bias=bs, teacher_hidden=ht, teacher_weight=wt, student_logit_scale=1.2,
+                           teacher_logit_scale=0.9, student_softcap=20.0, teacher_softcap=25.0, chunk_size=128,
+                           backend=backend, **kw)  # fmt: skip
+    # bf16: the reference rounds the biased, scaled, capped logits to bf16 at each step, the fused path only the
+    # matmul output, so they differ by bf16 round-off of the logits
+    fp32 = dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=2e-5 if fp32 else 2e-2, atol=1e-6 if fp32 else 1e-3)
+    tol = dict(rtol=2e-5, atol=2e-6) if fp32 else dict(rtol=5e-2, atol=2e-2)
+    _assert_close(_grads(got, [hs, ws, bs]), _grads(ref, [hs, ws, bs]), **tol)

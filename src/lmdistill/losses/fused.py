@@ -44,8 +44,10 @@ REDUCTIONS = ("mean", "sum")
 BACKENDS = ("auto", "torch", "triton")
 
 # Elements per [chunk, tile] logits buffer when chunk_size is not given: large enough that the projection matmuls
-# run near their peak rate, small enough that a handful of fp32 buffers stay far below the naive [N, V] logits.
-_TILE_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 25}
+# run near their peak rate (and, for Triton, that one-program-per-row fills the GPU), small enough that the few
+# fp32 buffers of the torch path (none with Triton: it works in place on the bf16 logits) stay far below the naive
+# [N, V] logits. The CUDA figures are educated guesses until benchmarks/fused_loss.py has run on a GPU.
+_TILE_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 25, "triton": 1 << 27}
 
 
 @dataclass(frozen=True)
@@ -443,8 +445,8 @@ class _FusedDivergence(torch.autograd.Function):
 # public API
 
 
-def _auto_chunk(vocab_or_tile: int, device: torch.device) -> int:
-    budget = _TILE_ELEMENTS["cuda" if device.type == "cuda" else "cpu"]
+def _auto_chunk(vocab_or_tile: int, device: torch.device, backend: str) -> int:
+    budget = _TILE_ELEMENTS["triton" if backend == "triton" else "cuda" if device.type == "cuda" else "cpu"]
     return max(1, budget // max(1, vocab_or_tile))
 
 
@@ -550,7 +552,9 @@ def fused_divergence_sum_and_count(
 
     teacher = teacher_h = sparse = None
     if (teacher_hidden is None) != (teacher_weight is None):
-        raise LossArgumentError("pass teacher_hidden and teacher_weight together (the teacher's hidden states and lm_head)")
+        raise LossArgumentError(
+            "pass teacher_hidden and teacher_weight together (the teacher's hidden states and lm_head)"
+        )
     if (teacher_hidden is None) == (sparse_targets is None):
         raise LossArgumentError(
             "pass exactly one target: teacher_hidden + teacher_weight (online), or sparse_targets (cache)"
@@ -594,6 +598,7 @@ def fused_divergence_sum_and_count(
 
     tile = vocab if vocab_chunk_size is None else min(vocab_chunk_size, vocab)
     tiled = sparse is None and tile < vocab
+    resolved = _resolve_backend(backend, hidden.device, dense=sparse is None, tiled=tiled)
     plan = _Plan(
         rows=rows,
         student_scale=float(student_logit_scale),
@@ -604,9 +609,9 @@ def fused_divergence_sum_and_count(
         kind=_effective_kind(kind, beta) if sparse is None else kind,
         beta=float(beta),
         temperature=float(temperature),
-        chunk_size=chunk_size or _auto_chunk(tile, hidden.device),
+        chunk_size=chunk_size or _auto_chunk(tile, hidden.device, resolved),
         vocab_chunk_size=tile,
-        backend=_resolve_backend(backend, hidden.device, dense=sparse is None, tiled=tiled),
+        backend=resolved,
     )
     total = _FusedDivergence.apply(hidden, student_weight, student_bias, plan)
     return total, count
