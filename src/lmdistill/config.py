@@ -285,6 +285,19 @@ class SoftConfig(BaseConfig):
     data: DataConfig = Field(default_factory=DataConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    teacher_cache: str | None = Field(
+        None,
+        description="A soft-label cache directory written by `lmdistill label`: train from its sparse targets with no "
+        "teacher model in memory (teacher.name_or_path still supplies the tokenizer, and the weights when "
+        "student.init=prune).",
+    )
+
+    @field_validator("teacher_cache")
+    @classmethod
+    def _cache_path(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("teacher_cache must be a directory written by `lmdistill label` (or null)")
+        return None if value is None else value.strip()
 
 
 class HardLossConfig(BaseConfig):
@@ -442,3 +455,78 @@ class CodistillConfig(BaseConfig):
     data: DataConfig = Field(default_factory=DataConfig)
     loss: CodistillLossConfig = Field(default_factory=CodistillLossConfig)
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(output_dir="runs/codistill"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the soft-label cache (`lmdistill label`, `lmdistill estimate`)
+
+
+class CacheConfig(BaseConfig):
+    """What `lmdistill label` stores per target position, and where (docs/cache_format.md)."""
+
+    output_dir: str = Field("runs/cache", description="The cache directory (manifest.json + train/ eval/ shards).")
+    encoding: Literal["topk", "sampled"] = Field(
+        "topk",
+        description="`topk`: the k most probable ids and their log-probs (+ tail mass); `sampled`: distinct ids and "
+        "counts of `draws` samples from the teacher (Random-Sampling KD, an unbiased forward-KL estimate).",
+    )
+    k: int = Field(32, ge=1, description="topk: ids kept per position (k=1 is token-level hard labels).")
+    tail: bool = Field(True, description="topk: also store the log of the mass outside the k ids (a proper distribution).")
+    draws: int = Field(64, ge=1, le=65535, description="sampled: draws per position from the teacher distribution.")
+    values: Literal["fp32", "fp16", "bf16", "int8"] = Field(
+        "fp16", description="Precision of stored log-probs; int8 = 8-bit uniform codes on [-int8_range, 0]."
+    )
+    int8_range: float = Field(20.0, gt=0.0, description="values=int8: log-probs below -int8_range are clamped to it.")
+    temperature: float = Field(1.0, gt=0.0, description="Teacher temperature the log-probs are stored at.")
+    shard_blocks: int = Field(256, ge=1, description="Blocks per shard (shard j holds blocks [j*S, (j+1)*S)).")
+    batch_size: int = Field(8, ge=1, description="Blocks per teacher forward pass.")
+    splits: list[Literal["train", "eval"]] = Field(
+        default_factory=lambda: ["train", "eval"], description="Which data splits to label (eval: held-out KL)."
+    )
+    seed: int = Field(0, description="Seed of the sampled encoding (each shard draws from its own seeded stream).")
+
+    @field_validator("splits")
+    @classmethod
+    def _splits(cls, value: list[str]) -> list[str]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError("cache.splits must name train and/or eval, each once")
+        return value
+
+
+class LabelConfig(BaseConfig):
+    """`lmdistill label`: run the teacher once over the data and write a soft-label cache."""
+
+    teacher: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    progress: bool = Field(True, description="Show a progress bar.")
+
+
+class EstimateConfig(BaseConfig):
+    """`lmdistill estimate`: bytes of a soft-label cache, dense vs sparse, on paper or measured on a real cache."""
+
+    vocab: int | None = Field(None, ge=2, description="Vocabulary size (default: the cache's, with --cache).")
+    tokens: float | None = Field(None, gt=0, description="Corpus size in tokens, e.g. 5e12 (default: the cache's).")
+    dtype: Literal["fp32", "fp16", "bf16", "fp8", "int8"] = Field(
+        "fp16", description="Bytes per stored probability / log-prob value (fp8 and int8 are 1 byte)."
+    )
+    k: list[int] = Field(default_factory=lambda: [1, 8, 32, 128], description="top-k sizes to compare, e.g. 1,8,32.")
+    draws: list[int] = Field(default_factory=lambda: [8, 32, 64], description="Sampled draws per token to compare.")
+    cache: str | None = Field(None, description="An existing cache directory: report its real bytes/token.")
+
+    @field_validator("k", "draws", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str):  # `--k 1,8,32` arrives as one string
+            return [v for v in value.replace(" ", "").split(",") if v]
+        if isinstance(value, int):
+            return [value]
+        return value
+
+    @model_validator(mode="after")
+    def _needs_input(self) -> EstimateConfig:
+        if self.cache is None and (self.vocab is None or self.tokens is None):
+            raise ValueError("give --vocab and --tokens (a corpus on paper), or --cache DIR (a real cache)")
+        if any(v < 1 for v in self.k) or any(v < 1 for v in self.draws):
+            raise ValueError(f"k and draws must be positive integers, got k={self.k}, draws={self.draws}")
+        return self
