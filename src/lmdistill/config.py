@@ -292,12 +292,42 @@ class SoftConfig(BaseConfig):
         "student.init=prune).",
     )
 
+    api_logprobs: str | None = Field(
+        None,
+        description="Soft labels from a black-box teacher: a `lmdistill generate` JSONL written with "
+        "sampling.logprobs=true and top_logprobs > 0. Its records are the training data (chat template, loss on the "
+        "completion; data.block_size/eval_documents/max_documents/seed/messages_column apply, data.source is not "
+        "read) and the stored top-k log-probs are the targets. No teacher model is loaded.",
+    )
+    api_logprobs_tail: bool = Field(
+        True,
+        description="With api_logprobs: score the teacher mass outside the stored top-k as one extra bucket, "
+        "log(1 - sum p); false renormalises the top-k instead.",
+    )
+
     @field_validator("teacher_cache")
     @classmethod
     def _cache_path(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():
             raise ValueError("teacher_cache must be a directory written by `lmdistill label` (or null)")
         return None if value is None else value.strip()
+
+    @model_validator(mode="after")
+    def _api_logprobs_settings(self) -> SoftConfig:
+        if self.api_logprobs and self.teacher_cache:
+            raise ValueError("give one teacher signal: api_logprobs (log-probs stored with completions) or "
+                             "teacher_cache (a cache written by `lmdistill label`), not both")
+        if self.api_logprobs and self.loss.temperature != 1.0:
+            raise ValueError(
+                f"api_logprobs holds the teacher's log-probs at temperature 1, so loss.temperature must be 1.0 "
+                f"(got {self.loss.temperature})"
+            )
+        if self.api_logprobs and "source" in self.data.model_fields_set and self.data.source != self.api_logprobs:
+            raise ValueError(
+                f"with api_logprobs the training data is that file's records; data.source={self.data.source!r} "
+                "would not be read: drop it, or set it to the same file"
+            )
+        return self
 
 
 class HardLossConfig(BaseConfig):

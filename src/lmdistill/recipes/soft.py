@@ -102,6 +102,10 @@ def open_teacher_cache(cfg: SoftConfig, setup: Setup) -> tuple[CachedTeacher, Ca
 
 def run_soft(cfg: SoftConfig) -> dict[str, Any]:
     """Train from an online teacher or a soft-label cache; returns the summary (also in output_dir/summary.json)."""
+    if cfg.api_logprobs:  # a black-box teacher: its log-probs were stored with its completions
+        from lmdistill.recipes.soft_api import run_soft_api
+
+        return run_soft_api(cfg)
     accelerator = make_accelerator(cfg.train)
     setup = build_setup(cfg.teacher, cfg.student, cfg.data, cfg.train, load_teacher_model=cfg.teacher_cache is None)
     info = describe(setup)
