@@ -39,3 +39,22 @@ class AssetError(LmdistillError):
 
 class TeacherAPIError(LmdistillError):
     """An OpenAI-compatible teacher endpoint is unreachable or refused the request."""
+
+
+class NonFiniteError(LmdistillError):
+    """A model produced NaN or inf (teacher outputs, or a diverged training loss)."""
+
+
+class OutputWriteError(LmdistillError):
+    """An output (checkpoint, student, summary, log) could not be written: disk full, quota, permissions."""
+
+
+def write_failure(what: str, path: object, err: BaseException) -> OutputWriteError:
+    """One message for any failed write. Writers raise different types for a full disk (OSError ENOSPC/EFBIG,
+    safetensors' SafetensorError, torch.save's RuntimeError), so the cause is quoted and the likely fix named."""
+    cause = f"{type(err).__name__}: {err}".strip()
+    return OutputWriteError(
+        f"could not write the {what} `{path}` ({cause}). The disk may be full or over quota, or the directory not "
+        "writable: free space (df -h) or point the output elsewhere, then rerun (training runs: add "
+        "--train.resume true to continue from the newest complete checkpoint). Nothing half-written was kept."
+    )

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lmdistill.errors import NonFiniteError
 from lmdistill.models import decoder_hidden, lm_head_of
 
 
@@ -44,6 +45,7 @@ class HFTeacher:
     @torch.no_grad()
     def hidden(self, batch: dict[str, Tensor]) -> HiddenTargets:
         h = decoder_hidden(self.model, batch["input_ids"], batch.get("attention_mask"))
+        _check_finite(h, "hidden states", batch.get("attention_mask"))
         weight, bias, scale, softcap = lm_head_of(self.model)
         return HiddenTargets(
             hidden=h, weight=weight[: self.n_vocab], bias=None if bias is None else bias[: self.n_vocab],
@@ -53,4 +55,23 @@ class HFTeacher:
     @torch.no_grad()
     def logits(self, batch: dict[str, Tensor]) -> Tensor:
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
-        return out.logits[..., : self.n_vocab]
+        logits = out.logits[..., : self.n_vocab]
+        _check_finite(logits, "logits", batch.get("attention_mask"))
+        return logits
+
+
+def _check_finite(x: Tensor, what: str, attention_mask: Tensor | None) -> None:
+    """Refuse NaN/inf teacher outputs at real positions: otherwise the loss turns NaN with no hint of the cause.
+
+    One reduction per batch; padded positions are skipped (some models emit NaN there on fully masked rows).
+    """
+    bad = ~torch.isfinite(x)
+    if attention_mask is not None:
+        bad = bad & attention_mask.bool().unsqueeze(-1)
+    if bool(bad.any()):
+        n_pos = int(bad.any(dim=-1).sum())
+        raise NonFiniteError(
+            f"the teacher produced NaN/inf {what} at {n_pos} token positions. Its weights are broken or its dtype "
+            "overflows: load it in bf16 or fp32 (teacher.dtype; fp16 overflows in many models) or check the "
+            "checkpoint"
+        )

@@ -69,13 +69,27 @@ def _read_rows(cfg: PromptsConfig) -> list[dict[str, Any]]:
     path = Path(source)
     # JSON Lines are read directly: the commonest case, and no Arrow cache is written next to the user's data.
     if path.is_file() and path.suffix in (".jsonl", ".json"):
-        text = path.read_text(encoding="utf-8")
         try:
-            if path.suffix == ".json" and text.lstrip().startswith("["):
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            line = path.read_bytes()[: e.start].count(b"\n") + 1
+            raise DataError(f"prompt file `{path}` line {line} is not valid UTF-8 ({e.reason}); re-encode the file "
+                            "as UTF-8") from None
+        if path.suffix == ".json" and text.lstrip().startswith("["):
+            try:
                 return list(json.loads(text))
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise DataError(f"prompt file `{path}` is not valid JSON Lines: {e}") from None
+            except json.JSONDecodeError as e:
+                raise DataError(f"prompt file `{path}` is not valid JSON: {e}") from None
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"prompt file `{path}` line {lineno} is not valid JSON ({e.msg}); fix or remove that "
+                                "line") from None
+        return rows
     import datasets
 
     try:
@@ -146,6 +160,11 @@ def load_prompts(cfg: PromptsConfig, api: str = "chat") -> list[Prompt]:
                 messages = [{"role": "system", "content": cfg.system_prompt}, *messages]
             users = [m["content"] for m in messages if m["role"] == "user"]
             shown = users[-1] if users else messages[-1]["content"]
+        if not str(shown).strip():
+            raise DataError(
+                f"prompt row {index} of `{cfg.source}` is empty, so the teacher has nothing to answer; remove it or "
+                "fill it in"
+            )
         if cfg.id_column in row and row[cfg.id_column] is not None:
             pid = str(row[cfg.id_column])
             if pid in seen:

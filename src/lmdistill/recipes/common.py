@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from torch import nn
 
 from lmdistill.config import DataConfig, ModelConfig, StudentConfig, TrainConfig, dump_config
 from lmdistill.data import DataSplits, build_splits, check_block_size
+from lmdistill.errors import write_failure
 from lmdistill.models import build_student, count_parameters, load_teacher, load_tokenizer, shared_vocab_size
 
 log = logging.getLogger(__name__)
@@ -81,9 +83,16 @@ def describe(setup: Setup) -> dict[str, Any]:
 
 
 def write_summary(output_dir: str | Path, cfg: Any, summary: dict[str, Any]) -> Path:
+    """config.yaml and summary.json; summary.json is written last and atomically: it marks a finished run."""
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
     path = out / "summary.json"
-    path.write_text(json.dumps(summary, indent=2))
+    tmp = out / ".tmp-summary.json"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / "config.yaml")
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_failure("run summary", path, e) from None
     return path

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmdistill import __version__
-from lmdistill.errors import CheckpointError
+from lmdistill.errors import CheckpointError, write_failure
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -79,29 +79,33 @@ class CheckpointManager:
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / f"step-{step:08d}"
         tmp = self.root / f".tmp-step-{step:08d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        for name, model in models.items():
-            save_file(trainable_state(model), str(tmp / f"model-{name}.safetensors"))
-        for name, opt in optimizers.items():
-            torch.save(opt.state_dict(), tmp / f"optimizer-{name}.pt")
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
-        save_file(rng, str(tmp / "rng.safetensors"))
-        state = {
-            "format_version": FORMAT_VERSION,
-            "lmdistill_version": __version__,
-            "step": step,
-            "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
-            "extra": extra or {},
-        }
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        fsync_dir(self.root)
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            for name, model in models.items():
+                save_file(trainable_state(model), str(tmp / f"model-{name}.safetensors"))
+            for name, opt in optimizers.items():
+                torch.save(opt.state_dict(), tmp / f"optimizer-{name}.pt")
+            rng = {"cpu": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state()
+            save_file(rng, str(tmp / "rng.safetensors"))
+            state = {
+                "format_version": FORMAT_VERSION,
+                "lmdistill_version": __version__,
+                "step": step,
+                "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+                "extra": extra or {},
+            }
+            (tmp / "state.json").write_text(json.dumps(state, indent=1))
+            _fsync_tree(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            fsync_dir(self.root)
+        except Exception as e:  # noqa: BLE001  (a full disk surfaces as OSError, SafetensorError or RuntimeError)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise write_failure("checkpoint", final, e) from None
         self._prune()
         return final
 

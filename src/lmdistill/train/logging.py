@@ -11,6 +11,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from lmdistill.errors import write_failure
+
 
 class RunLogger:
     """Appends one JSON object per line to `<output_dir>/log.jsonl`; on resume drops lines past the resumed step."""
@@ -38,10 +40,13 @@ class RunLogger:
         if not self.enabled:
             return
         row = {"step": step, "time": round(time.time(), 3), **record}
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as e:
+            raise write_failure("training log", self.path, e) from None
         if self._tb is not None:
             for key, value in record.items():
                 if isinstance(value, int | float):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,8 +21,8 @@ from torch import nn
 
 from lmdistill.config import TrainConfig
 from lmdistill.data import IGNORE, BatchSchedule, TokenBlocks
-from lmdistill.errors import ConfigError
-from lmdistill.train.checkpoint import CheckpointManager
+from lmdistill.errors import ConfigError, NonFiniteError, write_failure
+from lmdistill.train.checkpoint import CheckpointManager, _fsync_tree, fsync_dir
 from lmdistill.train.logging import RunLogger, make_progress
 
 
@@ -132,6 +133,13 @@ class Trainer:
                                schedulers={"student": self.scheduler})
         return int(state["step"])
 
+    def _evaluate(self, step: int) -> dict[str, float]:
+        assert self.eval_fn is not None
+        try:
+            return self.eval_fn(step)
+        except NonFiniteError as e:
+            raise NonFiniteError(f"evaluation at step {step}: {e}") from None
+
     def fit(self) -> TrainResult:
         cfg, acc = self.cfg, self.accelerator
         start = self._resume() if cfg.resume else 0
@@ -139,7 +147,7 @@ class Trainer:
         if self.is_main and start:
             acc.print(f"resumed from step {start} ({self.ckpt.latest()})")
         if self.eval_fn is not None and start == 0:
-            logger.log(0, {f"eval/{k}": v for k, v in self.eval_fn(0).items()})
+            logger.log(0, {f"eval/{k}": v for k, v in self._evaluate(0).items()})
         history: list[dict[str, Any]] = []
         tokens_done, t_start, last_loss = 0, time.perf_counter(), float("nan")
         device = acc.device
@@ -160,12 +168,22 @@ class Trainer:
                     sync = i == len(batches) - 1
                     ctx = acc.no_sync(self.model) if not sync and acc.num_processes > 1 else _null()
                     with ctx, acc.autocast():
-                        out = self.loss_fn(batch)
+                        try:
+                            out = self.loss_fn(batch)
+                        except NonFiniteError as e:
+                            raise NonFiniteError(f"training step {step + 1}, micro-batch {i + 1}: {e}") from None
                         loss = out.loss_sum * scale
                     acc.backward(loss)
                     loss_total += float(out.loss_sum.detach())
                     for k, v in out.parts.items():
                         sums[k] = sums.get(k, 0.0) + float(v.detach())
+                if not math.isfinite(loss_total):
+                    # Checked before the optimizer step, so the last checkpoint and the weights stay finite.
+                    raise NonFiniteError(
+                        f"the training loss is {loss_total} at step {step + 1} although the teacher's outputs are "
+                        "finite: the student diverged. Lower train.lr, keep train.max_grad_norm set, or train in "
+                        "bf16/fp32 rather than fp16; resume from the last checkpoint with --train.resume true"
+                    )
                 grad_norm = None
                 if cfg.max_grad_norm is not None:
                     grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
@@ -192,12 +210,12 @@ class Trainer:
                     logger.log(done, record)
                 history.append({"step": done, **record})
                 if self.eval_fn is not None and cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.max_steps:
-                    logger.log(done, {f"eval/{k}": v for k, v in self.eval_fn(done).items()})
+                    logger.log(done, {f"eval/{k}": v for k, v in self._evaluate(done).items()})
                 if cfg.save_every and done % cfg.save_every == 0 and done != cfg.max_steps:
                     self._save(done)
                 progress.update(task, completed=done, stats=f"loss {last_loss:.4f} | {tps:,.0f} tok/s")
         if self.eval_fn is not None:
-            final_eval = self.eval_fn(cfg.max_steps)
+            final_eval = self._evaluate(cfg.max_steps)
             logger.log(cfg.max_steps, {f"eval/{k}": v for k, v in final_eval.items()})
         if cfg.save_every:
             self._save(cfg.max_steps)
@@ -225,12 +243,27 @@ class _null:
 
 
 def save_student(model: nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:
-    """Save the student so plain transformers can load it (LoRA adapters are merged; the adapter is kept beside it)."""
+    """Save the student so plain transformers can load it (LoRA adapters are merged; the adapter is kept beside it).
+
+    Written to a temporary sibling and renamed, so `out_dir` either holds a complete model or does not exist (a kill
+    or a full disk mid-write leaves no half-written student that looks finished).
+    """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if hasattr(model, "merge_and_unload"):
-        model.save_pretrained(out / "adapter")
-        model = model.merge_and_unload()
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        if hasattr(model, "merge_and_unload"):
+            model.save_pretrained(tmp / "adapter")
+            model = model.merge_and_unload()
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _fsync_tree(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+        fsync_dir(out.parent)
+    except Exception as e:  # noqa: BLE001  (a full disk surfaces as OSError, SafetensorError or RuntimeError)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failure("student model", out, e) from None
     return out

@@ -1,0 +1,413 @@
+"""The bad-input matrix: every mistake a user can make ends in ONE clear error.
+
+Each case runs the real CLI entry point (`lmdistill.cli.run`, what `python -m lmdistill` calls) in-process, and
+asserts: exit code 2, a message that names the problem and the fix, no traceback, and no output left that looks
+complete (no `summary.json`, no `student/`, no finished checkpoint or cache that was not there before).
+Most cases fail before training starts; the few that need a step (NaN teacher, full disk) run 1-2 tiny steps.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_model, soft_overrides, synthetic_documents, train_tokenizer
+
+from lmdistill.cli import run as cli_run
+
+
+@dataclass
+class Ctx:
+    teacher_dir: Path
+    student_dir: Path
+    text_file: Path
+    chat_file: Path
+    tokenizer: object
+    tmp: Path
+
+    @property
+    def out(self) -> Path:
+        return self.tmp / "run"
+
+    def soft(self, **extra: str) -> list[str]:
+        settings = {"train.max_steps": "2", "data.eval_documents": "0", "train.log_every": "1"}
+        settings.update(extra)
+        return ["soft", *soft_overrides(self.teacher_dir, self.student_dir, self.text_file, self.out, **settings)]
+
+    def write(self, name: str, data: bytes | str) -> Path:
+        path = self.tmp / name
+        path.write_bytes(data if isinstance(data, bytes) else data.encode())
+        return path
+
+
+def invoke(argv: list[str], capsys) -> tuple[int, str]:
+    """Run the CLI as `python -m lmdistill` would; an exception escaping it is a traceback, i.e. a failure here."""
+    old = sys.argv
+    sys.argv = ["lmdistill", *argv]
+    code = 0
+    try:
+        cli_run()
+    except SystemExit as e:
+        code = int(e.code or 0)
+    except Exception as e:  # noqa: BLE001
+        pytest.fail(f"the CLI let an exception escape (a traceback for the user): {type(e).__name__}: {e}")
+    finally:
+        sys.argv = old
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+# ---------------------------------------------------------------- cases: each returns (argv, expected message parts)
+
+def docs_jsonl(n: int = 40) -> str:
+    return "".join(json.dumps({"text": d}) + "\n" for d in synthetic_documents(n))
+
+
+def missing_dataset(c: Ctx):
+    return c.soft(**{"data.source": str(c.tmp / "nope" / "data.jsonl")}), ["not found", "existing file"]
+
+
+def empty_dataset_file(c: Ctx):
+    return c.soft(**{"data.source": str(c.write("empty.jsonl", ""))}), ["empty.jsonl", "empty"]
+
+
+def empty_dataset_dir(c: Ctx):
+    (c.tmp / "nodata").mkdir()
+    return c.soft(**{"data.source": str(c.tmp / "nodata")}), ["holds no", ".jsonl"]
+
+
+def text_column_missing(c: Ctx):
+    return c.soft(**{"data.text_column": "body"}), ["no column `body`", "columns are: text", "data.text_column"]
+
+
+def messages_column_missing(c: Ctx):
+    return c.soft(**{"data.stage": "chat"}), ["no column `messages`", "data.messages_column"]
+
+
+def chat_without_assistant_turn(c: Ctx):
+    rows = [{"messages": [{"role": "user", "content": "hello there"}]}] * 4
+    path = c.write("noassistant.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    return c.soft(**{"data.stage": "chat", "data.source": str(path)}), ["no assistant turn"]
+
+
+def block_longer_than_model(c: Ctx):
+    return c.soft(**{"data.block_size": "512"}), ["block_size=512", "256 positions", "data.block_size <= 256"]
+
+
+def data_shorter_than_one_block(c: Ctx):
+    path = c.write("short.jsonl", json.dumps({"text": "The cat sees the ball."}) + "\n")
+    return c.soft(**{"data.source": str(path)}), ["yields no training block", "lower data.block_size"]
+
+
+def non_utf8_bytes(c: Ctx):
+    lines = docs_jsonl(6).encode().splitlines(keepends=True)
+    lines[2] = b'{"text": "caf\xe9 au lait"}\n'  # latin-1, not UTF-8
+    return c.soft(**{"data.source": str(c.write("latin1.jsonl", b"".join(lines)))}), [
+        "line 3", "not valid UTF-8", "re-encode"]
+
+
+def malformed_jsonl_line(c: Ctx):
+    lines = docs_jsonl(8).splitlines(keepends=True)
+    lines[4] = '{"text": "unterminated\n'
+    return c.soft(**{"data.source": str(c.write("broken.jsonl", "".join(lines)))}), [
+        "broken.jsonl", "line 5", "not valid JSON"]
+
+
+def tokenizer_mismatch(c: Ctx):
+    other = train_tokenizer(c.tmp / "tok2", vocab_size=400, extra_text="zebra quantum xylophone " * 20)
+    make_model(c.tmp / "s2", other, seed=6)
+    args = c.soft(**{"student.name_or_path": str(c.tmp / "s2")})
+    return args, ["tokenizers differ", "lmdistill hard --mode sequence"]
+
+
+def nan_teacher_logits(c: Ctx):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(c.teacher_dir)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(c.tmp / "nan_teacher")
+    c.tokenizer.save_pretrained(c.tmp / "nan_teacher")
+    return c.soft(**{"teacher.name_or_path": str(c.tmp / "nan_teacher")}), [
+        "training step 1", "NaN/inf", "teacher", "teacher.dtype"]
+
+
+def inf_teacher_logits_reference_path(c: Ctx):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(c.teacher_dir)
+    with torch.no_grad():
+        model.lm_head.weight[5] = float("inf")
+    model.save_pretrained(c.tmp / "inf_teacher")
+    c.tokenizer.save_pretrained(c.tmp / "inf_teacher")
+    args = c.soft(**{"teacher.name_or_path": str(c.tmp / "inf_teacher"), "loss.fused": "false"})
+    return args, ["training step 1", "NaN/inf logits", "teacher.dtype"]
+
+
+def nan_teacher_in_first_eval(c: Ctx):
+    args, _ = nan_teacher_logits(c)
+    i = args.index("--data.eval_documents")
+    args[i + 1] = "40"
+    return args, ["evaluation at step 0", "NaN/inf"]
+
+
+def temperature_zero(c: Ctx):
+    return c.soft(**{"loss.temperature": "0"}), ["`loss.temperature`", "greater than 0"]
+
+
+def temperature_negative(c: Ctx):
+    return c.soft(**{"loss.temperature": "-2"}), ["`loss.temperature`", "greater than 0", "-2"]
+
+
+def alpha_above_one(c: Ctx):
+    return c.soft(**{"loss.alpha": "1.5"}), ["`loss.alpha`", "less than or equal to 1", "1.5"]
+
+
+def alpha_below_zero(c: Ctx):
+    return c.soft(**{"loss.alpha": "-0.1"}), ["`loss.alpha`", "greater than or equal to 0"]
+
+
+def lora_target_missing(c: Ctx):
+    args = c.soft(**{"student.lora.enabled": "true", "student.lora.target_modules": "[q_proj,qkv_fused]"})
+    return args, ["student.lora.target_modules", "qkv_fused", "do not exist", "q_proj"]
+
+
+def student_path_missing(c: Ctx):
+    return c.soft(**{"student.name_or_path": str(c.tmp / "no_student")}), ["could not load", "no_student",
+                                                                            "save_pretrained"]
+
+
+def keep_layers_out_of_range(c: Ctx):
+    return c.soft(**{"student.init": "prune", "student.keep_layers": "[0,5]"}), ["student.keep_layers", "[0, 1]"]
+
+
+def fp16_without_gpu(c: Ctx):
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is allowed with a GPU")
+    return c.soft(**{"train.precision": "fp16"}), ["fp16 needs a CUDA GPU", "bf16 or fp32"]
+
+
+def _checkpoint_dir(c: Ctx, step: int = 2) -> Path:
+    d = c.out / "checkpoints" / f"step-{step:08d}"
+    d.mkdir(parents=True)
+    return d
+
+
+def _real_checkpoint(c: Ctx) -> Path:
+    """A genuine step-2 checkpoint of the tiny run, produced by the CLI itself."""
+    from lmdistill.config import SoftConfig, load_config
+    from lmdistill.recipes.soft import run_soft
+
+    args = c.soft(**{"train.save_every": "2", "train.max_steps": "2"})[1:]
+    run_soft(load_config(SoftConfig, None, args))
+    import shutil
+
+    shutil.rmtree(c.out / "student")
+    (c.out / "summary.json").unlink()
+    return c.out / "checkpoints" / "step-00000002"
+
+
+def checkpoint_incompatible_version(c: Ctx):
+    ckpt = _real_checkpoint(c)
+    state = json.loads((ckpt / "state.json").read_text())
+    state["format_version"] = 99
+    (ckpt / "state.json").write_text(json.dumps(state))
+    return c.soft(**{"train.resume": "true", "train.max_steps": "4"}), [
+        "format version 99", "reads version 1", "start a fresh output_dir"]
+
+
+def checkpoint_truncated(c: Ctx):
+    ckpt = _real_checkpoint(c)
+    data = (ckpt / "model-student.safetensors").read_bytes()
+    (ckpt / "model-student.safetensors").write_bytes(data[: len(data) // 3])
+    return c.soft(**{"train.resume": "true", "train.max_steps": "4"}), ["is damaged", "resume from an older one"]
+
+
+def checkpoint_of_another_student(c: Ctx):
+    ckpt = _real_checkpoint(c)
+    other = make_model(c.tmp / "wide", c.tokenizer, hidden=48, seed=9)
+    from lmdistill.train.checkpoint import trainable_state
+    from safetensors.torch import save_file
+
+    save_file(trainable_state(other), str(ckpt / "model-student.safetensors"))
+    return c.soft(**{"train.resume": "true", "train.max_steps": "4"}), ["the model expects",
+                                                                          "same student config"]
+
+
+# Disk full: RLIMIT_FSIZE makes the kernel refuse writes past N bytes with EFBIG, as a full disk refuses them with
+# ENOSPC; the writers (safetensors, torch.save, json) see a real OS error in the middle of a file.
+FSIZE_LIMIT = 48 * 1024
+
+
+def disk_full_checkpoint(c: Ctx):
+    return c.soft(**{"train.save_every": "2"}), ["could not write the checkpoint", "disk may be full",
+                                                  "--train.resume true"]
+
+
+def disk_full_student(c: Ctx):
+    return c.soft(), ["could not write the student model", "disk may be full"]
+
+
+SOFT_CASES: dict[str, Callable[[Ctx], tuple[list[str], list[str]]]] = {
+    f.__name__: f
+    for f in (
+        missing_dataset, empty_dataset_file, empty_dataset_dir, text_column_missing, messages_column_missing,
+        chat_without_assistant_turn, block_longer_than_model, data_shorter_than_one_block, non_utf8_bytes,
+        malformed_jsonl_line, tokenizer_mismatch, nan_teacher_logits, inf_teacher_logits_reference_path,
+        nan_teacher_in_first_eval, temperature_zero, temperature_negative, alpha_above_one, alpha_below_zero,
+        lora_target_missing, student_path_missing, keep_layers_out_of_range, fp16_without_gpu,
+        checkpoint_incompatible_version, checkpoint_truncated, checkpoint_of_another_student,
+    )
+}
+DISK_CASES = {f.__name__: f for f in (disk_full_checkpoint, disk_full_student)}
+
+
+@pytest.fixture
+def ctx(teacher_dir, student_dir, text_file, chat_file, tokenizer, tmp_path) -> Ctx:
+    return Ctx(teacher_dir, student_dir, text_file, chat_file, tokenizer, tmp_path)
+
+
+def assert_one_clear_error(code: int, err: str, needles: list[str]) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err
+    # Progress bars may precede it on stderr; the error itself is one message, printed once.
+    assert sum(line.startswith("error: ") for line in err.splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, f"{needle!r} not in: {err}"
+
+
+def assert_nothing_looks_complete(out: Path, checkpoints_before: set[str]) -> None:
+    assert not (out / "summary.json").exists()
+    assert not (out / "student").exists()
+    ckpts = {p.name for p in (out / "checkpoints").glob("*")} if (out / "checkpoints").exists() else set()
+    assert ckpts <= checkpoints_before, f"new checkpoint entries left behind: {ckpts - checkpoints_before}"
+
+
+def existing_checkpoints(out: Path) -> set[str]:
+    root = out / "checkpoints"
+    return {p.name for p in root.glob("*")} if root.exists() else set()
+
+
+@pytest.mark.parametrize("case", sorted(SOFT_CASES))
+def test_soft_bad_input(case, ctx, capsys):
+    argv, needles = SOFT_CASES[case](ctx)
+    before = existing_checkpoints(ctx.out)
+    code, err = invoke(argv, capsys)
+    assert_one_clear_error(code, err, needles)
+    assert_nothing_looks_complete(ctx.out, before)
+
+
+@pytest.mark.parametrize("case", sorted(DISK_CASES))
+def test_disk_full_while_writing(case, ctx, capsys):
+    argv, needles = DISK_CASES[case](ctx)
+    # Read the data once with no limit, so only the run's own outputs meet the full disk (not datasets' cache).
+    from lmdistill.config import DataConfig
+    from lmdistill.data import load_raw_dataset
+
+    load_raw_dataset(DataConfig(source=str(ctx.text_file)).source)
+    soft_limit, hard_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
+    resource.setrlimit(resource.RLIMIT_FSIZE, (FSIZE_LIMIT, hard_limit))
+    try:
+        code, err = invoke(argv, capsys)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft_limit, hard_limit))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert_one_clear_error(code, err, needles)
+    assert_nothing_looks_complete(ctx.out, set())
+    assert not list(ctx.out.glob("**/.tmp-*")), "a failed write must not leave its temporary behind"
+
+
+# ---------------------------------------------------------------- generate (teacher completions)
+
+def write_prompts(path: Path, prompts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(prompts)))
+    return path
+
+
+def generate_args(c: Ctx, prompts: Path, **extra: str) -> list[str]:
+    args = {
+        "teacher.backend": "hf", "teacher.model.name_or_path": str(c.teacher_dir), "teacher.device": "cpu",
+        "prompts.source": str(prompts), "sampling.max_new_tokens": "4", "output": str(c.tmp / "gen" / "out.jsonl"),
+        "progress": "false",
+    }
+    args.update(extra)
+    return ["generate", *[x for k, v in args.items() for x in (f"--{k}", v)]]
+
+
+def api_args(c: Ctx, prompts: Path, base_url: str, **extra: str) -> list[str]:
+    return generate_args(c, prompts, **{
+        "teacher.backend": "openai", "teacher.base_url": base_url, "teacher.api_model": "fault-model",
+        "teacher.api_key_env": "LMDISTILL_BAD_INPUT_KEY", "teacher.max_retries": "1", "teacher.timeout_s": "2",
+        "teacher.backoff_base_s": "0.01", "teacher.backoff_max_s": "0.02", **extra})
+
+
+def gen_empty_prompt(c: Ctx):
+    path = write_prompts(c.tmp / "p.jsonl", ["What is 2 + 2?", "   ", "Name a colour."])
+    return generate_args(c, path), ["empty", "row 1"]
+
+
+def gen_malformed_prompt_line(c: Ctx):
+    path = write_prompts(c.tmp / "p.jsonl", ["a?", "b?", "c?"])
+    path.write_text(path.read_text() + '{"id": "p3", "prompt": "d?"\n')
+    return generate_args(c, path), ["p.jsonl", "line 4", "not valid JSON"]
+
+
+def gen_non_utf8_prompts(c: Ctx):
+    path = c.tmp / "p.jsonl"
+    path.write_bytes(b'{"id": "p0", "prompt": "ok?"}\n{"id": "p1", "prompt": "na\xefve?"}\n')
+    return generate_args(c, path), ["p.jsonl", "line 2", "UTF-8"]
+
+
+def gen_prompt_column_missing(c: Ctx):
+    path = c.tmp / "p.jsonl"
+    path.write_text(json.dumps({"id": "x", "question": "why?"}) + "\n")
+    return generate_args(c, path), ["neither a `messages` nor a `prompt` column", "prompts.prompt_column"]
+
+
+def gen_missing_prompt_file(c: Ctx):
+    return generate_args(c, c.tmp / "none.jsonl"), ["none.jsonl"]
+
+
+def gen_unreachable_endpoint(c: Ctx):
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = write_prompts(c.tmp / "p.jsonl", ["a?", "b?"])
+    return api_args(c, path, f"http://127.0.0.1:{port}/v1"), ["cannot reach", f"127.0.0.1:{port}"]
+
+
+GEN_CASES = {
+    f.__name__: f
+    for f in (gen_empty_prompt, gen_malformed_prompt_line, gen_non_utf8_prompts, gen_prompt_column_missing,
+              gen_missing_prompt_file, gen_unreachable_endpoint)
+}
+
+
+@pytest.mark.parametrize("case", sorted(GEN_CASES))
+def test_generate_bad_input(case, ctx, capsys):
+    argv, needles = GEN_CASES[case](ctx)
+    code, err = invoke(argv, capsys)
+    assert_one_clear_error(code, err, needles)
+    out = ctx.tmp / "gen"
+    assert not list(out.glob("*.filtered.jsonl")) and not list(out.glob("*.summary.json"))
+
+
+def test_generate_wrong_api_key_is_401_and_never_printed(ctx, capsys, monkeypatch):
+    from fault_server import FaultServer
+
+    monkeypatch.setenv("LMDISTILL_BAD_INPUT_KEY", "sk-wrong-0123456789")
+    path = write_prompts(ctx.tmp / "p.jsonl", ["a?", "b?"])
+    with FaultServer(api_key="sk-right") as server:
+        code, err = invoke(api_args(ctx, path, server.base_url), capsys)
+    assert_one_clear_error(code, err, ["401", "LMDISTILL_BAD_INPUT_KEY"])
+    assert "sk-wrong-0123456789" not in err
+    assert not list((ctx.tmp / "gen").glob("*.filtered.jsonl"))
