@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model, soft_overrides, synthetic_documents, train_tokenizer
 
+from conftest import make_model, soft_overrides, synthetic_documents, train_tokenizer
 from lmdistill.cli import run as cli_run
 
 
@@ -234,8 +234,9 @@ def checkpoint_truncated(c: Ctx):
 def checkpoint_of_another_student(c: Ctx):
     ckpt = _real_checkpoint(c)
     other = make_model(c.tmp / "wide", c.tokenizer, hidden=48, seed=9)
-    from lmdistill.train.checkpoint import trainable_state
     from safetensors.torch import save_file
+
+    from lmdistill.train.checkpoint import trainable_state
 
     save_file(trainable_state(other), str(ckpt / "model-student.safetensors"))
     return c.soft(**{"train.resume": "true", "train.max_steps": "4"}), ["the model expects",

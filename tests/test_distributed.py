@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import soft_overrides
 from safetensors.torch import load_file
 
+from conftest import soft_overrides
 from lmdistill.config import SoftConfig, load_config
 from lmdistill.recipes.soft import run_soft
 from lmdistill.train.logging import read_log
