@@ -116,7 +116,8 @@ def test_teacher_trains_exactly_as_alone_without_mutual(tokenizer_dir, text_file
 
 
 def test_teacher_update_every_k_steps(tokenizer_dir, text_file, tmp_path):
-    cfg = _cfg(tokenizer_dir, text_file, tmp_path, **{"teacher.update_every": "2", "train.max_steps": "4"})
+    cfg = _cfg(tokenizer_dir, text_file, tmp_path, **{"teacher.update_every": "2", "train.max_steps": "4",
+                                                      "train.max_grad_norm": "null"})
     tr = _trainer(cfg)
     teacher, student = tr.unwrapped()
 
@@ -129,6 +130,7 @@ def test_teacher_update_every_k_steps(tokenizer_dir, text_file, tmp_path):
     rec1 = tr.train_step(1)
     t2, s2 = snap(teacher), snap(student)
     assert rec0["teacher_updated"] == 1.0 and rec1["teacher_updated"] == 0.0
+    assert rec0["grad_norm_teacher"] > 0 and "grad_norm_teacher" not in rec1  # unclipped norms are still logged
     assert any(not torch.equal(a, b) for a, b in zip(t0, t1, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(t1, t2, strict=True))
     assert any(not torch.equal(a, b) for a, b in zip(s1, s2, strict=True))
