@@ -7,9 +7,10 @@ Peak memory, and how it is measured:
 - CPU: the kernel's resident-set high-water mark. Writing ``5`` to ``/proc/self/clear_refs`` resets ``VmHWM`` to
   the current RSS (Linux >= 4.0), so ``VmHWM`` after the call minus ``VmRSS`` before it is the peak extra memory
   the call touched: every tensor, temporaries included, as the OS saw it. ``tracemalloc`` cannot do this job (it
-  only sees Python's allocator, not torch's), and torch has no CPU peak counter. Freed large blocks go back to the
-  OS (glibc serves them by ``mmap``), but smaller ones may be kept by the allocator and reused unseen, so each
-  measurement runs in a fresh process that does nothing else. Where ``clear_refs`` is missing (not Linux) the
+  only sees Python's allocator, not torch's), and torch has no CPU peak counter. Each measurement runs in a fresh
+  process that does nothing else, after a tiny run of the same code (so paged-in library code and thread pools are
+  not counted), with ``MALLOC_MMAP_THRESHOLD_`` fixed so that glibc maps and unmaps every large block instead of
+  keeping freed ones in its heap. Where ``clear_refs`` is missing (not Linux) the
   fallback is ``ru_maxrss`` of that fresh process minus its RSS before the call, an upper bound.
 """
 
@@ -74,6 +75,10 @@ def cuda_peak_bytes(fn: Callable[[], object]) -> int:
 def in_fresh_process(script: str, args: list[str]) -> dict:
     """Run ``python script args`` and parse the last stdout line as JSON (how CPU memory is measured)."""
     env = dict(os.environ)
+    # A fixed mmap threshold turns off glibc's adaptive one, under which freed blocks of up to 32 MiB stay in the
+    # heap and would then be reused unseen by RSS (or counted twice); with it every large tensor is mapped and
+    # unmapped, so the resident set follows the live tensors.
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     src = str(Path(__file__).resolve().parents[1] / "src")
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env, check=False)

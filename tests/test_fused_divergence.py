@@ -373,7 +373,7 @@ def test_triton_kernel_under_interpreter_matches_torch_rows(request, kind, softc
                        sparse=None, kind=fused._effective_kind(kind, 0.3), beta=0.3, temperature=1.5, chunk_size=8,
                        vocab_chunk_size=V, backend="triton")  # fmt: skip
     ys, yt = torch.randn(6, V, generator=g) * 3, torch.randn(6, V, generator=g) * 3
-    want_v, want_g = fused._dense_rows_torch(plan, ys.clone(), yt.clone(), need_grad=True)
+    want_v, want_g = fused._dense_rows_torch(plan, [ys.clone(), yt.clone()], need_grad=True)
     got_v, got_g = fused_triton.dense_rows_triton(plan, ys.clone(), yt.clone(), need_grad=True)
     torch.testing.assert_close(got_v, want_v, rtol=1e-5, atol=1e-5)
     _assert_close([got_g], [want_g])
@@ -410,3 +410,11 @@ def test_cuda_matches_reference(request, kind, dtype, backend):
     torch.testing.assert_close(got, ref, rtol=2e-5 if fp32 else 2e-2, atol=1e-6 if fp32 else 1e-3)
     tol = dict(rtol=2e-5, atol=2e-6) if fp32 else dict(rtol=5e-2, atol=2e-2)
     _assert_close(_grads(got, [hs, ws, bs]), _grads(ref, [hs, ws, bs]), **tol)
+
+
+def test_second_backward_is_refused_with_a_clear_message(request):
+    x = _inputs(_gen(request), bias=False)
+    loss = fused_divergence(x["hs"], x["ws"], teacher_hidden=x["ht"], teacher_weight=x["wt"])
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()

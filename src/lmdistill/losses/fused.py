@@ -25,8 +25,19 @@ gradient work is skipped.
 
 The teacher never receives a gradient (distillation targets are detached by construction here).
 
+Memory: fp32 gradient accumulators ``[V, Hs]`` and ``[N, Hs]`` (summing bf16 partial products over many chunks would
+drop small contributions), plus a few ``[chunk, V]`` fp32 buffers for the chunk in flight; ``chunk_size`` trades those
+against matmul efficiency. Sparse targets (a soft-label cache) take the same chunk loop: each chunk's student logits
+go through the reference :func:`lmdistill.losses.sparse_divergence` and autograd on that chunk alone, so every
+estimator and tail convention is the reference's by construction.
+
 On CUDA with Triton installed, the element-wise part of step 3 runs in a Triton kernel
 (:mod:`lmdistill.losses.fused_triton`) and the matmuls stay in cuBLAS; ``backend="torch"`` forces the pure-torch path.
+The kernel has so far been checked only under Triton's CPU interpreter, not on a GPU (``pytest -m gpu`` and
+``benchmarks/fused_loss.py`` on a CUDA machine are the outstanding checks).
+
+Sharded training (FSDP, ZeRO-3): the lm_head weights must be whole when this runs (e.g. inside
+``summon_full_params``), as the naive path's ``F.linear`` would need them; gathering them is left to the trainer.
 """
 
 from __future__ import annotations
@@ -125,11 +136,11 @@ def _terms(kind: str, beta: float, ls: Tensor, lt: Tensor, want_value: bool) -> 
     are normalised over the *whole* vocabulary even when they hold one tile.
     """
     if kind == "forward_kl":
-        value = (lt.exp() * (lt - ls)).sum(-1) if want_value else None
+        value = (lt - ls).mul_(lt.exp()).sum(-1) if want_value else None
         return value, None
     if kind == "reverse_kl":
         u = ls - lt
-        value = (ls.exp() * u).sum(-1) if want_value else None
+        value = ls.exp().mul_(u).sum(-1) if want_value else None
         return value, u
     if kind == "jsd":
         lm = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
@@ -250,29 +261,57 @@ def _sparse_chunk(plan: _Plan, z_raw: Tensor, r0: int, r1: int, need_grad: bool)
     return total.detach().float(), grad
 
 
-def _dense_rows_torch(plan: _Plan, ys: Tensor, yt: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
-    """Whole-vocab rows ``[n, V]``: sum of the divergence over the rows and ``dD/dy_S`` (fp32), no recomputation.
-
-    ``ys``/``yt`` are the linear outputs ``h @ W.T + b``; ``ys`` may be overwritten.
-    """
-    inv_t = 1.0 / plan.temperature
+def _dense_rows(
+    plan: _Plan, hs: Tensor, ht: Tensor, weight: Tensor, bias: Tensor | None, need_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Project whole-vocab rows and hand them to the torch or Triton arithmetic (which then own the buffers)."""
     teacher = plan.teacher
     assert teacher is not None
+    vocab = weight.shape[0]
+    ys = _project(hs, weight, bias, 0, vocab)
+    yt = _project(ht, teacher.weight, teacher.bias, 0, vocab)
+    if plan.backend == "triton":
+        from lmdistill.losses.fused_triton import dense_rows_triton
+
+        return dense_rows_triton(plan, ys, yt, need_grad)
+    bufs = [ys, yt]
+    del ys, yt
+    return _dense_rows_torch(plan, bufs, need_grad)
+
+
+def _dense_rows_torch(plan: _Plan, bufs: list[Tensor], need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """Whole-vocab rows ``[n, V]``: sum of the divergence over the rows and ``dD/dy_S`` (fp32), no recomputation.
+
+    ``bufs`` holds the linear outputs ``[ys, yt]`` (``h @ W.T + b``) and is emptied: this function then holds the
+    only references, so each ``[n, V]`` buffer is freed (or overwritten) as soon as it is consumed, which is what
+    keeps the chunk's footprint at a few buffers.
+    """
+    teacher = plan.teacher
+    assert teacher is not None
+    inv_t = 1.0 / plan.temperature
+    ys, yt = bufs
+    bufs.clear()
     zs, th = _transform(ys, plan.student_scale, plan.student_softcap, inv_t)
+    del ys
     ls = torch.log_softmax(zs, dim=-1)
     del zs
-    lt = torch.log_softmax(_transform(yt, teacher.scale, teacher.softcap, inv_t)[0], dim=-1)
+    zt, _ = _transform(yt, teacher.scale, teacher.softcap, inv_t)
+    del yt
+    lt = torch.log_softmax(zt, dim=-1)
+    del zt
     value, u = _terms(plan.kind, plan.beta, ls, lt, want_value=True)
     assert value is not None
     if not need_grad:
         return value.sum(), None
-    aggregate = None
-    if u is not None:
+    if u is None:  # forward KL: p_S - p_T
+        g = ls.exp_().sub_(lt.exp_())
+    else:
         top = ls.argmax(dim=-1, keepdim=True)
-        shift = _shift(plan.kind, plan.beta, ls.gather(1, top), lt.gather(1, top))
-        u.sub_(shift)
-        aggregate = (ls.exp() * u).sum(-1)
-    g = _grad_from_terms(plan.kind, ls, lt, u, aggregate)
+        u.sub_(_shift(plan.kind, plan.beta, ls.gather(1, top), lt.gather(1, top)))
+        del lt
+        ps = ls.exp_()
+        aggregate = (ps * u).sum(-1, keepdim=True)
+        g = ps.mul_(u.sub_(aggregate))
     return value.sum(), _chain(g, th, plan.student_scale, plan.temperature)
 
 
@@ -318,25 +357,21 @@ def _run(
             if plan.sparse is not None:
                 ys = _project(hs, weight, bias, 0, vocab)
                 z_raw, th = _transform(ys, plan.student_scale, plan.student_softcap, 1.0)
+                del ys
                 value, g = _sparse_chunk(plan, z_raw, r0, r1, need_grad)
+                del z_raw
                 if g is not None:
                     accumulate(_chain(g.float(), th, plan.student_scale, 1.0), hs, r0, r1, 0, vocab)
+                    del g
+                del th
             elif tiled:
                 value = _tiled_chunk(plan, hs, weight, bias, r0, r1, need_grad, accumulate)
             else:
-                teacher = plan.teacher
-                assert teacher is not None and plan.teacher_hidden is not None
-                ys = _project(hs, weight, bias, 0, vocab)
-                yt = _project(plan.teacher_hidden[r0:r1], teacher.weight, teacher.bias, 0, vocab)
-                if plan.backend == "triton":
-                    from lmdistill.losses.fused_triton import dense_rows_triton
-
-                    value, g = dense_rows_triton(plan, ys, yt, need_grad)
-                else:
-                    value, g = _dense_rows_torch(plan, ys, yt, need_grad)
-                del yt
+                assert plan.teacher_hidden is not None
+                value, g = _dense_rows(plan, hs, plan.teacher_hidden[r0:r1], weight, bias, need_grad)
                 if g is not None:
                     accumulate(g, hs, r0, r1, 0, vocab)
+                    del g
             total += value * value_factor
 
     if grad_h is not None and plan.rows is not None:
@@ -427,18 +462,19 @@ class _FusedDivergence(torch.autograd.Function):
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan) -> Tensor:
         needs = tuple(ctx.needs_input_grad[:3])
         total, grad_h, grad_w, grad_b = _run(plan, hidden, weight, bias, needs)  # type: ignore[arg-type]
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        # kept on ctx rather than save_for_backward: backward scales them in place (no second [V, H] copy)
+        ctx.grads = (grad_h, grad_w, grad_b)
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        scale = grad_out.to(torch.float32)
-
-        def scaled(g: Tensor | None) -> Tensor | None:
-            return None if g is None else g * scale.to(g.dtype)
-
-        return scaled(grad_h), scaled(grad_w), scaled(grad_b), None
+        if ctx.grads is None:
+            raise RuntimeError(
+                "fused_divergence: backward ran twice through the same loss; its gradients are computed in the "
+                "forward and handed out once. Call the loss again instead of using retain_graph"
+            )
+        grads, ctx.grads = ctx.grads, None
+        return *(None if g is None else g.mul_(grad_out.to(g.dtype)) for g in grads), None
 
 
 # ----------------------------------------------------------------------------------------------------------------
