@@ -127,6 +127,16 @@ def _register_all() -> None:
     register("generate", GenerateConfig, run_generate, "Teacher completions for sequence-level distillation (JSONL).")
     register("serve", ServeConfig, run_serve, "Serve a local model over an OpenAI-compatible HTTP API.")
 
+    from lmdistill.evaluate import EvalConfig, eval_command
+    from lmdistill.recipes.compare import CompareConfig, compare_command
+    from lmdistill.recipes.demo import demo_command
+
+    register("eval", EvalConfig, eval_command, "Held-out perplexity, KL to the teacher, agreement, ECE, tokens/s, "
+             "generations side by side (JSON).")
+    register("compare", CompareConfig, compare_command, "Several distillation methods on equal terms; a report "
+             "with tables and plots.")
+    main.add_command(demo_command)
+
 
 _register_all()
 

@@ -1,0 +1,555 @@
+"""The arms `lmdistill compare` can run: a registry of kinds, each a function from the shared config to a trained student.
+
+A kind names the recipe it runs, what it needs (`requires`: modules and functions; a missing one makes the arm
+SKIPPED with that reason, never silently), and how many bytes of teacher data its student consumes per target token:
+
+    ce              0
+    soft            V * 4: a dense fp32 distribution over the shared vocabulary, computed in the step, never stored
+    cached_topk     the soft-label cache's real bytes on disk / the target tokens it covers (`lmdistill label`)
+    cached_sampled  the same, for the sampled (Random-Sampling KD) encoding
+    hard_token      the bytes of one token id, ceil(log2(V) / 8): the teacher's argmax is all the student sees
+    hard_sequence   UTF-8 bytes of the teacher's completions / their tokens: the text is the label
+    codistill       V * 4: the live teacher's dense distribution, like online soft
+
+Every kind builds its recipe's config from the same shared pieces (teacher, student, data, train with the step
+budget and seed), so only the method differs; an arm's `overrides` may change method settings but not those pieces.
+Adding a kind: write `fn(ctx: ArmContext) -> ArmOutcome`, wrap the work in `ctx.monitor.phase("prepare" | "train")`
+and call `register_arm(ArmKind(...))`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import importlib
+import math
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from torch import Tensor
+
+from lmdistill.config import BaseConfig, SoftConfig, format_validation_error
+from lmdistill.errors import ConfigError, LmdistillError
+
+if TYPE_CHECKING:
+    from lmdistill.recipes.compare import CompareConfig
+
+
+class ArmSpec(BaseConfig):
+    """One arm of a comparison: a registered kind, a name for the report, and overrides of that kind's config."""
+
+    name: str = Field(description="Row name in the report (letters, digits, `_`, `-`, `.`).")
+    kind: str = Field(description="One of the registered arm kinds: " + ", ".join(
+        ["ce", "soft", "cached_topk", "cached_sampled", "hard_token", "hard_sequence", "codistill"]) + ".")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Fields of the arm's training config, dotted or nested (e.g. {loss.kind: reverse_kl}). Data, "
+        "student, teacher, step budget and seed are shared by all arms and cannot be overridden here.",
+    )
+    prepare: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Fields of the arm's preparation step (the `label` config of cached arms, the `generate` config of "
+        "hard_sequence), dotted or nested.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", value) or value == "teacher":
+            raise ValueError(f"arm names are letters, digits, `_`, `-`, `.` and not `teacher` (used for the "
+                             f"reference row), got {value!r}")
+        return value
+
+
+def default_arms() -> list[ArmSpec]:
+    return [
+        ArmSpec(name="ce", kind="ce"),
+        ArmSpec(name="soft", kind="soft"),
+        ArmSpec(name="cached_topk", kind="cached_topk"),
+        ArmSpec(name="cached_sampled", kind="cached_sampled"),
+        ArmSpec(name="hard_token", kind="hard_token"),
+        ArmSpec(name="hard_sequence", kind="hard_sequence"),
+        ArmSpec(name="codistill", kind="codistill"),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# resources: wall-clock and peak memory of one phase of an arm
+
+MEMORY_METHOD_CPU = "peak resident-set growth over the phase start, sampled every 10 ms (after gc + malloc_trim)"
+MEMORY_METHOD_CUDA = "torch.cuda.max_memory_allocated over the phase"
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * _page_size()
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _page_size() -> int:
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE")
+
+
+def _release_freed_memory() -> None:
+    """Return freed heap pages to the OS, so the next phase's baseline is not inflated by an earlier arm's leftovers."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+@dataclass
+class PhaseStats:
+    seconds: float = 0.0
+    peak_memory_mb: float | None = None
+
+
+@dataclass
+class ResourceMonitor:
+    """Wall-clock and peak memory per named phase (e.g. `prepare` = labelling/generation, `train`).
+
+    On CUDA the peak is `torch.cuda.max_memory_allocated` (exact, device tensors). On CPU no allocator counter covers
+    torch tensors (tracemalloc sees only Python objects), so a thread samples the resident set size every 10 ms and the
+    peak growth over the phase's start is reported; memory an earlier arm freed is returned to the OS first.
+    """
+
+    phases: dict[str, PhaseStats] = field(default_factory=dict)
+    method: str = field(default_factory=lambda: MEMORY_METHOD_CUDA if torch.cuda.is_available() else MEMORY_METHOD_CPU)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        _release_freed_memory()
+        stats = self.phases.setdefault(name, PhaseStats())
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        start_rss = _rss_bytes()
+        peak = [start_rss or 0]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(0.01):
+                now = _rss_bytes()
+                if now is not None and now > peak[0]:
+                    peak[0] = now
+
+        sampler = threading.Thread(target=sample, daemon=True) if (start_rss is not None and not cuda) else None
+        if sampler:
+            sampler.start()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            stats.seconds += time.perf_counter() - t0
+            if sampler:
+                stop.set()
+                sampler.join()
+            if cuda:
+                mb = torch.cuda.max_memory_allocated() / 2**20
+            elif start_rss is not None:
+                mb = max(peak[0] - start_rss, 0) / 2**20
+            else:
+                mb = None
+            if mb is not None:
+                stats.peak_memory_mb = max(stats.peak_memory_mb or 0.0, mb)
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(p.seconds for p in self.phases.values())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the arm registry
+
+
+@dataclass
+class ArmContext:
+    """What an arm's function gets: the shared config, its own spec and directory, and the phase monitor."""
+
+    cfg: CompareConfig
+    spec: ArmSpec
+    out_dir: Path
+    monitor: ResourceMonitor
+
+
+@dataclass
+class ArmOutcome:
+    """What an arm's function returns: the recipe's run summary and the teacher data it consumed per token.
+
+    `kl_reference` says what the held-out KL in the run's own log (its learning curve) is measured against; the final
+    scoring by `compare` always uses the frozen teacher.
+    """
+
+    summary: dict[str, Any]
+    teacher_bytes_per_token: float
+    bytes_note: str
+    kl_reference: str = "teacher"
+
+
+@dataclass
+class ArmKind:
+    """A registered arm kind: `run(ctx)` trains one student; `requires` lists (module, attribute) it needs."""
+
+    kind: str
+    label: str
+    run: Callable[[ArmContext], ArmOutcome]
+    requires: tuple[tuple[str, str], ...] = ()
+
+    def unavailable(self) -> str | None:
+        """Why this kind cannot run here (a recipe module or function missing), or None."""
+        for module, attr in self.requires:
+            try:
+                mod = importlib.import_module(module)
+            except ImportError as e:
+                return f"recipe {module} not available ({e})"
+            if not hasattr(mod, attr):
+                return f"recipe {module} has no `{attr}` (this lmdistill version predates the arm)"
+        return None
+
+
+ARM_KINDS: dict[str, ArmKind] = {}
+
+
+class SkipArm(LmdistillError):
+    """Raised by an arm's function when a prerequisite is missing at run time; the arm is reported as skipped."""
+
+
+def register_arm(kind: ArmKind) -> ArmKind:
+    ARM_KINDS[kind.kind] = kind
+    return kind
+
+
+# Fields every arm shares; an arm override of one would break the equal terms the comparison promises.
+_SHARED_FIELDS = ("teacher", "student", "data", "train.max_steps", "train.seed", "train.micro_batch_size",
+                  "train.grad_accum", "train.output_dir")
+
+
+def nest(overrides: dict[str, Any]) -> dict[str, Any]:
+    """{"loss.kind": "jsd", "train": {"lr": 1e-3}} -> {"loss": {"kind": "jsd"}, "train": {"lr": 1e-3}}."""
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+            node[parts[-1]] = _merge(node[parts[-1]], nest(value))
+        else:
+            node[parts[-1]] = nest(value) if isinstance(value, dict) else value
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    return merged
+
+
+def _flat_keys(d: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in d.items():
+        keys.append(prefix + k)
+        if isinstance(v, dict):
+            keys.extend(_flat_keys(v, prefix + k + "."))
+    return keys
+
+
+def check_equal_terms(spec: ArmSpec) -> None:
+    touched = [k for k in _flat_keys(nest(spec.overrides)) if k in _SHARED_FIELDS]
+    if touched:
+        raise ConfigError(
+            f"arm `{spec.name}` overrides {touched}; compare gives every arm the same teacher, data, student, step "
+            "budget and seed, so set those once at the top level of the compare config"
+        )
+
+
+def recipe_config(cls: type[BaseModel], base: dict[str, Any], spec: ArmSpec, *, what: str = "overrides") -> Any:
+    """`cls` validated from the shared pieces `base` with the arm's overrides (or prepare fields) on top."""
+    extra = nest(spec.overrides if what == "overrides" else spec.prepare)
+    try:
+        return cls.model_validate(_merge(base, extra))
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(cls, e, f"arm `{spec.name}` ({spec.kind}) {what}")) from None
+
+
+def _shared(ctx: ArmContext, *, loss: bool = True) -> dict[str, Any]:
+    cfg = ctx.cfg
+    base = {
+        "teacher": cfg.teacher.model_dump(),
+        "student": cfg.student.model_dump(),
+        "data": cfg.data.model_dump(),
+        "train": {**cfg.train.model_dump(), "output_dir": str(ctx.out_dir)},
+    }
+    if loss:
+        base["loss"] = cfg.loss.model_dump()
+    return base
+
+
+def dense_bytes(n_vocab: int) -> float:
+    return float(n_vocab * 4)
+
+
+def id_bytes(n_vocab: int) -> float:
+    return float(max(1, math.ceil(math.log2(max(n_vocab, 2)) / 8)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# arm kinds available in the core: the CE baseline and online soft KD
+
+
+def run_ce_baseline(cfg: SoftConfig) -> dict[str, Any]:
+    """The student trained on ground-truth cross-entropy alone, the baseline every distillation arm must beat.
+
+    The teacher is loaded only to score held-out KL and agreement during evaluation; no teacher forward runs in a
+    training step, so the arm's wall-clock is the cost of plain training.
+    """
+    from lmdistill.evaluate import evaluate_blocks
+    from lmdistill.losses.chunked_ce import chunked_ce_sum_and_count
+    from lmdistill.models import decoder_hidden, lm_head_of
+    from lmdistill.recipes.common import build_setup, describe, write_summary
+    from lmdistill.teachers import HFTeacher
+    from lmdistill.train.loop import StepLoss, Trainer, make_accelerator, save_student
+
+    accelerator = make_accelerator(cfg.train)
+    setup = build_setup(cfg.teacher, cfg.student, cfg.data, cfg.train)
+    assert setup.teacher is not None
+    teacher = HFTeacher(setup.teacher.to(accelerator.device), setup.n_vocab)
+    info = describe(setup)
+    trainer: Trainer | None = None
+
+    def loss_fn(batch: dict[str, Tensor]) -> StepLoss:
+        assert trainer is not None
+        h = decoder_hidden(trainer.model, batch["input_ids"], batch["attention_mask"])
+        weight, bias, scale, softcap = lm_head_of(trainer.model)
+        ce, _ = chunked_ce_sum_and_count(h, weight[: setup.n_vocab], batch["labels"],
+                                         bias=None if bias is None else bias[: setup.n_vocab], logit_scale=scale,
+                                         softcap=softcap)
+        return StepLoss(ce, {"ce": ce})
+
+    def eval_fn(step: int) -> dict[str, float]:
+        assert trainer is not None
+        return evaluate_blocks(trainer.unwrapped, setup.splits.eval, n_vocab=setup.n_vocab,
+                               batch_size=cfg.train.micro_batch_size, max_batches=cfg.train.eval_batches,
+                               teacher_logits_fn=teacher.logits)
+
+    trainer = Trainer(cfg.train, model=setup.student, data=setup.splits.train, loss_fn=loss_fn,
+                      eval_fn=eval_fn if len(setup.splits.eval) else None, accelerator=accelerator,
+                      run_info={"recipe": "ce"})
+    result = trainer.fit()
+    summary: dict[str, Any] = {"recipe": "ce", **info, "steps": result.step, "final_train_loss": result.last_loss,
+                               "train_tokens_per_s": result.tokens_per_s}
+    if accelerator.is_main_process:
+        summary["student_dir"] = str(save_student(trainer.unwrapped, setup.tokenizer,
+                                                  Path(cfg.train.output_dir) / "student"))
+        summary["log"] = str(Path(cfg.train.output_dir) / "log.jsonl")
+        evals = eval_rows(cfg.train.output_dir)
+        if evals:
+            summary["eval_first"], summary["eval_last"] = evals[0], evals[-1]
+        write_summary(cfg.train.output_dir, cfg, summary)
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def eval_rows(output_dir: str | Path) -> list[dict[str, Any]]:
+    """The held-out evaluations in a run's log.jsonl, `eval/` prefix removed, with their step."""
+    from lmdistill.train.logging import read_log
+
+    path = Path(output_dir) / "log.jsonl"
+    if not path.exists():
+        return []
+    return [{k.removeprefix("eval/"): v for k, v in r.items() if k.startswith("eval/") or k == "step"}
+            for r in read_log(path) if any(k.startswith("eval/") for k in r)]
+
+
+def _ce_arm(ctx: ArmContext) -> ArmOutcome:
+    cfg = recipe_config(SoftConfig, _shared(ctx), ctx.spec)
+    with ctx.monitor.phase("train"):
+        summary = run_ce_baseline(cfg)
+    return ArmOutcome(summary, 0.0, "no teacher data: ground-truth tokens only")
+
+
+def _soft_arm(ctx: ArmContext) -> ArmOutcome:
+    from lmdistill.recipes.soft import run_soft
+
+    cfg = recipe_config(SoftConfig, _shared(ctx), ctx.spec)
+    with ctx.monitor.phase("train"):
+        summary = run_soft(cfg)
+    v = int(summary["vocab"])
+    return ArmOutcome(summary, dense_bytes(v), f"dense fp32 distribution over {v:,} tokens, computed online, not stored")
+
+
+register_arm(ArmKind("ce", "cross-entropy on the ground truth (no teacher)", _ce_arm,
+                     (("lmdistill.recipes.soft", "run_soft"),)))
+register_arm(ArmKind("soft", "online soft KD: the frozen teacher's full distribution in every step", _soft_arm,
+                     (("lmdistill.recipes.soft", "run_soft"),)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# offline soft labels: `lmdistill label` once, then `soft --teacher_cache`
+
+
+def _cached_arm(encoding: str) -> Callable[[ArmContext], ArmOutcome]:
+    def run(ctx: ArmContext) -> ArmOutcome:
+        from lmdistill.cache.estimate import describe_encoding, measure_cache
+        from lmdistill.config import LabelConfig
+        from lmdistill.recipes.label import run_label
+        from lmdistill.recipes.soft import run_soft
+
+        cfg = ctx.cfg
+        # The cache stores log-probs at one temperature; the student's loss must use the same one.
+        label_base = {"teacher": cfg.teacher.model_dump(), "data": cfg.data.model_dump(), "progress": cfg.train.progress,
+                      "cache": {"output_dir": str(ctx.out_dir / "cache"), "encoding": encoding,
+                                "temperature": cfg.loss.temperature}}
+        label_cfg = recipe_config(LabelConfig, label_base, ctx.spec, what="prepare")
+        with ctx.monitor.phase("prepare"):
+            run_label(label_cfg)
+        soft_cfg = recipe_config(SoftConfig, {**_shared(ctx), "teacher_cache": label_cfg.cache.output_dir}, ctx.spec)
+        with ctx.monitor.phase("train"):
+            summary = run_soft(soft_cfg)
+        measured = measure_cache(label_cfg.cache.output_dir)
+        train = measured["splits"]["train"]
+        note = (f"{describe_encoding(measured['encoding'])}: {train['bytes']:,} bytes on disk for "
+                f"{train['target_tokens']:,} train tokens")
+        summary["cache"] = {"dir": label_cfg.cache.output_dir, "bytes_per_token": train["bytes_per_token"]}
+        return ArmOutcome(summary, float(train["bytes_per_token"]), note, kl_reference="its cache's sparse targets")
+
+    return run
+
+
+_CACHE_NEEDS = (("lmdistill.recipes.label", "run_label"), ("lmdistill.cache.estimate", "measure_cache"),
+                ("lmdistill.config", "LabelConfig"))
+register_arm(ArmKind("cached_topk", "offline soft KD from a top-k (+ tail) soft-label cache", _cached_arm("topk"),
+                     _CACHE_NEEDS))
+register_arm(ArmKind("cached_sampled", "offline soft KD from a sampled (Random-Sampling KD) soft-label cache",
+                     _cached_arm("sampled"), _CACHE_NEEDS))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# hard labels: the teacher's argmax tokens, or text it generates
+
+
+def _hard_token_arm(ctx: ArmContext) -> ArmOutcome:
+    from lmdistill.config import HardConfig
+    from lmdistill.recipes.hard import run_hard
+
+    cfg = recipe_config(HardConfig, {**_shared(ctx, loss=False), "mode": "token"}, ctx.spec)
+    with ctx.monitor.phase("train"):
+        summary = run_hard(cfg)
+    v = int(summary["vocab"])
+    return ArmOutcome(summary, id_bytes(v), f"one token id (the teacher's argmax) of a {v:,}-token vocabulary")
+
+
+def _hard_sequence_arm(ctx: ArmContext) -> ArmOutcome:
+    from lmdistill.config import HardConfig
+    from lmdistill.generate import GenerateConfig, run_generate
+    from lmdistill.generate.run import output_paths
+    from lmdistill.generate.store import read_records
+    from lmdistill.models import load_tokenizer
+    from lmdistill.recipes.hard import run_hard
+
+    cfg = ctx.cfg
+    # Enough prompts for one epoch of the step budget; the teacher answers each once.
+    needed = cfg.train.max_steps * cfg.train.micro_batch_size * cfg.train.grad_accum
+    gen_base = {
+        "teacher": {"backend": "hf", "model": cfg.teacher.model_dump(), "batch_size": 8},
+        "sampling": {"temperature": 0.7, "top_p": 0.95, "max_new_tokens": cfg.data.block_size, "seed": cfg.train.seed},
+        "prompts": {"max_prompts": needed + cfg.data.eval_documents},
+        "output": str(ctx.out_dir / "completions.jsonl"),
+        "progress": cfg.train.progress,
+    }
+    gen_cfg = recipe_config(GenerateConfig, gen_base, ctx.spec, what="prepare")
+    with ctx.monitor.phase("prepare"):
+        run_generate(gen_cfg)
+    filtered = output_paths(gen_cfg.output)[1]
+    records = read_records(filtered)[0] if filtered.is_file() else []
+    if not records:
+        raise SkipArm(f"the teacher's completions in {filtered} were all filtered out; nothing to train on")
+    # The text is the label: the data are the teacher's completions (chat template, loss on the completion only).
+    data = {**cfg.data.model_dump(), "source": str(filtered), "stage": "chat", "max_documents": None,
+            "eval_documents": min(cfg.data.eval_documents, max(len(records) // 10, 1))}
+    base = {**_shared(ctx, loss=False), "data": data, "mode": "sequence", "eval_teacher": True}
+    hard_cfg = recipe_config(HardConfig, base, ctx.spec)
+    with ctx.monitor.phase("train"):
+        summary = run_hard(hard_cfg)
+    tok = load_tokenizer(cfg.teacher.name_or_path, revision=cfg.teacher.revision,
+                         trust_remote_code=cfg.teacher.trust_remote_code)
+    texts = [r["completion"] for r in records]
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    n_tokens = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    note = f"teacher text: {len(records)} completions, {n_bytes:,} UTF-8 bytes for {n_tokens:,} tokens"
+    summary["completions"] = {"file": str(filtered), "records": len(records)}
+    return ArmOutcome(summary, n_bytes / max(n_tokens, 1), note)
+
+
+register_arm(ArmKind("hard_token", "hard labels: CE on the teacher's argmax token at every position",
+                     _hard_token_arm, (("lmdistill.recipes.hard", "run_hard"), ("lmdistill.config", "HardConfig"))))
+register_arm(ArmKind("hard_sequence", "hard labels: fine-tuning on text the teacher generated (sequence-level)",
+                     _hard_sequence_arm, (("lmdistill.recipes.hard", "run_hard"), ("lmdistill.config", "HardConfig"),
+                                          ("lmdistill.generate", "run_generate"))))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# co-distillation: the teacher keeps training (on CE) in the same step, the student learns from it
+
+
+def _codistill_arm(ctx: ArmContext) -> ArmOutcome:
+    from lmdistill.config import CodistillConfig
+    from lmdistill.models import build_student, load_teacher, load_tokenizer
+    from lmdistill.recipes.codistill import run_codistill
+    from lmdistill.train.loop import save_student
+
+    cfg = ctx.cfg
+    if cfg.student.lora.enabled:
+        raise SkipArm("co-distillation trains full models; this comparison's student uses LoRA")
+    with ctx.monitor.phase("prepare"):
+        # The same initial student as every other arm, saved once so the co-distillation recipe can start from it.
+        tok = load_tokenizer(cfg.teacher.name_or_path, revision=cfg.teacher.revision,
+                             trust_remote_code=cfg.teacher.trust_remote_code)
+        teacher = load_teacher(cfg.teacher) if cfg.student.init == "prune" else None
+        config = teacher.config if teacher is not None else None
+        if config is None:
+            from lmdistill.recipes.common import _config_of
+
+            config = _config_of(cfg.teacher)
+        torch.manual_seed(cfg.train.seed)
+        student = build_student(cfg.student, teacher, config, len(tok), seed=cfg.train.seed)
+        init_dir = save_student(student, tok, ctx.out_dir / "initial_student")
+        del teacher, student
+    loss = cfg.loss
+    base = {
+        "tokenizer": cfg.teacher.name_or_path,
+        "teacher": {"init": "pretrained", "name_or_path": cfg.teacher.name_or_path, "dtype": cfg.teacher.dtype,
+                    "trust_remote_code": cfg.teacher.trust_remote_code},
+        "student": {"init": "pretrained", "name_or_path": str(init_dir), "dtype": cfg.student.dtype},
+        "data": cfg.data.model_dump(),
+        "loss": {"kind": loss.kind, "beta": loss.beta, "temperature": loss.temperature, "fused": loss.fused},
+        "train": {**cfg.train.model_dump(), "output_dir": str(ctx.out_dir)},
+    }
+    co_cfg = recipe_config(CodistillConfig, base, ctx.spec)
+    with ctx.monitor.phase("train"):
+        summary = run_codistill(co_cfg)
+    v = int(summary["vocab"])
+    return ArmOutcome(summary, dense_bytes(v), f"the live teacher's dense fp32 distribution over {v:,} tokens",
+                      kl_reference="the live (co-trained) teacher")
+
+
+register_arm(ArmKind("codistill", "co-distillation: the teacher trains on CE in the same steps, the student learns "
+                     "from both", _codistill_arm,
+                     (("lmdistill.recipes.codistill", "run_codistill"), ("lmdistill.config", "CodistillConfig"))))

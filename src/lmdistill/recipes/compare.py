@@ -1,0 +1,283 @@
+"""`lmdistill compare`: several distillation methods on equal terms, then one report.
+
+Every arm gets the same teacher, data, student initialisation, step budget and seed; only the method differs. The
+arms are kinds from the registry in `lmdistill.recipes.arms` (CE baseline, online soft KD, cached top-k and sampled
+soft KD, token- and sequence-level hard labels, co-distillation); one whose recipe or prerequisites are missing is
+skipped with the reason, and the report shows it.
+
+After training, all students are scored on the same held-out batches against the same teacher
+(`lmdistill.evaluate.evaluate_models`), they and the teacher generate for the same prompts, and `lmdistill.report`
+writes `report.md`, a self-contained `report.html` and `results.json` into `<train.output_dir>/report/`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from lmdistill.config import BaseConfig, DataConfig, LossConfig, ModelConfig, StudentConfig, TrainConfig
+from lmdistill.errors import ConfigError, LmdistillError
+from lmdistill.evaluate import GenerationOptions
+from lmdistill.recipes.arms import (
+    ARM_KINDS,
+    ArmContext,
+    ArmOutcome,
+    ArmSpec,
+    PhaseStats,
+    ResourceMonitor,
+    SkipArm,
+    check_equal_terms,
+    default_arms,
+)
+
+
+def _echo(msg: str) -> None:
+    print(msg, flush=True)
+
+
+class CompareConfig(BaseConfig):
+    """`lmdistill compare`: run several arms on the same data, student init, steps and seed; write a report."""
+
+    title: str = Field("lmdistill: distillation methods compared", description="Heading of the report.")
+    teacher: ModelConfig = Field(default_factory=ModelConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    loss: LossConfig = Field(default_factory=LossConfig, description="The divergence of the soft-label arms.")
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(output_dir="runs/compare"),
+        description="Shared by every arm; arm i writes to <output_dir>/arms/<name>. Held-out metrics use "
+        "micro_batch_size x eval_batches blocks, during training (learning curves) and in the final scoring.",
+    )
+    generation: GenerationOptions = Field(default_factory=GenerationOptions)
+    arms: list[ArmSpec] = Field(default_factory=default_arms, description="The arms, run in this order.")
+    fail_fast: bool = Field(
+        False, description="Stop at the first arm that fails (default: record the failure in the report and go on)."
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> CompareConfig:
+        names = [a.name for a in self.arms]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"arm names must be unique; repeated: {dupes}")
+        if not self.arms:
+            raise ValueError("compare needs at least one arm")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# running a comparison
+
+
+@dataclass
+class ArmResult:
+    """One arm after training: ok (with its outcome and resources), skipped or failed (with the reason)."""
+
+    name: str
+    kind: str
+    label: str
+    status: str  # "ok" | "skipped" | "failed"
+    reason: str | None = None
+    outcome: ArmOutcome | None = None
+    monitor: ResourceMonitor | None = None
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self.outcome.summary if self.outcome else {}
+
+    def row(self) -> dict[str, Any]:
+        """The arm as results.json stores it (metrics are added after the final scoring)."""
+        out: dict[str, Any] = {"name": self.name, "kind": self.kind, "label": self.label, "status": self.status,
+                               "reason": self.reason}
+        if self.outcome is not None and self.monitor is not None:
+            phases, o = self.monitor.phases, self.outcome
+            out.update(
+                student_dir=o.summary.get("student_dir"), log=o.summary.get("log"), kl_reference=o.kl_reference,
+                teacher_bytes_per_token=o.teacher_bytes_per_token, bytes_note=o.bytes_note,
+                wall_s=round(self.monitor.total_seconds, 2),
+                prepare_s=round(phases["prepare"].seconds, 2) if "prepare" in phases else 0.0,
+                train_s=round(phases["train"].seconds, 2) if "train" in phases else None,
+                peak_memory_mb=_peak(phases.get("train")), prepare_peak_memory_mb=_peak(phases.get("prepare")),
+                memory_method=self.monitor.method, train_tokens_per_s=o.summary.get("train_tokens_per_s"),
+                steps=o.summary.get("steps"),
+            )
+        return out
+
+
+def _peak(stats: PhaseStats | None) -> float | None:
+    return None if stats is None or stats.peak_memory_mb is None else round(stats.peak_memory_mb, 1)
+
+
+def run_arms(cfg: CompareConfig, echo: Callable[[str], None] | None = None) -> list[ArmResult]:
+    """Train every arm in order; skipped and failed arms are recorded with their reason."""
+    echo = echo or _echo
+    out_root = Path(cfg.train.output_dir)
+    results: list[ArmResult] = []
+    for spec in cfg.arms:  # fail on config mistakes before hours of training
+        if spec.kind not in ARM_KINDS:
+            raise ConfigError(f"arm `{spec.name}`: unknown kind `{spec.kind}`; registered kinds: "
+                              f"{', '.join(sorted(ARM_KINDS))}")
+        check_equal_terms(spec)
+    for i, spec in enumerate(cfg.arms, 1):
+        kind = ARM_KINDS[spec.kind]
+        head = f"[{i}/{len(cfg.arms)}] {spec.name} ({kind.label})"
+        reason = kind.unavailable()
+        if reason:
+            echo(f"{head}: SKIPPED: {reason}")
+            results.append(ArmResult(spec.name, spec.kind, kind.label, "skipped", reason))
+            continue
+        echo(f"{head} ...")
+        monitor = ResourceMonitor()
+        ctx = ArmContext(cfg=cfg, spec=spec, out_dir=out_root / "arms" / spec.name, monitor=monitor)
+        try:
+            outcome = kind.run(ctx)
+        except SkipArm as e:
+            echo(f"{head}: SKIPPED: {e}")
+            results.append(ArmResult(spec.name, spec.kind, kind.label, "skipped", str(e)))
+            continue
+        except Exception as e:  # noqa: BLE001  (one arm's failure is reported, the others still run)
+            if cfg.fail_fast:
+                raise
+            ctx.out_dir.mkdir(parents=True, exist_ok=True)
+            (ctx.out_dir / "error.txt").write_text(traceback.format_exc())
+            msg = f"{type(e).__name__}: {e}" if not isinstance(e, LmdistillError) else str(e)
+            echo(f"{head}: FAILED: {msg} (traceback in {ctx.out_dir / 'error.txt'})")
+            results.append(ArmResult(spec.name, spec.kind, kind.label, "failed", msg))
+            continue
+        result = ArmResult(spec.name, spec.kind, kind.label, "ok", None, outcome, monitor)
+        echo(f"{head}: done in {monitor.total_seconds:.1f} s")
+        results.append(result)
+    return results
+
+
+def held_out(cfg: CompareConfig) -> tuple[Any, Any]:
+    """The teacher's tokenizer and the held-out blocks every arm is scored on.
+
+    Built before the first arm also as a warm-up: the one-off imports and set-up (datasets, tokenizers, the
+    modelling code) then do not count against the first arm's wall-clock and memory only.
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from lmdistill.data import build_splits
+    from lmdistill.models import load_tokenizer, resolve_model_path
+    from lmdistill.train.loop import make_accelerator
+
+    tok = load_tokenizer(cfg.teacher.name_or_path, revision=cfg.teacher.revision,
+                         trust_remote_code=cfg.teacher.trust_remote_code)
+    held = build_splits(cfg.data, tok).eval
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(cfg.teacher.name_or_path), revision=cfg.teacher.revision,
+                                            trust_remote_code=cfg.teacher.trust_remote_code)
+        MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # imports the modelling module
+    except Exception:  # noqa: BLE001  (only a warm-up: the arm that needs the model reports a real problem)
+        pass
+    make_accelerator(cfg.train)
+    return tok, held
+
+
+def score(cfg: CompareConfig, arms: list[ArmResult], tok: Any, held: Any,
+          echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Every trained student on the same held-out batches against the teacher, and side-by-side generations."""
+    from lmdistill.evaluate import (
+        evaluate_models,
+        generation_tokens_per_s,
+        prompts_from_blocks,
+        prompts_from_text,
+        resolve_device,
+        side_by_side,
+    )
+    from lmdistill.models import load_causal_lm, load_teacher
+
+    echo = echo or _echo
+    device = resolve_device("auto")
+    teacher = load_teacher(cfg.teacher).to(device)
+    students = {a.name: load_causal_lm(a.summary["student_dir"]).to(device).eval()
+                for a in arms if a.status == "ok"}
+    n_blocks = min(len(held), cfg.train.micro_batch_size * cfg.train.eval_batches)
+    echo(f"scoring {len(students)} students and the teacher on {n_blocks} held-out blocks of {cfg.data.block_size} "
+         "tokens ...")
+    metrics = evaluate_models(students, held, n_vocab=len(tok), teacher=teacher,
+                              batch_size=cfg.train.micro_batch_size, max_batches=cfg.train.eval_batches,
+                              device=device)
+    opts = cfg.generation
+    prompts = (prompts_from_text(opts.prompts, tok, cfg.data.stage == "chat") if opts.prompts
+               else prompts_from_blocks(held, opts.n_prompts, opts.prompt_tokens))
+    generations: list[dict[str, Any]] = []
+    if prompts:
+        echo(f"generating for {len(prompts)} prompts (greedy + sampled) with the teacher and {len(students)} students")
+        generations = side_by_side({"teacher": teacher, **students}, tok, prompts, opts)
+    return {"metrics": metrics, "generations": generations, "device": str(device), "eval_blocks": n_blocks,
+            "generation_tokens_per_s": generation_tokens_per_s(generations)}
+
+
+def run_compare(cfg: CompareConfig, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train every arm, score them all, write the report; returns results (also in report/results.json)."""
+    from lmdistill.report import write_report
+
+    echo = echo or _echo
+    t0 = time.perf_counter()
+    echo(f"preparing the held-out data ({cfg.data.source}) ...")
+    tok, held = held_out(cfg)
+    arms = run_arms(cfg, echo)
+    if any(a.status == "ok" for a in arms):
+        scored = score(cfg, arms, tok, held, echo)
+    else:
+        scored = {"metrics": {}, "generations": []}
+    rows = []
+    for a in arms:
+        row = a.row()
+        if a.name in scored["metrics"]:
+            row["metrics"] = scored["metrics"][a.name]
+            row["generation_tokens_per_s"] = scored.get("generation_tokens_per_s", {}).get(a.name)
+        rows.append(row)
+    results: dict[str, Any] = {
+        "title": cfg.title,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "device": scored.get("device", "cpu"),
+        "teacher": cfg.teacher.name_or_path,
+        "equal_terms": _equal_terms(cfg),
+        "eval_blocks": scored.get("eval_blocks", 0),
+        "teacher_metrics": scored["metrics"].get("teacher"),
+        "arms": rows,
+        "generations": scored["generations"],
+        "config": cfg.model_dump(mode="json"),
+    }
+    results["total_wall_s"] = round(time.perf_counter() - t0, 1)
+    paths = write_report(results, Path(cfg.train.output_dir) / "report")
+    results["report"] = {k: str(v) for k, v in paths.items()}
+    return results
+
+
+def _equal_terms(cfg: CompareConfig) -> dict[str, Any]:
+    s = cfg.student
+    student = {"prune": f"pruned from the teacher, layers {s.keep_layers}",
+               "config": f"random init from {json.dumps(s.arch)}",
+               "pretrained": f"checkpoint {s.name_or_path}"}[s.init]
+    return {
+        "teacher": cfg.teacher.name_or_path,
+        "student": student + (" + LoRA" if s.lora.enabled else ""),
+        "data": f"{cfg.data.source} ({cfg.data.stage}), blocks of {cfg.data.block_size} tokens",
+        "steps": cfg.train.max_steps,
+        "batch": f"{cfg.train.micro_batch_size} x {cfg.train.grad_accum} accumulation",
+        "seed": cfg.train.seed,
+        "divergence": f"{cfg.loss.kind} (T={cfg.loss.temperature}, alpha={cfg.loss.alpha})",
+    }
+
+
+def compare_command(cfg: CompareConfig) -> dict[str, Any]:
+    """`lmdistill compare`: run, then print the table and where the report is."""
+    from lmdistill.report import console_table
+
+    results = run_compare(cfg)
+    print()
+    print(console_table(results))
+    print(f"\nreport: {results['report']['html']}  (also {results['report']['markdown']})")
+    return results

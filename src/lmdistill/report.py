@@ -1,0 +1,441 @@
+"""The comparison report: a table, the winner of each metric, figures, side-by-side generations.
+
+`write_report(results, out_dir)` turns the results of `lmdistill compare` into
+    report.md        tables + figures/*.png linked beside it
+    report.html      the same, self-contained: the figures are embedded as base64 PNGs, no external reference
+    results.json     everything measured, for other tools
+Figures: learning curves per arm (training loss, held-out KL to the teacher, held-out perplexity, read from each run's
+log.jsonl), storage vs quality (teacher bytes per token against held-out KL), and the final metrics per arm.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# (key, header, better: "min" | "max", format) for the main table. Keys are looked up in arm["metrics"], then arm.
+METRICS: list[tuple[str, str, str, str]] = [
+    ("perplexity", "held-out perplexity", "min", "{:.2f}"),
+    ("kl_to_teacher", "KL(teacher ‖ student)", "min", "{:.4f}"),
+    ("agreement", "top-1 agreement", "max", "{:.3f}"),
+    ("ece", "ECE", "min", "{:.4f}"),
+    ("teacher_bytes_per_token", "teacher bytes / token", "min", "{:,.4g}"),
+    ("wall_s", "wall-clock (s)", "min", "{:,.1f}"),
+    ("peak_memory_mb", "peak memory (MB)", "min", "{:,.0f}"),
+    ("student_tokens_per_s", "eval tokens/s", "max", "{:,.0f}"),
+]
+CURVES: list[tuple[str, str]] = [("loss", "training loss (each arm's own objective)"),
+                                 ("eval/kl_to_teacher", "held-out KL(teacher ‖ student)"),
+                                 ("eval/perplexity", "held-out perplexity")]
+
+
+@dataclass
+class Figure:
+    name: str
+    title: str
+    caption: str
+    path: Path
+
+
+def value(arm: dict[str, Any], key: str) -> float | None:
+    """A metric of an arm, from its scored metrics or its run record; None where it does not apply."""
+    v = (arm.get("metrics") or {}).get(key, arm.get(key))
+    if v is None or not isinstance(v, int | float) or (isinstance(v, float) and math.isnan(v)):
+        return None
+    return float(v)
+
+
+def scored_arms(results: dict[str, Any]) -> list[dict[str, Any]]:
+    return [a for a in results["arms"] if a["status"] == "ok" and a.get("metrics")]
+
+
+def winners(results: dict[str, Any]) -> dict[str, list[str]]:
+    """Best arm(s) per metric (ties share the win); metrics no arm has are left out. The teacher never competes."""
+    out: dict[str, list[str]] = {}
+    arms = scored_arms(results)
+    for key, _, better, _ in METRICS:
+        vals = [(a["name"], value(a, key)) for a in arms]
+        vals = [(n, v) for n, v in vals if v is not None]
+        if not vals:
+            continue
+        best = min(v for _, v in vals) if better == "min" else max(v for _, v in vals)
+        tol = 1e-12 + 1e-9 * abs(best)
+        out[key] = [n for n, v in vals if abs(v - best) <= tol]
+    return out
+
+
+def _fmt(v: float | None, fmt: str) -> str:
+    return "—" if v is None else fmt.format(v)
+
+
+def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]], list[list[bool]]]:
+    """Header, cells and a `won` flag per cell, for the arms that ran plus the teacher as a reference row."""
+    header = ["arm", "method"] + [h for _, h, _, _ in METRICS]
+    win = winners(results)
+    rows, flags = [], []
+    for arm in results["arms"]:
+        if arm["status"] != "ok":
+            continue
+        rows.append([arm["name"], arm["label"]] + [_fmt(value(arm, k), f) for k, _, _, f in METRICS])
+        flags.append([False, False] + [arm["name"] in win.get(k, []) for k, _, _, _ in METRICS])
+    t = results.get("teacher_metrics")
+    if t:
+        ref = {"perplexity": t.get("perplexity"), "ece": t.get("ece"), "student_tokens_per_s": t.get("student_tokens_per_s")}
+        rows.append(["teacher", f"reference: {results.get('teacher')}"]
+                    + [_fmt(ref.get(k), f) if k in ref else "—" for k, _, _, f in METRICS])
+        flags.append([False] * len(header))
+    return header, rows, flags
+
+
+def kd_gain_kept(results: dict[str, Any]) -> dict[str, float]:
+    """Share of the online-KD improvement over CE (in held-out KL) each arm keeps: (KL_ce - KL_arm) / (KL_ce - KL_soft).
+
+    Empty unless both a `ce` and a `soft` kind arm were scored and soft actually improved on CE.
+    """
+    arms = scored_arms(results)
+    ce = next((value(a, "kl_to_teacher") for a in arms if a["kind"] == "ce"), None)
+    soft = next((value(a, "kl_to_teacher") for a in arms if a["kind"] == "soft"), None)
+    if ce is None or soft is None or ce - soft <= 0:
+        return {}
+    out = {}
+    for a in arms:
+        kl = value(a, "kl_to_teacher")
+        if kl is not None:
+            out[a["name"]] = (ce - kl) / (ce - soft)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# figures
+
+
+def read_curves(log_path: str | None) -> dict[str, list[tuple[int, float]]]:
+    """{curve key: [(step, value), ...]} for the keys of CURVES, from a run's log.jsonl.
+
+    A co-distillation log names the student's loss `loss_student` (its teacher's is `loss_teacher`); it is read as
+    the student's `loss`.
+    """
+    from lmdistill.train.logging import read_log
+
+    curves: dict[str, list[tuple[int, float]]] = {k: [] for k, _ in CURVES}
+    if not log_path or not Path(log_path).is_file():
+        return curves
+    for row in read_log(log_path):
+        for key in curves:
+            v = row.get(key, row.get("loss_student") if key == "loss" else None)
+            if isinstance(v, int | float) and math.isfinite(v):
+                curves[key].append((int(row["step"]), float(v)))
+    return curves
+
+
+def make_figures(results: dict[str, Any], fig_dir: Path) -> list[Figure]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    arms = scored_arms(results)
+    colors = {a["name"]: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(arms)}
+    figures = []
+
+    # 1. learning curves; a star marks the final scoring against the frozen teacher, the same for every arm
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(5.2 * len(CURVES), 4.0))
+    missing: dict[str, list[str]] = {}
+    for ax, (key, title) in zip(axes, CURVES, strict=True):
+        for a in arms:
+            pts = read_curves(a.get("log"))[key]
+            final = value(a, key.removeprefix("eval/")) if key != "loss" else None
+            ref = a.get("kl_reference") or "teacher"
+            label = a["name"] if key == "loss" or ref == "teacher" else f"{a['name']} (vs {ref})"
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.plot(xs, ys, marker="o" if len(xs) < 12 else None, ms=3, label=label, color=colors[a["name"]],
+                        ls="-" if ref == "teacher" or key == "eval/perplexity" else "--")
+            else:
+                missing.setdefault(title, []).append(a["name"])
+            if final is not None and a.get("steps"):
+                ax.scatter([a["steps"]], [final], marker="*", s=90, color=colors[a["name"]], zorder=4,
+                           edgecolors="black", linewidths=0.5)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("optimizer step")
+        if key != "loss":
+            ax.set_yscale("log")
+            plain = FuncFormatter(lambda v, _: f"{v:g}")
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = fig_dir / "learning_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    note = " ".join(f"No {t} was logged by: {', '.join(n)}." for t, n in missing.items())
+    refs = sorted({f"{a['name']}: {a['kl_reference']}" for a in arms
+                   if a.get("kl_reference") not in (None, "teacher")})
+    figures.append(Figure(
+        "learning_curves", "Learning curves",
+        "Per arm, against optimizer steps: the training loss (each arm's own objective, so levels differ by method), "
+        "and the held-out KL to the teacher and perplexity logged every train.eval_every steps. Stars: the final "
+        "scoring of every student against the frozen teacher on the same blocks."
+        + (f" Dashed KL curves are logged against another reference ({'; '.join(refs)})." if refs else "")
+        + (f" {note}" if note else ""), path))
+
+    # 2. storage vs quality
+    fig, axes = plt.subplots(1, 2, figsize=(10.4, 4.0))
+    for ax, key, label in ((axes[0], "kl_to_teacher", "held-out KL(teacher ‖ student)"),
+                           (axes[1], "perplexity", "held-out perplexity")):
+        for a in arms:
+            x, y = value(a, "teacher_bytes_per_token"), value(a, key)
+            if x is None or y is None:
+                continue
+            ax.scatter([x], [y], s=60, color=colors[a["name"]], zorder=3)
+            ax.annotate(a["name"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlabel("teacher data per token (bytes, symlog)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    t = results.get("teacher_metrics") or {}
+    if t.get("perplexity"):
+        axes[1].axhline(t["perplexity"], color="gray", ls="--", lw=1, label="teacher")
+        axes[1].legend(fontsize=8)
+    fig.suptitle("storage vs quality: lower-left is better", fontsize=10)
+    fig.tight_layout()
+    path = fig_dir / "storage_vs_quality.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    figures.append(Figure("storage_vs_quality", "Storage vs quality",
+                          "Each trained arm at its teacher bytes per token (0 for CE, V x 4 for a dense online "
+                          "teacher) against its final held-out KL to the teacher and perplexity.", path))
+
+    # 3. final metrics
+    keys = [("perplexity", "perplexity ↓"), ("kl_to_teacher", "KL to teacher ↓"), ("agreement", "agreement ↑"),
+            ("ece", "ECE ↓")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 3.6))
+    names = [a["name"] for a in arms]
+    for ax, (key, label) in zip(axes, keys, strict=True):
+        vals = [value(a, key) for a in arms]
+        ax.bar(range(len(arms)), [v if v is not None else 0 for v in vals], color=[colors[n] for n in names])
+        ax.set_xticks(range(len(arms)), names, rotation=35, ha="right", fontsize=8)
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    path = fig_dir / "final_metrics.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    figures.append(Figure("final_metrics", "Final held-out metrics",
+                          "The students after the same number of steps, scored on the same held-out blocks.", path))
+    return figures
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# markdown and HTML
+
+
+def _terms_lines(results: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(k, str(v)) for k, v in (results.get("equal_terms") or {}).items()]
+
+
+def _winner_lines(results: dict[str, Any]) -> list[tuple[str, str]]:
+    win = winners(results)
+    out = []
+    for key, header, better, fmt in METRICS:
+        if key in win:
+            arm = next(a for a in scored_arms(results) if a["name"] == win[key][0])
+            out.append((header, f"{', '.join(win[key])} ({_fmt(value(arm, key), fmt)}, "
+                                f"{'lower' if better == 'min' else 'higher'} is better)"))
+    return out
+
+
+def _cost_rows(results: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for a in results["arms"]:
+        if a["status"] != "ok":
+            continue
+        rows.append([a["name"], _fmt(value(a, "prepare_s"), "{:,.1f}"), _fmt(value(a, "train_s"), "{:,.1f}"),
+                     _fmt(value(a, "train_tokens_per_s"), "{:,.0f}"), _fmt(value(a, "peak_memory_mb"), "{:,.0f}"),
+                     _fmt(value(a, "prepare_peak_memory_mb"), "{:,.0f}"), a.get("bytes_note") or ""])
+    return rows
+
+
+COST_HEADER = ["arm", "teacher prep (s)", "training (s)", "train tokens/s", "train peak memory (MB)",
+               "prep peak memory (MB)", "teacher data"]
+
+
+def _not_run(results: dict[str, Any]) -> list[dict[str, Any]]:
+    return [a for a in results["arms"] if a["status"] != "ok"]
+
+
+def _md_table(header: list[str], rows: list[list[str]], bold: list[list[bool]] | None = None) -> str:
+    def cell(text: str, b: bool) -> str:
+        text = text.replace("|", "\\|").replace("\n", " ")
+        return f"**{text}**" if b and text != "—" else text
+
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    for i, row in enumerate(rows):
+        flags = bold[i] if bold else [False] * len(row)
+        lines.append("| " + " | ".join(cell(c, f) for c, f in zip(row, flags, strict=True)) + " |")
+    return "\n".join(lines)
+
+
+def render_markdown(results: dict[str, Any], figures: list[Figure], fig_rel: str = "figures") -> str:
+    header, rows, flags = table_rows(results)
+    out = [f"# {results['title']}", "",
+           f"{results.get('created', '')} on {results.get('device', 'cpu')}; total {results.get('total_wall_s', '?')} s. "
+           "Bold: the best arm on that metric.", "", "## Equal terms", ""]
+    out += [f"- **{k}**: {v}" for k, v in _terms_lines(results)]
+    out += ["", "## Results", "", _md_table(header, rows, flags), ""]
+    if results.get("eval_blocks"):
+        out += [f"Held-out metrics over {results['eval_blocks']} blocks the students never trained on. "
+                f"Peak memory: {_memory_method(results)}.", ""]
+    skipped = _not_run(results)
+    if skipped:
+        out += ["### Arms not run", ""]
+        out += [f"- **{a['name']}** ({a['kind']}): {a['status'].upper()}: {a['reason']}" for a in skipped]
+        out += [""]
+    out += ["## Which arm won", ""]
+    out += [f"- **{k}**: {v}" for k, v in _winner_lines(results)] or ["- no arm was scored"]
+    gain = kd_gain_kept(results)
+    if gain:
+        out += ["", "Share of the online-KD gain over CE (held-out KL) each arm keeps: "
+                + ", ".join(f"{n} {g:.0%}" for n, g in gain.items()) + "."]
+    out += ["", "## Cost", "", _md_table(COST_HEADER, _cost_rows(results)), "", "## Figures", ""]
+    for f in figures:
+        out += [f"### {f.title}", "", f"![{f.title}]({fig_rel}/{f.path.name})", "", f.caption, ""]
+    out += _md_generations(results)
+    return "\n".join(out) + "\n"
+
+
+def _memory_method(results: dict[str, Any]) -> str:
+    methods = {a.get("memory_method") for a in results["arms"] if a.get("memory_method")}
+    return "; ".join(sorted(m for m in methods if m)) or "not measured"
+
+
+def _md_generations(results: dict[str, Any]) -> list[str]:
+    gens = results.get("generations") or []
+    if not gens:
+        return []
+    out = ["## Generations side by side", ""]
+    for i, g in enumerate(gens, 1):
+        out += [f"### Prompt {i}", "", "```", g["prompt"], "```", ""]
+        rows = [[name, o["greedy"]["text"], o["sampled"]["text"]] for name, o in g["outputs"].items()]
+        out += [_md_table(["model", "greedy", "sampled"], rows), ""]
+    return out
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;color:#222;
+padding:0 1rem;line-height:1.45}
+h1{font-size:1.6rem}h2{margin-top:2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
+table{border-collapse:collapse;margin:.6rem 0;font-size:.88rem}
+th,td{border:1px solid #ccc;padding:.3rem .55rem;text-align:right;vertical-align:top}
+th{background:#f3f3f3}td.l,th.l{text-align:left}td.win{font-weight:700;background:#e6f4ea}
+tr.ref td{color:#666;font-style:italic}
+figure{margin:1rem 0}figure img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:.85rem}
+pre{background:#f7f7f7;padding:.5rem;white-space:pre-wrap}.skip{color:#a33}.gen td{text-align:left;max-width:30rem}
+"""
+
+
+def _html_table(header: list[str], rows: list[list[str]], flags: list[list[bool]] | None = None,
+                left_cols: int = 1, cls: str = "", ref_names: tuple[str, ...] = (), left_last: bool = False) -> str:
+    e = html.escape
+    n = len(header)
+
+    def left(j: int) -> bool:
+        return j < left_cols or (left_last and j == n - 1)
+
+    parts = [f'<table class="{cls}">' if cls else "<table>", "<thead><tr>"]
+    parts += [f'<th class="l">{e(h)}</th>' if left(j) else f"<th>{e(h)}</th>" for j, h in enumerate(header)]
+    parts.append("</tr></thead><tbody>")
+    for i, row in enumerate(rows):
+        parts.append('<tr class="ref">' if row[0] in ref_names else "<tr>")
+        for j, c in enumerate(row):
+            classes = (["l"] if left(j) else []) + (["win"] if flags and flags[i][j] else [])
+            attr = f' class="{" ".join(classes)}"' if classes else ""
+            parts.append(f"<td{attr}>{e(c)}</td>")
+        parts.append("</tr>")
+    parts.append("</tbody></table>")
+    return "".join(parts)
+
+
+def render_html(results: dict[str, Any], figures: list[Figure]) -> str:
+    e = html.escape
+    header, rows, flags = table_rows(results)
+    body = [f"<h1>{e(results['title'])}</h1>",
+            f"<p>{e(str(results.get('created', '')))} on {e(str(results.get('device', 'cpu')))}; total "
+            f"{e(str(results.get('total_wall_s', '?')))} s. Highlighted: the best arm on that metric.</p>",
+            "<h2>Equal terms</h2><ul>"]
+    body += [f"<li><b>{e(k)}</b>: {e(v)}</li>" for k, v in _terms_lines(results)]
+    body += ["</ul>", "<h2>Results</h2>",
+             _html_table(header, rows, flags, left_cols=2, cls="results", ref_names=("teacher",))]
+    if results.get("eval_blocks"):
+        body.append(f"<p>Held-out metrics over {results['eval_blocks']} blocks the students never trained on. "
+                    f"Peak memory: {e(_memory_method(results))}.</p>")
+    skipped = _not_run(results)
+    if skipped:
+        body.append('<h3>Arms not run</h3><ul class="skipped">')
+        body += [f'<li class="skip"><b>{e(a["name"])}</b> ({e(a["kind"])}): {e(a["status"].upper())}: '
+                 f'{e(str(a["reason"]))}</li>' for a in skipped]
+        body.append("</ul>")
+    body.append('<h2>Which arm won</h2><ul class="winners">')
+    body += [f"<li><b>{e(k)}</b>: {e(v)}</li>" for k, v in _winner_lines(results)] or ["<li>no arm was scored</li>"]
+    body.append("</ul>")
+    gain = kd_gain_kept(results)
+    if gain:
+        body.append("<p>Share of the online-KD gain over CE (held-out KL) each arm keeps: "
+                    + e(", ".join(f"{n} {g:.0%}" for n, g in gain.items())) + ".</p>")
+    body += ["<h2>Cost</h2>", _html_table(COST_HEADER, _cost_rows(results), cls="cost", left_last=True),
+             "<h2>Figures</h2>"]
+    for f in figures:
+        data = base64.b64encode(f.path.read_bytes()).decode("ascii")
+        body.append(f'<figure id="fig-{e(f.name)}"><h3>{e(f.title)}</h3>'
+                    f'<img alt="{e(f.title)}" src="data:image/png;base64,{data}">'
+                    f"<figcaption>{e(f.caption)}</figcaption></figure>")
+    gens = results.get("generations") or []
+    if gens:
+        body.append("<h2>Generations side by side</h2>")
+        for i, g in enumerate(gens, 1):
+            gen_rows = [[name, o["greedy"]["text"], o["sampled"]["text"]] for name, o in g["outputs"].items()]
+            body += [f"<h3>Prompt {i}</h3><pre>{e(g['prompt'])}</pre>",
+                     _html_table(["model", "greedy", "sampled"], gen_rows, left_cols=3, cls="gen",
+                                 ref_names=("teacher",))]
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{e(results['title'])}</title><style>{CSS}</style></head><body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
+
+
+def write_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """Write report.md (+ figures/), self-contained report.html and results.json; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = make_figures(results, out / "figures") if scored_arms(results) else []
+    results = {**results, "winners": winners(results), "kd_gain_kept": kd_gain_kept(results)}
+    paths = {"markdown": out / "report.md", "html": out / "report.html", "results": out / "results.json"}
+    paths["markdown"].write_text(render_markdown(results, figures), encoding="utf-8")
+    paths["html"].write_text(render_html(results, figures), encoding="utf-8")
+    paths["results"].write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
+    return paths
+
+
+def console_table(results: dict[str, Any]) -> str:
+    """The results table as plain aligned text, for the terminal."""
+    header, rows, _ = table_rows(results)
+    header = [h for i, h in enumerate(header) if i != 1]  # the method description is long; the report has it
+    rows = [[c for i, c in enumerate(r) if i != 1] for r in rows]
+    widths = [max(len(h), *(len(r[j]) for r in rows)) if rows else len(h) for j, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) if j == 0 else h.rjust(w) for j, (h, w) in enumerate(zip(header, widths,
+                                                                                          strict=True)))]
+    lines.append("  ".join("-" * w for w in widths))
+    for r in rows:
+        lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths,
+                                                                                               strict=True))))
+    for a in _not_run(results):
+        lines.append(f"{a['name']}: {a['status'].upper()}: {a['reason']}")
+    return "\n".join(lines)
