@@ -118,20 +118,22 @@ class Trainer:
     def unwrapped(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
-    def _save(self, step: int) -> None:
+    def _save(self, step: int, last_loss: float) -> None:
         self.accelerator.wait_for_everyone()
         if self.is_main:
             self.ckpt.save(step, models={"student": self.unwrapped}, optimizers={"student": self.optimizer},
-                           schedulers={"student": self.scheduler}, extra={"run": self.run_info})
+                           schedulers={"student": self.scheduler},
+                           extra={"run": self.run_info, "last_loss": last_loss})
         self.accelerator.wait_for_everyone()
 
-    def _resume(self) -> int:
+    def _resume(self) -> tuple[int, float]:
+        """(step, last training loss) of the newest complete checkpoint; (0, nan) when there is none."""
         latest = self.ckpt.latest()
         if latest is None:
-            return 0
+            return 0, float("nan")
         state = self.ckpt.load(latest, models={"student": self.unwrapped}, optimizers={"student": self.optimizer},
                                schedulers={"student": self.scheduler})
-        return int(state["step"])
+        return int(state["step"]), float(state.get("extra", {}).get("last_loss", float("nan")))
 
     def _evaluate(self, step: int) -> dict[str, float]:
         assert self.eval_fn is not None
@@ -142,14 +144,17 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         cfg, acc = self.cfg, self.accelerator
-        start = self._resume() if cfg.resume else 0
+        start, last_loss = self._resume() if cfg.resume else (0, float("nan"))
+        # Resumed from the final checkpoint (killed while exporting): the final evaluation was logged and the
+        # checkpoint written before that, so neither is repeated.
+        finished = start >= cfg.max_steps
         logger = RunLogger(cfg.output_dir, enabled=self.is_main, resume_step=start if cfg.resume else None)
         if self.is_main and start:
             acc.print(f"resumed from step {start} ({self.ckpt.latest()})")
         if self.eval_fn is not None and start == 0:
             logger.log(0, {f"eval/{k}": v for k, v in self._evaluate(0).items()})
         history: list[dict[str, Any]] = []
-        tokens_done, t_start, last_loss = 0, time.perf_counter(), float("nan")
+        tokens_done, t_start = 0, time.perf_counter()
         device = acc.device
         with make_progress(cfg.progress and self.is_main) as progress:
             task = progress.add_task("train", total=cfg.max_steps, completed=start, stats="")
@@ -212,13 +217,13 @@ class Trainer:
                 if self.eval_fn is not None and cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.max_steps:
                     logger.log(done, {f"eval/{k}": v for k, v in self._evaluate(done).items()})
                 if cfg.save_every and done % cfg.save_every == 0 and done != cfg.max_steps:
-                    self._save(done)
+                    self._save(done, last_loss)
                 progress.update(task, completed=done, stats=f"loss {last_loss:.4f} | {tps:,.0f} tok/s")
-        if self.eval_fn is not None:
+        if self.eval_fn is not None and not finished:
             final_eval = self._evaluate(cfg.max_steps)
             logger.log(cfg.max_steps, {f"eval/{k}": v for k, v in final_eval.items()})
-        if cfg.save_every:
-            self._save(cfg.max_steps)
+        if cfg.save_every and not finished:
+            self._save(cfg.max_steps, last_loss)
         logger.close()
         elapsed = time.perf_counter() - t_start
         return TrainResult(cfg.max_steps, last_loss, tokens_done / max(elapsed, 1e-9), history)
