@@ -113,6 +113,22 @@ def _report_run(summary: dict[str, Any]) -> None:
         click.echo(f"train throughput: {summary['train_tokens_per_s']:,.0f} tokens/s")
 
 
+def _label(cfg: Any) -> None:
+    from lmdistill.recipes.label import run_label
+
+    summary = run_label(cfg)
+    if "manifest" in summary:
+        click.echo(f"cache:   {summary['cache_dir']} ({summary['bytes']:,} bytes, {summary['bytes_per_token']:.1f} "
+                   f"bytes/target token)")
+        click.echo(f"labelled {summary['labelled_tokens']:,} tokens at {summary['tokens_per_s']:,.0f} tokens/s")
+
+
+def _estimate(cfg: Any) -> None:
+    from lmdistill.cache.estimate import run_estimate
+
+    run_estimate(cfg)
+
+
 def _register_all() -> None:
     from lmdistill.config import HardConfig, SoftConfig
 
@@ -126,6 +142,10 @@ def _register_all() -> None:
 
     register("generate", GenerateConfig, run_generate, "Teacher completions for sequence-level distillation (JSONL).")
     register("serve", ServeConfig, run_serve, "Serve a local model over an OpenAI-compatible HTTP API.")
+    from lmdistill.config import EstimateConfig, LabelConfig
+
+    register("label", LabelConfig, _label, "Run the teacher once over the data and write a soft-label cache.")
+    register("estimate", EstimateConfig, _estimate, "Soft-label storage: dense vs top-k vs sampled, or a real cache.")
 
     from lmdistill.evaluate import EvalConfig, eval_command
     from lmdistill.recipes.compare import CompareConfig, compare_command

@@ -16,8 +16,9 @@ one that was labelled) and ``row_offsets`` [n + 1] (rows of block i are ``row_of
 - ``sampled``: ``n_ids`` [R] (distinct ids per row), ``ids`` / ``counts`` / ``logprobs`` [sum n_ids] (flat, rows in
   order, ids ascending within a row).
 
-Bytes are a pure function of the inputs: tensors and metadata are written in sorted order with no timestamps, so a
-resumed or multi-process run produces byte-identical shards.
+Bytes are a pure function of the inputs: tensors are written in sorted order, the safetensors metadata is a single
+key (``lmdistill``: sorted JSON with split, shard index and block range) and nothing holds a timestamp, so a resumed
+or multi-process run produces byte-identical shards.
 """
 
 from __future__ import annotations

@@ -301,9 +301,10 @@ class CacheWriter:
                 on_batch(int(mask.sum()))
         sub = TokenBlocks(*(t[lo:hi] for t in (blocks.input_ids, blocks.labels, blocks.attention_mask)))
         tensors = self._pack(parts, sub)
-        data = safetensors_save(dict(sorted(tensors.items())),
-                                metadata={"blocks": f"{lo}:{hi}", "format": FORMAT, "shard": str(j), "split": split,
-                                          "version": str(VERSION)})
+        # one metadata key: safetensors writes a metadata map in hash order, which differs from run to run
+        about = json.dumps({"blocks": [lo, hi], "format": FORMAT, "shard": j, "split": split, "version": VERSION},
+                           sort_keys=True)
+        data = safetensors_save(dict(sorted(tensors.items())), metadata={"lmdistill": about})
         rel = shard_name(split, j)
         write_atomic(self.root / rel, data)
         rows_n = int(tensors["row_offsets"][-1])
@@ -312,6 +313,7 @@ class CacheWriter:
                            bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
         self.done[(split, j)] = entry
         self._write_journal()
+        log.info("rank %d of %d wrote %s (%d rows, %d bytes)", self.rank, self.world, rel, rows_n, len(data))
         return rows_n
 
     def _pack(self, parts: list[dict[str, Tensor]], sub: TokenBlocks) -> dict[str, Tensor]:

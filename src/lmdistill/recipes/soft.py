@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lmdistill.cache.format import read_manifest
 from lmdistill.cache.reader import CachedTeacher, evaluate_with_cache
 from lmdistill.config import LossConfig, SoftConfig
 from lmdistill.data import IGNORE
@@ -106,6 +107,8 @@ def run_soft(cfg: SoftConfig) -> dict[str, Any]:
         from lmdistill.recipes.soft_api import run_soft_api
 
         return run_soft_api(cfg)
+    if cfg.teacher_cache is not None:
+        read_manifest(cfg.teacher_cache)  # a missing or unfinished cache fails before any model is loaded
     accelerator = make_accelerator(cfg.train)
     setup = build_setup(cfg.teacher, cfg.student, cfg.data, cfg.train, load_teacher_model=cfg.teacher_cache is None)
     info = describe(setup)

@@ -1,0 +1,116 @@
+"""`lmdistill label`: run the teacher once over the training data and write a soft-label cache.
+
+The blocks are exactly the ones `lmdistill soft` trains on (the same DataConfig through the same tokenizer), so a
+student trains from the cache with `lmdistill soft --teacher_cache DIR` and no teacher in memory. Under `torchrun` or
+`accelerate launch` each rank labels the shards `j % world_size == rank` of every split; rank 0 merges at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lmdistill.cache.format import MANIFEST
+from lmdistill.cache.writer import CacheWriter, build_header, teacher_fingerprint
+from lmdistill.config import LabelConfig
+from lmdistill.data import IGNORE, build_splits, check_block_size
+from lmdistill.models import load_teacher, load_tokenizer, shared_vocab_size, tokenizer_fingerprint
+from lmdistill.recipes.common import seed_everything
+from lmdistill.train.logging import make_progress
+
+
+class _Dist:
+    """Rank and world size from torchrun/accelerate's environment; a gloo/nccl group only for the barriers."""
+
+    def __init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.group = False
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+                self.group = True
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(f"cuda:{self.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def run_label(cfg: LabelConfig) -> dict[str, Any]:
+    """Label the configured splits into cfg.cache.output_dir; returns a summary (tokens, seconds, bytes)."""
+    dist = _Dist()
+    try:
+        return _label(cfg, dist)
+    finally:
+        dist.close()
+
+
+def _label(cfg: LabelConfig, dist: _Dist) -> dict[str, Any]:
+    seed_everything(cfg.cache.seed)
+    tokenizer = load_tokenizer(cfg.teacher.name_or_path, revision=cfg.teacher.revision,
+                               trust_remote_code=cfg.teacher.trust_remote_code)
+    teacher = load_teacher(cfg.teacher)
+    n_vocab = shared_vocab_size(tokenizer, tokenizer, teacher)
+    check_block_size(cfg.data.block_size, teacher.config)
+    data = build_splits(cfg.data, tokenizer)
+    splits = {name: getattr(data, name) for name in cfg.cache.splits}
+    header = build_header(
+        teacher=teacher_fingerprint(teacher, cfg.teacher.name_or_path),
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), vocab=n_vocab,
+        data_params=cfg.data.model_dump(mode="json"), splits=splits, cfg=cfg.cache,
+    )
+    teacher.to(dist.device)
+    writer = CacheWriter(cfg.cache.output_dir, header, rank=dist.rank, world_size=dist.world)
+    dist.barrier()  # every rank has checked the existing cache before any rank writes a shard
+
+    def logits_fn(batch: dict[str, Tensor]) -> Tensor:
+        out = teacher(input_ids=batch["input_ids"].to(dist.device),
+                      attention_mask=batch["attention_mask"].to(dist.device), use_cache=False)
+        return out.logits[..., :n_vocab]
+
+    S = cfg.cache.shard_blocks
+    todo = sum(int((splits[s].labels[j * S : (j + 1) * S] != IGNORE).sum()) for s in splits for j in writer.pending(s))
+    t0, tokens, done = time.perf_counter(), 0, 0
+    with make_progress(cfg.progress and dist.rank == 0) as progress:
+        task = progress.add_task("label", total=max(todo, 1), stats="")
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            progress.update(task, advance=n, stats=f"{done / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
+
+        for name, blocks in splits.items():
+            tokens += writer.write_split(name, blocks, logits_fn, on_batch=advance)
+    seconds = time.perf_counter() - t0
+    dist.barrier()  # all shards are on disk before the merge
+    summary: dict[str, Any] = {"cache_dir": str(Path(cfg.cache.output_dir)), "rank": dist.rank,
+                               "world_size": dist.world, "labelled_tokens": tokens, "seconds": seconds,
+                               "tokens_per_s": tokens / max(seconds, 1e-9)}
+    if dist.rank == 0:
+        manifest = writer.merge()
+        summary["bytes"] = sum(s.bytes for s in manifest.shards)
+        summary["target_tokens"] = sum(manifest.split(s)["target_tokens"] for s in splits)
+        summary["bytes_per_token"] = summary["bytes"] / max(summary["target_tokens"], 1)
+        summary["manifest"] = str(Path(cfg.cache.output_dir) / MANIFEST)
+    dist.barrier()
+    return summary

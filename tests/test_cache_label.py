@@ -1,0 +1,163 @@
+"""`lmdistill label` end to end: kill -9 and resume, two processes, and training from the cache with no teacher."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import soft_overrides
+from lmdistill.cache import read_manifest
+from lmdistill.config import LabelConfig, SoftConfig, load_config
+
+# a sampled cache: per-shard random streams make byte-identity a real test of the sharding
+COMMON = {"data.block_size": "16", "data.max_documents": "24", "data.eval_documents": "6",
+          "cache.encoding": "sampled", "cache.draws": "16", "cache.shard_blocks": "32", "cache.batch_size": "8",
+          "progress": "false"}
+# one thread everywhere, so the float results (and thus the bytes) cannot depend on the thread count
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+SLOW_LABEL = """
+import sys, time
+import lmdistill.cache.writer as w
+_write = w.CacheWriter._write_shard
+def slow(self, *a, **k):  # pace the run so the kill lands mid-run, between shards
+    time.sleep(0.3)
+    return _write(self, *a, **k)
+w.CacheWriter._write_shard = slow
+from lmdistill.cli import run
+run()
+"""
+
+
+def _args(teacher_dir: Path, text_file: Path, out: Path, **extra: str) -> list[str]:
+    merged = {"teacher.name_or_path": str(teacher_dir), "data.source": str(text_file), "cache.output_dir": str(out),
+              **COMMON, **extra}
+    return [a for k, v in merged.items() for a in (f"--{k}", v)]
+
+
+def _digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def reference(teacher_dir, text_file, tmp_path_factory) -> Path:
+    """An uninterrupted single-process run, the cache the others must reproduce byte for byte."""
+    out = tmp_path_factory.mktemp("ref") / "cache"
+    proc = subprocess.run([sys.executable, "-m", "lmdistill", "label", *_args(teacher_dir, text_file, out)],
+                          capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert "bytes/target token" in proc.stdout
+    manifest = read_manifest(out)
+    assert len(manifest.shards_of("train")) >= 4 and manifest.shards_of("eval")
+    return out
+
+
+def test_kill9_mid_run_then_resume_gives_the_same_bytes(reference, teacher_dir, text_file, tmp_path):
+    out = tmp_path / "cache"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_LABEL, "label", *_args(teacher_dir, text_file, out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+    deadline = time.monotonic() + 180
+    while len(list((out / "train").glob("shard-*.safetensors"))) < 2:
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        assert time.monotonic() < deadline, "labelling made no progress"
+        time.sleep(0.05)
+    proc.kill()  # SIGKILL: no cleanup code runs
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    first = out / "train" / "shard-00000.safetensors"
+    mtime = first.stat().st_mtime_ns
+    # what a crash can leave besides finished shards: a half-written temp file, and a shard file the journal never
+    # recorded (killed between rename and journal update); both must be redone, not trusted
+    (out / "train" / ".shard-00002.safetensors.tmp").write_bytes(b"half a shard")
+    (out / "train" / "shard-00003.safetensors").write_bytes(b"not a finished shard")
+    done = subprocess.run([sys.executable, "-m", "lmdistill", "label", *_args(teacher_dir, text_file, out)],
+                          capture_output=True, text=True, env=ENV)
+    assert done.returncode == 0, done.stderr
+    assert _digests(out) == _digests(reference)
+    assert first.stat().st_mtime_ns == mtime  # resumed after the finished shards, did not redo them
+
+
+def test_two_processes_write_disjoint_shards_that_read_back_as_one_cache(reference, teacher_dir, text_file, tmp_path):
+    out = tmp_path / "cache"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lmdistill",
+         "-v", "label", *_args(teacher_dir, text_file, out)],
+        capture_output=True, text=True, env=ENV,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = re.findall(r"rank (\d) of 2 wrote (\S+)", proc.stderr)
+    by_rank = {r: {f for rr, f in written if rr == r} for r in ("0", "1")}
+    assert by_rank["0"] and by_rank["1"] and not by_rank["0"] & by_rank["1"]
+    assert all(int(re.search(r"(\d+)\.safetensors", f).group(1)) % 2 == int(r) for r, f in written)
+    assert _digests(out) == _digests(reference)  # every shard and the merged manifest
+
+
+def test_soft_trains_from_the_cache_without_a_teacher_and_lowers_heldout_kl(teacher_dir, student_dir, text_file,
+                                                                           tmp_path, monkeypatch):
+    from lmdistill.evaluate import evaluate_blocks
+    from lmdistill.models import load_causal_lm, load_teacher, load_tokenizer
+    from lmdistill.recipes import common
+    from lmdistill.recipes.label import run_label
+    from lmdistill.recipes.soft import run_soft
+    from lmdistill.teachers import HFTeacher
+
+    data = {"data.block_size": "32", "data.eval_documents": "20", "data.max_documents": "40"}
+    label = load_config(LabelConfig, None, _args(teacher_dir, text_file, tmp_path / "cache", **data, **{
+        "cache.encoding": "topk", "cache.k": "8"}))
+    summary = run_label(label)
+    assert summary["bytes_per_token"] < 8 * 4 + 2 + 2  # top-8 fp16 + tail, plus digests/offsets/headers
+
+    def no_teacher(*_: object, **__: object) -> None:
+        raise AssertionError("soft --teacher_cache must not load the teacher model")
+
+    monkeypatch.setattr(common, "load_teacher", no_teacher)
+    soft = load_config(SoftConfig, None, soft_overrides(teacher_dir, student_dir, text_file, tmp_path / "run", **{
+        "teacher_cache": str(tmp_path / "cache"), "train.max_steps": "30", **data}))
+    result = run_soft(soft)
+    monkeypatch.undo()
+    first, last = result["eval_first"], result["eval_last"]  # measured against the cache's eval split
+    assert last["kl_to_teacher"] < 0.5 * first["kl_to_teacher"], (first, last)
+
+    # the real held-out KL, with the real teacher: the student learned the teacher, not just the cache
+    tok = load_tokenizer(str(teacher_dir))
+    teacher = HFTeacher(load_teacher(soft.teacher), len(tok))
+    from lmdistill.data import build_splits
+
+    held = build_splits(soft.data, tok).eval
+    kl = {}
+    for name, path in (("before", student_dir), ("after", Path(result["student_dir"]))):
+        kl[name] = evaluate_blocks(load_causal_lm(str(path)), held, n_vocab=len(tok), batch_size=4, max_batches=8,
+                                   teacher_logits_fn=teacher.logits)["kl_to_teacher"]
+    assert kl["after"] < 0.5 * kl["before"], kl
+    assert torch.isfinite(torch.tensor(list(kl.values()))).all()
+
+
+def test_cli_refuses_a_missing_cache_with_one_message(teacher_dir, student_dir, text_file, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmdistill", "soft", *soft_overrides(teacher_dir, student_dir, text_file, tmp_path,
+                                                                     teacher_cache=str(tmp_path / "nope"))],
+        capture_output=True, text=True, env=ENV,
+    )
+    assert proc.returncode == 2
+    assert "soft-label cache" in proc.stderr and "does not exist" in proc.stderr and "lmdistill label" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_shipped_label_configs_validate_and_match_soft_yaml_data():
+    """`lmdistill soft --config configs/soft.yaml --teacher_cache DIR` needs the cache labelled on the same blocks."""
+    root = Path(__file__).parent.parent / "configs"
+    soft = load_config(SoftConfig, root / "soft.yaml")
+    paths = sorted(root.glob("label*.yaml"))
+    assert paths, "configs/ should ship label examples"
+    for path in paths:
+        cfg = load_config(LabelConfig, path)
+        assert cfg.data == soft.data, path
+        assert cfg.teacher.name_or_path == soft.teacher.name_or_path, path
