@@ -135,7 +135,7 @@ def run_estimate(cfg: EstimateConfig) -> dict[str, Any]:
 
     result: dict[str, Any] = {}
     distinct: dict[int, float] = {}
-    vocab, tokens, dtype = cfg.vocab, cfg.tokens, cfg.dtype
+    vocab, tokens, dtype, ks, draws = cfg.vocab, cfg.tokens, cfg.dtype, list(cfg.k), list(cfg.draws)
     if cfg.cache is not None:
         m = measure_cache(cfg.cache)
         result["cache"] = m
@@ -152,11 +152,15 @@ def run_estimate(cfg: EstimateConfig) -> dict[str, Any]:
         tokens = tokens or float(m["target_tokens"])
         if "dtype" not in cfg.model_fields_set:
             dtype = enc["values"]
+        # the cache's own encoding gets a row, with its measured distinct ids when sampled
         if enc["kind"] == "sampled":
             distinct[int(enc["draws"])] = m["ids_per_token"]
+            draws = sorted({*draws, int(enc["draws"])})
+        else:
+            ks = sorted({*ks, int(enc["k"])})
         click.echo("")
     assert vocab is not None and tokens is not None
-    rows = paper_rows(vocab, tokens, dtype, cfg.k, cfg.draws, distinct)
+    rows = paper_rows(vocab, tokens, dtype, ks, draws, distinct)
     click.echo(f"soft-label storage for {tokens:.4g} tokens, vocabulary {vocab:,}, values {dtype} "
                f"({DTYPE_BYTES[dtype]} byte{'s' if DTYPE_BYTES[dtype] > 1 else ''}), ids {id_bytes(vocab)} "
                f"byte{'s' if id_bytes(vocab) > 1 else ''}:")
