@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ from conftest import SUBJECTS, soft_overrides
 from lmdistill.config import HardConfig, load_config
 from lmdistill.data import IGNORE, pack_text
 from lmdistill.errors import ConfigError
-from lmdistill.recipes.hard import _setup, hard_step_loss, run_hard, teacher_argmax
+from lmdistill.recipes.hard import _setup, cached_top1, hard_step_loss, run_hard, teacher_argmax
 from lmdistill.teachers import HFTeacher
 from lmdistill.train.logging import read_log
 
@@ -107,6 +105,49 @@ def test_token_mode_raises_agreement_with_the_teacher(teacher_dir, student_dir, 
     assert summary["recipe"] == "hard-token" and Path(summary["student_dir"], "model.safetensors").exists()
 
 
+def test_token_mode_from_a_k1_cache_matches_the_teacher_and_needs_no_teacher(teacher_dir, student_dir, text_file,
+                                                                            tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lmdistill.cache.reader import CachedTeacher
+    from lmdistill.cache.writer import CacheWriter, build_header
+    from lmdistill.config import CacheConfig
+    from lmdistill.models import tokenizer_fingerprint
+
+    data = {"data.source": str(text_file), "data.block_size": "32", "data.eval_documents": "40",
+            "data.max_documents": "60"}  # labelling is the slow part: label only what 20 steps read
+    # No teacher at that path: the run must take every label from the cache.
+    cfg = hard_config(tmp_path / "no-teacher", student_dir, text_file, tmp_path / "run", **data, **{
+        "teacher_cache": str(tmp_path / "cache"), "train.max_steps": "20", "train.eval_batches": "3"})
+    setup = _setup(cfg, load_teacher=False)
+    splits = {"train": setup.splits.train, "eval": setup.splits.eval}
+    n = len(tokenizer)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    # What `lmdistill label --cache.k 1` writes: the teacher's top-1 id per target position.
+    header = build_header(teacher={"name_or_path": str(teacher_dir)}, tokenizer_fingerprint=tokenizer_fingerprint(
+        tokenizer), vocab=n, data_params=cfg.data.model_dump(mode="json"), splits=splits,
+        cfg=CacheConfig(output_dir=str(tmp_path / "cache"), k=1))
+    writer = CacheWriter(tmp_path / "cache", header)
+    for name, blocks in splits.items():
+        writer.write_split(name, blocks, HFTeacher(teacher, n).logits)
+    writer.merge()
+
+    batch = setup.splits.train.batch([0, 1, 2])
+    labels = cached_top1(CachedTeacher(tmp_path / "cache", "train").targets(batch), batch["labels"])
+    with torch.no_grad():
+        ref = teacher(input_ids=batch["input_ids"]).logits[..., :n]
+    top2 = ref.topk(2, dim=-1).values
+    assert bool(((labels == ref.argmax(-1)) | (top2[..., 0] - top2[..., 1] < 1e-5)).all())
+
+    summary = run_hard(cfg)
+    first, last = summary["eval_first"], summary["eval_last"]  # agreement with the cached top-1 on held-out blocks
+    assert last["agreement"] > first["agreement"] + 0.2, (first, last)
+    assert summary["teacher_cache"] == str(tmp_path / "cache")
+    with pytest.raises(ConfigError, match="use it with mode=token"):
+        hard_config(teacher_dir, student_dir, text_file, tmp_path, mode="sequence", **{
+            "data.stage": "chat", "teacher_cache": str(tmp_path / "cache")})
+
+
 # ---------------------------------------------------------------------------------------------- sequence level
 
 
@@ -144,9 +185,13 @@ def test_sequence_mode_fine_tunes_on_generated_completions(completions, student_
 def test_cli_sequence_mode_with_eval_teacher_reports_agreement(completions, teacher_dir, student_dir, tmp_path):
     args = soft_overrides(teacher_dir, student_dir, completions, tmp_path / "run",
                           **sequence_args(completions, **{"train.max_steps": "2", "eval_teacher": "true"}))
-    proc = subprocess.run([sys.executable, "-m", "lmdistill", "hard", *args], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert "hard distillation (sequence, teacher text)" in proc.stdout and "agreement" in proc.stdout
+    from click.testing import CliRunner
+
+    from lmdistill.cli import main
+
+    result = CliRunner().invoke(main, ["hard", *args])  # in-process: a subprocess would re-import torch
+    assert result.exit_code == 0, result.output
+    assert "hard distillation (sequence, teacher text)" in result.output and "agreement" in result.output
     assert (tmp_path / "run" / "student" / "model.safetensors").exists()
 
 

@@ -348,7 +348,8 @@ class HardConfig(BaseConfig):
 
     mode: Literal["token", "sequence"] = Field(
         "token",
-        description="`token`: the teacher's argmax at every target position of data.source is the label; "
+        description="`token`: the teacher's argmax at every target position of data.source is the label (online, "
+        "or from teacher_cache); "
         "`sequence`: supervised fine-tuning on teacher completions (a `lmdistill generate` JSONL, data.stage=chat, "
         "loss on the completion only; no teacher model is needed).",
     )
@@ -356,10 +357,16 @@ class HardConfig(BaseConfig):
     student: StudentConfig = Field(default_factory=StudentConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     loss: HardLossConfig = Field(default_factory=HardLossConfig)
+    teacher_cache: str | None = Field(
+        None,
+        description="mode=token: read the teacher's tokens (its top-1 id per position) from a top-k soft-label cache "
+        "written by `lmdistill label` (k=1 is enough) instead of running the teacher.",
+    )
     eval_teacher: bool = Field(
         False,
-        description="mode=sequence: also load the teacher (training does not need it) to report held-out KL and "
-        "agreement with it; needs the student to share its tokenizer. mode=token always reports them.",
+        description="Also load the teacher where training does not need it (mode=sequence, or a teacher_cache) to "
+        "report held-out KL and agreement with it; needs the student to share its tokenizer. mode=token online "
+        "always reports them.",
     )
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(output_dir="runs/hard"))
 
@@ -370,6 +377,8 @@ class HardConfig(BaseConfig):
                 "mode=sequence trains on teacher completions with the chat template: set data.stage=chat and "
                 "data.source to a `lmdistill generate` JSONL (its `messages` column)"
             )
+        if self.mode == "sequence" and self.teacher_cache:
+            raise ValueError("teacher_cache holds token-level labels: use it with mode=token, not mode=sequence")
         return self
 
 

@@ -5,7 +5,8 @@
 
       loss = alpha * CE(student, teacher argmax) + (1 - alpha) * CE(student, ground truth).
 
-  The teacher runs online in the step, its argmax taken chunk by chunk from hidden states (never [B, T, V] logits).
+  The teacher runs online in the step, its argmax taken chunk by chunk from hidden states (never [B, T, V] logits),
+  or its top-1 ids are read from a top-k soft-label cache (`teacher_cache`; k = 1 is all it needs).
 - `mode=sequence` (how DeepSeek-R1 was distilled into Qwen and Llama students): `lmdistill generate` writes teacher
   completions, and the student is fine-tuned on them with the chat template, loss on completion tokens only. No
   teacher model is needed: the teacher may be a closed model behind an API with a tokenizer of its own.
@@ -22,11 +23,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lmdistill.cache.reader import CachedTeacher, evaluate_with_cache
 from lmdistill.config import HardConfig, StudentConfig
 from lmdistill.data import IGNORE, build_splits, check_block_size
 from lmdistill.errors import ConfigError
 from lmdistill.evaluate import evaluate_blocks
 from lmdistill.losses.chunked_ce import chunked_ce_sum_and_count
+from lmdistill.losses.fused import SparseTargets
 from lmdistill.models import build_student, decoder_hidden, lm_head_of, load_tokenizer, shared_vocab_size
 from lmdistill.recipes.common import Setup, build_setup, describe, seed_everything, write_summary
 from lmdistill.teachers import HFTeacher, HiddenTargets, project_logits
@@ -83,6 +86,41 @@ def hard_step_loss(student: nn.Module, batch: dict[str, Tensor], teacher_labels:
     return StepLoss(alpha * kd + (1 - alpha) * gt, {"ce_teacher": kd, "ce": gt})
 
 
+def cached_top1(targets: SparseTargets, labels: Tensor) -> Tensor:
+    """The teacher's top-1 token per position from cached top-k targets: its most probable stored id.
+
+    Args:
+        targets: ids / logprobs [B, T, K] from `CachedTeacher.targets` (-1 = absent).
+        labels: [B, T], IGNORE where nothing is learned.
+
+    Returns:
+        [B, T] int64, IGNORE where `labels` is.
+    """
+    best = targets.logprobs.masked_fill(targets.ids < 0, float("-inf")).argmax(-1, keepdim=True)
+    top1 = targets.ids.gather(-1, best).squeeze(-1)
+    return torch.where(labels != IGNORE, top1, torch.full_like(top1, IGNORE))
+
+
+def _open_cache(cfg: HardConfig, setup: Setup) -> tuple[CachedTeacher, CachedTeacher | None]:
+    """The cache's train split (and eval split, when labelled), checked against this run's tokenizer and data."""
+    root = cfg.teacher_cache
+    assert root is not None
+
+    def split(name: str) -> CachedTeacher:
+        # no temperature check: the argmax is the same at every temperature
+        return CachedTeacher(root, name, tokenizer=setup.tokenizer, blocks=getattr(setup.splits, name),
+                             data_params=cfg.data.model_dump(mode="json"))
+
+    train = split("train")
+    if train.kind != "topk":
+        raise ConfigError(
+            f"teacher_cache `{cfg.teacher_cache}` holds sampled draws, whose most frequent id need not be the teacher's "
+            "argmax; label a top-k cache for hard labels (`lmdistill label --cache.encoding topk --cache.k 1`)"
+        )
+    has_eval = "eval" in train.manifest.header["data"]["splits"] and len(setup.splits.eval) > 0
+    return train, split("eval") if has_eval else None
+
+
 def student_only(student_cfg: StudentConfig, seed: int) -> tuple[Any, nn.Module, int]:
     """(tokenizer, student, vocab size) of a pretrained student, without touching any teacher.
 
@@ -111,19 +149,30 @@ def _setup(cfg: HardConfig, load_teacher: bool) -> Setup:
 def run_hard(cfg: HardConfig) -> dict[str, Any]:
     """Train a student on hard labels; returns the run summary (also written to output_dir/summary.json)."""
     accelerator = make_accelerator(cfg.train)
-    setup = _setup(cfg, load_teacher=cfg.mode == "token" or cfg.eval_teacher)
+    online = cfg.mode == "token" and cfg.teacher_cache is None
+    setup = _setup(cfg, load_teacher=online or cfg.eval_teacher)
     teacher = None
     if setup.teacher is not None:
         teacher = HFTeacher(setup.teacher.to(accelerator.device), setup.n_vocab)
+    cache, eval_cache = _open_cache(cfg, setup) if cfg.teacher_cache else (None, None)
 
     def teacher_labels(batch: dict[str, Tensor]) -> Tensor | None:
         if cfg.mode == "sequence":
             return None  # the labels already are the teacher's text
+        if cache is not None:
+            return cached_top1(cache.targets(batch), batch["labels"])
         assert teacher is not None
         return teacher_argmax(teacher.hidden(batch), batch["labels"] != IGNORE, cfg.loss.chunk_size)
 
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        kw: dict[str, Any] = {"n_vocab": setup.n_vocab, "batch_size": cfg.train.micro_batch_size,
+                              "max_batches": cfg.train.eval_batches}
+        if teacher is None and eval_cache is not None:  # KL and agreement against the cached targets
+            return evaluate_with_cache(model, eval_cache, setup.splits.eval, **kw)
+        return evaluate_blocks(model, setup.splits.eval, teacher_logits_fn=teacher.logits if teacher else None, **kw)
+
     info = describe(setup)
-    source = {"token": "online teacher", "sequence": "teacher text"}
+    source = {"token": f"teacher cache {cfg.teacher_cache}" if cache else "online teacher", "sequence": "teacher text"}
     accelerator.print(
         f"hard distillation ({cfg.mode}, {source[cfg.mode]}): student {info['student_parameters'] / 1e6:.1f}M params "
         f"({info['student_trainable'] / 1e6:.1f}M trainable), {info['train_blocks']} train blocks x "
@@ -139,9 +188,7 @@ def run_hard(cfg: HardConfig) -> dict[str, Any]:
 
     def eval_fn(step: int) -> dict[str, float]:
         assert trainer is not None
-        return evaluate_blocks(trainer.unwrapped, setup.splits.eval, n_vocab=setup.n_vocab,
-                               batch_size=cfg.train.micro_batch_size, max_batches=cfg.train.eval_batches,
-                               teacher_logits_fn=teacher.logits if teacher is not None else None)
+        return evaluate(trainer.unwrapped)
 
     trainer = Trainer(cfg.train, model=setup.student, data=setup.splits.train, loss_fn=loss_fn,
                       eval_fn=eval_fn if len(setup.splits.eval) else None, accelerator=accelerator,
@@ -149,6 +196,8 @@ def run_hard(cfg: HardConfig) -> dict[str, Any]:
     result = trainer.fit()
     summary: dict[str, Any] = {"recipe": f"hard-{cfg.mode}", **info, "steps": result.step,
                                "final_train_loss": result.last_loss, "train_tokens_per_s": result.tokens_per_s}
+    if cfg.teacher_cache:
+        summary["teacher_cache"] = cfg.teacher_cache
     return finish_run(trainer, setup.tokenizer, cfg, summary)
 
 
