@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,22 @@ def test_a_file_with_nothing_to_learn_is_a_clear_error(records, tokenizer, tmp_p
         load_api_splits(tmp_path / "missing.jsonl", chat_data(), tokenizer, len(tokenizer))
     with pytest.raises(ConfigError, match="loss.temperature must be 1.0"):
         load_config(SoftConfig, None, ["--api_logprobs", str(path), "--loss.temperature", "2"])
+
+
+def test_held_out_split_keeps_all_samples_of_a_prompt_together(records, tokenizer, tmp_path):
+    path = tmp_path / "n2.jsonl"
+    twice = [dict(r, sample=s) for r in records for s in (0, 1)]  # two samples per prompt
+    path.write_text("".join(json.dumps(r) + "\n" for r in twice))
+    train, held, report = load_api_splits(path, chat_data(eval_documents=7, max_documents=30), tokenizer,
+                                          len(tokenizer))
+
+    def prompts(blocks) -> list[str]:
+        texts = tokenizer.batch_decode(blocks.input_ids)
+        return [re.search(r"Tell me about .*?\(\d+\)", t).group(0) for t in texts]
+
+    assert len(held) >= 7 and len(train) == 30 and report.kept >= 40
+    assert not set(prompts(held)) & set(prompts(train))
+    assert all(prompts(held).count(p) == 2 for p in prompts(held))
 
 
 @pytest.mark.parametrize("tail", [True, False])

@@ -276,9 +276,28 @@ def _pack(records: list[dict[str, Any]], entries: list[_Entries], data: DataConf
     return out
 
 
+def _align_all(records: Sequence[dict[str, Any]], tokenizer: Any, data: DataConfig,
+               n_vocab: int) -> tuple[list[int], list[_Entries], AlignmentReport]:
+    """Indices of the records that align, their targets, and the report."""
+    report = AlignmentReport(records=len(records))
+    aligner = _Aligner(tokenizer, data, n_vocab, report)
+    kept, entries = [], []
+    for i, record in enumerate(records):
+        out = aligner.align(record)
+        if isinstance(out, str):
+            report.skip(out)
+            continue
+        kept.append(i)
+        entries.append(out)
+        report.soft_positions += sum(out.soft)
+        report.hard_positions += len(out.soft) - sum(out.soft)
+    report.kept = len(kept)
+    return kept, entries, report
+
+
 def build_api_targets(records: Sequence[dict[str, Any]], tokenizer: Any, data: DataConfig, n_vocab: int, *,
                       tail: bool = True) -> tuple[SparseTargetBlocks, AlignmentReport]:
-    """Token blocks (one per aligned record, as `stage=chat` builds them) with the API's sparse targets.
+    """Token blocks (one per aligned record, in order, as `stage=chat` builds them) with the API's sparse targets.
 
     Args:
         records: `lmdistill generate` records with `messages` and per-token `logprobs`.
@@ -287,28 +306,18 @@ def build_api_targets(records: Sequence[dict[str, Any]], tokenizer: Any, data: D
         n_vocab: the student's real vocab; ids outside it are dropped.
         tail: batches carry `target_tail` (log of the teacher mass outside the stored ids).
     """
-    report = AlignmentReport(records=len(records))
-    aligner = _Aligner(tokenizer, data, n_vocab, report)
-    kept, entries = [], []
-    for record in records:
-        out = aligner.align(record)
-        if isinstance(out, str):
-            report.skip(out)
-            continue
-        kept.append(record)
-        entries.append(out)
-        report.soft_positions += sum(out.soft)
-        report.hard_positions += len(out.soft) - sum(out.soft)
-    report.kept = len(kept)
-    return _pack(kept, entries, data, tokenizer, tail), report
+    kept, entries, report = _align_all(records, tokenizer, data, n_vocab)
+    return _pack([records[i] for i in kept], entries, data, tokenizer, tail), report
 
 
 def load_api_splits(path: str | Path, data: DataConfig, tokenizer: Any, n_vocab: int, *,
                     tail: bool = True) -> tuple[SparseTargetBlocks, SparseTargetBlocks, AlignmentReport]:
     """(train, held-out, report) from a `lmdistill generate` JSONL with top-k log-probs.
 
-    Records are shuffled with `data.seed`, the first `data.eval_documents` aligned ones are held out, and at most
-    `data.max_documents` are trained on.
+    Whole prompts are held out: the aligned records are grouped by prompt `id` (all samples of a prompt on one side,
+    so the student is never scored on a question it trained on), the groups shuffled with `data.seed`, and groups
+    go to the held-out split until it has `data.eval_documents` records. At most `data.max_documents` records are
+    trained on.
 
     Raises:
         DataError: the file is missing or malformed, or no record lines up with the tokenizer.
@@ -320,8 +329,7 @@ def load_api_splits(path: str | Path, data: DataConfig, tokenizer: Any, n_vocab:
         raise DataError(f"api_logprobs file `{path}` not found; write it with `lmdistill generate "
                         "--sampling.logprobs true --sampling.top_logprobs 20`")
     records, _ = read_records(path)
-    random.Random(data.seed).shuffle(records)
-    blocks, report = build_api_targets(records, tokenizer, data, n_vocab, tail=tail)
+    kept, entries, report = _align_all(records, tokenizer, data, n_vocab)
     if report.kept == 0:
         raise DataError(
             f"none of the {report.records} records in `{path}` can be trained on ({report.line()}). Records need "
@@ -331,20 +339,20 @@ def load_api_splits(path: str | Path, data: DataConfig, tokenizer: Any, n_vocab:
         )
     if report.kept < report.records:
         log.warning("api_logprobs `%s`: %s", path, report.line())
-    n_eval = min(data.eval_documents, max(len(blocks) - 1, 0))
-    n_train = len(blocks) - n_eval if data.max_documents is None else min(data.max_documents, len(blocks) - n_eval)
-    return _select(blocks, range(n_eval, n_eval + n_train)), _select(blocks, range(n_eval)), report
+    groups: dict[str, list[int]] = {}
+    for j, i in enumerate(kept):
+        groups.setdefault(str(records[i].get("id", f"#{i}")), []).append(j)
+    order = list(groups.values())
+    random.Random(data.seed).shuffle(order)
+    held: list[int] = []
+    train: list[int] = []
+    for group in order:
+        # never hold out everything: the last group always trains
+        (held if len(held) < data.eval_documents and group is not order[-1] else train).extend(group)
+    if data.max_documents is not None:
+        train = train[: data.max_documents]
 
+    def pack(rows: list[int]) -> SparseTargetBlocks:
+        return _pack([records[kept[j]] for j in rows], [entries[j] for j in rows], data, tokenizer, tail)
 
-def _select(blocks: SparseTargetBlocks, rows: range) -> SparseTargetBlocks:
-    idx = torch.tensor(list(rows), dtype=torch.long)
-    lo, hi = blocks.offsets[:-1][idx], blocks.offsets[1:][idx]
-    flat = torch.cat([torch.zeros(0, dtype=torch.long),
-                      *(torch.arange(int(a), int(b)) for a, b in zip(lo, hi, strict=True))])
-    offsets = torch.zeros(len(idx) + 1, dtype=torch.long)
-    offsets[1:] = (hi - lo).cumsum(0)
-    return SparseTargetBlocks(
-        blocks.input_ids[idx], blocks.labels[idx], blocks.attention_mask[idx], offsets=offsets,
-        positions=blocks.positions[flat], ids=blocks.ids[flat], logprobs=blocks.logprobs[flat],
-        tail=blocks.tail[flat], soft=blocks.soft[flat], use_tail=blocks.use_tail,
-    )
+    return pack(train), pack(held), report
