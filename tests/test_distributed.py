@@ -190,3 +190,73 @@ def test_two_processes_resume_a_one_process_checkpoint(one_process, teacher_dir,
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
     steps = [r["step"] for r in read_log(out / "log.jsonl") if "loss" in r]
     assert steps == list(range(1, STEPS + 1))
+
+
+# ---------------------------------------------------------------- engine-specific set-up, with stand-in accelerators
+# FSDP and DeepSpeed need GPUs; these check lmdistill's own decisions for them (what is refused, what is filled in).
+
+def _fake_accelerator(kind: str, processes: int = 8, ds_config: dict | None = None):
+    from types import SimpleNamespace
+
+    plugin = SimpleNamespace(deepspeed_config=ds_config or {})
+    return SimpleNamespace(distributed_type=f"DistributedType.{kind}", num_processes=processes,
+                           state=SimpleNamespace(deepspeed_plugin=plugin), device=torch.device("cpu"))
+
+
+def test_sharded_engines_refuse_the_fused_loss_and_lora():
+    from lmdistill.errors import ConfigError
+    from lmdistill.train.distributed import check_supported, engine, shards_parameters
+
+    fsdp = _fake_accelerator("FSDP")
+    zero3 = _fake_accelerator("DEEPSPEED", ds_config={"zero_optimization": {"stage": 3}})
+    zero2 = _fake_accelerator("DEEPSPEED", ds_config={"zero_optimization": {"stage": 2}})
+    assert [engine(a) for a in (fsdp, zero2, _fake_accelerator("MULTI_GPU"), _fake_accelerator("NO", 1))] == [
+        "fsdp", "deepspeed", "ddp", "single"]
+    assert shards_parameters(fsdp) and shards_parameters(zero3) and not shards_parameters(zero2)
+    for acc in (fsdp, zero3):
+        with pytest.raises(ConfigError, match="--loss.fused false"):
+            check_supported(acc, fused_loss=True, lora=False)
+        with pytest.raises(ConfigError, match="LoRA"):
+            check_supported(acc, fused_loss=False, lora=True)
+        check_supported(acc, fused_loss=False, lora=False)
+    check_supported(zero2, fused_loss=True, lora=True)  # parameters are whole there
+
+
+def test_deepspeed_auto_fields_come_from_the_train_config():
+    from lmdistill.config import TrainConfig
+    from lmdistill.errors import ConfigError
+    from lmdistill.train.distributed import deepspeed_defaults
+
+    cfg = TrainConfig(micro_batch_size=2, grad_accum=3, max_grad_norm=0.5, save_every=0)
+    ds = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
+          "gradient_clipping": "auto", "zero_optimization": {"stage": 2}}
+    assert deepspeed_defaults(_fake_accelerator("DEEPSPEED", 4, ds), cfg) == 3
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["train_batch_size"] == 24 and ds["gradient_clipping"] == 0.5
+    assert deepspeed_defaults(_fake_accelerator("MULTI_GPU"), cfg) == 1
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps=5"):
+        deepspeed_defaults(_fake_accelerator("DEEPSPEED", 4, {"gradient_accumulation_steps": 5}), cfg)
+    with pytest.raises(ConfigError, match="train.save_every 0"):
+        deepspeed_defaults(_fake_accelerator("DEEPSPEED", 4, {}), TrainConfig(save_every=10))
+
+
+def test_frozen_teacher_is_placed_without_gradients():
+    from lmdistill.train.distributed import prepare_frozen
+
+    teacher = torch.nn.Linear(3, 3)
+    teacher.train()
+    placed = prepare_frozen(_fake_accelerator("MULTI_CPU", 2), teacher)
+    assert placed is teacher and not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_shipped_accelerate_configs_parse():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    root = Path(__file__).parent.parent / "configs" / "accelerate"
+    kinds = {p.stem: str(load_config_from_file(str(p)).distributed_type) for p in sorted(root.glob("*.yaml"))}
+    assert kinds == {"ddp": "DistributedType.MULTI_GPU", "fsdp": "DistributedType.FSDP",
+                     "deepspeed_zero2": "DistributedType.DEEPSPEED", "deepspeed_zero3": "DistributedType.DEEPSPEED"}
+    for stage in (2, 3):
+        ds = json.loads((root / f"ds_zero{stage}.json").read_text())
+        assert ds["zero_optimization"]["stage"] == stage
+        assert ds["gradient_accumulation_steps"] == ds["train_micro_batch_size_per_gpu"] == "auto"

@@ -27,6 +27,7 @@ from lmdistill.losses.fused import SparseTargets, fused_divergence_sum_and_count
 from lmdistill.models import decoder_hidden, lm_head_of
 from lmdistill.recipes.common import Setup, build_setup, describe, write_summary
 from lmdistill.teachers import HFTeacher
+from lmdistill.train.distributed import check_supported, prepare_frozen, shards_parameters
 from lmdistill.train.loop import StepLoss, Trainer, make_accelerator, save_student
 
 
@@ -110,6 +111,7 @@ def run_soft(cfg: SoftConfig) -> dict[str, Any]:
     if cfg.teacher_cache is not None:
         read_manifest(cfg.teacher_cache)  # a missing or unfinished cache fails before any model is loaded
     accelerator = make_accelerator(cfg.train)
+    check_supported(accelerator, fused_loss=cfg.loss.fused, lora=cfg.student.lora.enabled)
     setup = build_setup(cfg.teacher, cfg.student, cfg.data, cfg.train, load_teacher_model=cfg.teacher_cache is None)
     info = describe(setup)
     if cfg.teacher_cache is not None:  # offline: sparse targets from `lmdistill label`, no teacher in memory
@@ -127,7 +129,7 @@ def run_soft(cfg: SoftConfig) -> dict[str, Any]:
                                        batch_size=cfg.train.micro_batch_size, max_batches=cfg.train.eval_batches)
     else:
         assert setup.teacher is not None
-        setup.teacher.to(accelerator.device)
+        # Placed for the engine (device, FSDP shards, ZeRO-3 engine) right after the student is prepared.
         teacher = HFTeacher(setup.teacher, setup.n_vocab)
         source = f"teacher {info['teacher_parameters'] / 1e6:.1f}M params"
 
@@ -158,13 +160,18 @@ def run_soft(cfg: SoftConfig) -> dict[str, Any]:
     trainer = Trainer(cfg.train, model=setup.student, data=setup.splits.train, loss_fn=loss_fn,
                       eval_fn=eval_fn if len(setup.splits.eval) else None, accelerator=accelerator,
                       run_info={"recipe": "soft"})
+    if cfg.teacher_cache is None:
+        teacher.model = prepare_frozen(accelerator, setup.teacher)
     result = trainer.fit()
     summary: dict[str, Any] = {"recipe": "soft", **info, "steps": result.step, "final_train_loss": result.last_loss,
                                "train_tokens_per_s": result.tokens_per_s}
     if cfg.teacher_cache is not None:
         summary["teacher_cache"] = cfg.teacher_cache
+    # Sharded engines gather the full weights collectively (every rank calls this); rank 0 writes them.
+    full_state = accelerator.get_state_dict(trainer.model) if shards_parameters(accelerator) else None
     if accelerator.is_main_process:
-        student_dir = save_student(trainer.unwrapped, setup.tokenizer, Path(cfg.train.output_dir) / "student")
+        student_dir = save_student(trainer.unwrapped, setup.tokenizer, Path(cfg.train.output_dir) / "student",
+                                   state_dict=full_state)
         summary["student_dir"] = str(student_dir)
         summary["log"] = str(Path(cfg.train.output_dir) / "log.jsonl")
         evals = [r for r in _eval_rows(cfg.train.output_dir)]

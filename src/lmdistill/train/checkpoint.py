@@ -74,8 +74,11 @@ class CheckpointManager:
         self.root = Path(output_dir) / "checkpoints"
         self.keep = keep
 
-    def save(self, step: int, *, models: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-             schedulers: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+    def save(self, step: int, *, models: dict[str, nn.Module | dict[str, torch.Tensor]],
+             optimizers: dict[str, torch.optim.Optimizer | dict[str, Any]], schedulers: dict[str, Any],
+             extra: dict[str, Any] | None = None) -> Path:
+        """Write checkpoint `step` atomically. A model or optimizer may be given as a ready state dict (sharded
+        engines gather theirs first, see lmdistill.train.distributed)."""
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / f"step-{step:08d}"
         tmp = self.root / f".tmp-step-{step:08d}"
@@ -83,9 +86,10 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             for name, model in models.items():
-                save_file(trainable_state(model), str(tmp / f"model-{name}.safetensors"))
+                tensors = trainable_state(model) if isinstance(model, nn.Module) else model
+                save_file(tensors, str(tmp / f"model-{name}.safetensors"))
             for name, opt in optimizers.items():
-                torch.save(opt.state_dict(), tmp / f"optimizer-{name}.pt")
+                torch.save(opt if isinstance(opt, dict) else opt.state_dict(), tmp / f"optimizer-{name}.pt")
             rng = {"cpu": torch.get_rng_state()}
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state()
@@ -146,10 +150,24 @@ class CheckpointManager:
         except CheckpointError:
             raise
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"checkpoint `{path}` is damaged ({e}); delete it to resume from an older one") from None
+            raise _damaged(path, e) from None
         for name, sched in schedulers.items():
             sched.load_state_dict(state["schedulers"][name])
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
         return state
+
+    def read_states(self, path: Path, name: str) -> tuple[dict[str, torch.Tensor], Any]:
+        """(model tensors, optimizer state) of `name` at `path`, unapplied: for engines that restore through their
+        own API (FSDP). Call `load(path, models={}, optimizers={}, ...)` too, for schedulers and RNG."""
+        try:
+            tensors = load_file(str(path / f"model-{name}.safetensors"))
+            optim = torch.load(path / f"optimizer-{name}.pt", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise _damaged(path, e) from None
+        return tensors, optim
+
+
+def _damaged(path: Path, err: Exception) -> CheckpointError:
+    return CheckpointError(f"checkpoint `{path}` is damaged ({err}); delete it to resume from an older one")

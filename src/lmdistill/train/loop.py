@@ -23,6 +23,7 @@ from lmdistill.config import TrainConfig
 from lmdistill.data import IGNORE, BatchSchedule, TokenBlocks
 from lmdistill.errors import ConfigError, NonFiniteError, write_failure
 from lmdistill.train.checkpoint import CheckpointManager, _fsync_tree, fsync_dir
+from lmdistill.train.distributed import deepspeed_defaults, engine, full_training_state, load_full_training_state
 from lmdistill.train.logging import RunLogger, make_progress
 
 
@@ -102,6 +103,9 @@ class Trainer:
                  run_info: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.accelerator = accelerator or make_accelerator(cfg)
+        self.engine = engine(self.accelerator)
+        # DeepSpeed divides each backward by its own accumulation count; the loop normalises by tokens instead.
+        self.ds_accum = deepspeed_defaults(self.accelerator, cfg)
         self.optimizer = build_optimizer(model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
@@ -120,8 +124,12 @@ class Trainer:
 
     def _save(self, step: int, last_loss: float) -> None:
         self.accelerator.wait_for_everyone()
+        model: Any = self.unwrapped
+        optimizer: Any = self.optimizer
+        if self.engine == "fsdp":  # every rank takes part in gathering the full state; rank 0 writes it
+            model, optimizer = full_training_state(self.accelerator, self.model, self.optimizer)
         if self.is_main:
-            self.ckpt.save(step, models={"student": self.unwrapped}, optimizers={"student": self.optimizer},
+            self.ckpt.save(step, models={"student": model}, optimizers={"student": optimizer},
                            schedulers={"student": self.scheduler},
                            extra={"run": self.run_info, "last_loss": last_loss})
         self.accelerator.wait_for_everyone()
@@ -131,8 +139,12 @@ class Trainer:
         latest = self.ckpt.latest()
         if latest is None:
             return 0, float("nan")
-        state = self.ckpt.load(latest, models={"student": self.unwrapped}, optimizers={"student": self.optimizer},
-                               schedulers={"student": self.scheduler})
+        if self.engine == "fsdp":
+            state = self.ckpt.load(latest, models={}, optimizers={}, schedulers={"student": self.scheduler})
+            load_full_training_state(self.model, self.optimizer, *self.ckpt.read_states(latest, "student"))
+        else:
+            state = self.ckpt.load(latest, models={"student": self.unwrapped},
+                                   optimizers={"student": self.optimizer}, schedulers={"student": self.scheduler})
         return int(state["step"]), float(state.get("extra", {}).get("last_loss", float("nan")))
 
     def _evaluate(self, step: int) -> dict[str, float]:
@@ -166,11 +178,13 @@ class Trainer:
                 ]
                 n_global = global_token_count(acc, batches)
                 # Each rank's backward is scaled by world size because DDP averages gradients across ranks.
-                scale = acc.num_processes / n_global
+                scale = acc.num_processes * self.ds_accum / n_global
                 sums: dict[str, float] = {}
                 loss_total = 0.0
                 for i, batch in enumerate(batches):
                     sync = i == len(batches) - 1
+                    if self.engine == "deepspeed":  # its engine steps inside backward at a boundary
+                        acc.gradient_state._set_sync_gradients(sync)
                     ctx = acc.no_sync(self.model) if not sync and acc.num_processes > 1 else _null()
                     with ctx, acc.autocast():
                         try:
@@ -191,7 +205,8 @@ class Trainer:
                     )
                 grad_norm = None
                 if cfg.max_grad_norm is not None:
-                    grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
+                    norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                    grad_norm = None if norm is None else float(norm)  # DeepSpeed clips inside its step
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -247,8 +262,12 @@ class _null:
         return None
 
 
-def save_student(model: nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:
+def save_student(model: nn.Module, tokenizer: Any, out_dir: str | Path,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Save the student so plain transformers can load it (LoRA adapters are merged; the adapter is kept beside it).
+
+    `state_dict`: the full weights when the model itself holds only shards (FSDP, ZeRO-3; gathered by
+    `accelerator.get_state_dict` on every rank), written instead of the model's own.
 
     Written to a temporary sibling and renamed, so `out_dir` either holds a complete model or does not exist (a kill
     or a full disk mid-write leaves no half-written student that looks finished).
@@ -261,7 +280,7 @@ def save_student(model: nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:
         if hasattr(model, "merge_and_unload"):
             model.save_pretrained(tmp / "adapter")
             model = model.merge_and_unload()
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
         tokenizer.save_pretrained(tmp)
         _fsync_tree(tmp)
         if out.exists():
