@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import re
+import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -21,9 +25,39 @@ from lmdistill.recipes.soft import cached_step_loss, run_soft
 TOP_K = 5
 
 
+@contextlib.contextmanager
+def served(model_dir: Path):
+    """`lmdistill serve`'s app around `model_dir` on a free 127.0.0.1 port (uvicorn in a thread); yields its /v1 URL."""
+    import uvicorn
+
+    from lmdistill.config import ModelConfig
+    from lmdistill.generate.config import ServeConfig
+    from lmdistill.generate.hf import HFGenerator
+    from lmdistill.serve import create_app
+
+    cfg = ServeConfig(model=ModelConfig(name_or_path=str(model_dir)), served_model_name="teacher", device="cpu")
+    app = create_app(HFGenerator.load(cfg.model, "cpu"), cfg)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def api_file(tmp_path_factory, teacher_dir) -> Path:
-    """Completions with per-token top-5 log-probs from the real teacher, written by `lmdistill generate`."""
+    """Completions with per-token top-5 log-probs from the real teacher behind `lmdistill serve`, written by
+    `lmdistill generate` through its OpenAI-compatible backend (the official `openai` client)."""
     from lmdistill.generate import GenerateConfig, run_generate
 
     d = tmp_path_factory.mktemp("api")
@@ -31,11 +65,13 @@ def api_file(tmp_path_factory, teacher_dir) -> Path:
     with open(prompts, "w") as fh:
         for i in range(40):
             fh.write(json.dumps({"id": f"q{i}", "prompt": f"Tell me about {SUBJECTS[i % len(SUBJECTS)]} ({i})."}) + "\n")
-    args = {"teacher.model.name_or_path": str(teacher_dir), "teacher.device": "cpu", "teacher.batch_size": "20",
-            "prompts.source": str(prompts), "sampling.max_new_tokens": "16", "sampling.temperature": "1.0",
-            "sampling.logprobs": "true", "sampling.top_logprobs": str(TOP_K), "output": str(d / "gen.jsonl"),
-            "progress": "false"}
-    run_generate(load_config(GenerateConfig, None, [x for k, v in args.items() for x in (f"--{k}", v)]))
+    with served(teacher_dir) as base_url:
+        args = {"teacher.backend": "openai", "teacher.base_url": base_url, "teacher.api_model": "teacher",
+                "teacher.api_key_env": "LMDISTILL_TEST_NO_KEY", "teacher.concurrency": "4",
+                "prompts.source": str(prompts), "sampling.max_new_tokens": "16", "sampling.temperature": "1.0",
+                "sampling.logprobs": "true", "sampling.top_logprobs": str(TOP_K), "output": str(d / "gen.jsonl"),
+                "progress": "false"}
+        run_generate(load_config(GenerateConfig, None, [x for k, v in args.items() for x in (f"--{k}", v)]))
     return d / "gen.jsonl"
 
 
@@ -58,6 +94,8 @@ def teacher_logprobs(teacher_dir: Path, input_ids: torch.Tensor, n_vocab: int) -
 
 def test_targets_are_the_teachers_distribution_at_the_right_positions(records, teacher_dir, tokenizer):
     n_vocab = len(tokenizer)
+    # `lmdistill serve` sends each token's id beside its string, and generate keeps it
+    assert all(e["id"] is not None and e["token"] for r in records for e in r["logprobs"])
     blocks, report = build_api_targets(records, tokenizer, chat_data(), n_vocab)
     # Sampling from a tiny model sometimes picks a tokenisation the tokenizer would not produce: skipped, counted.
     assert report.kept >= 0.6 * report.records and report.kept + sum(report.skipped.values()) == report.records
