@@ -156,12 +156,31 @@ def measure_memory_child(argv: list[str]) -> None:
 
 def run_config(args: argparse.Namespace, n: int, vocab: int, kind: str, device: str, floor_rate: float | None) -> list:
     dtype = getattr(torch, args.dtype)
+    cpu = device == "cpu"
     x = make_inputs(n, vocab, args.hs, args.ht, dtype, device)
-    fns = variants(x, kind, args.chunk_size)
-    values = {name: float(fn()) for name, fn in fns.items()}  # also the warm-up of every variant
+    values: dict[str, float] = {}
+
+    def recording(name: str, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            out = fn()
+            values[name] = float(out)
+            return out
+
+        return run
+
+    fns = {name: recording(name, fn) for name, fn in variants(x, kind, args.chunk_size).items()}
     peaks: dict[str, int | str] = {}
+    if not cpu:
+        for name, fn in fns.items():  # compile / autotune / cuBLAS heuristics before anything is measured
+            try:
+                fn()
+            except torch.cuda.OutOfMemoryError:
+                peaks[name] = "OOM"
+            torch.cuda.empty_cache()
     for name, fn in fns.items():
-        if device == "cuda":
+        if name in peaks:
+            continue
+        if not cpu:
             try:
                 peaks[name] = cuda_peak_bytes(fn)
             except torch.cuda.OutOfMemoryError:
@@ -172,7 +191,8 @@ def run_config(args: argparse.Namespace, n: int, vocab: int, kind: str, device: 
             res = in_fresh_process(__file__, ["--_child", json.dumps(spec)])
             peaks[name] = res.get("peak", res.get("error", "?"))
     runnable = {k: v for k, v in fns.items() if peaks[k] != "OOM"}
-    times = median_seconds(runnable, reps=args.reps, warmup=0, cuda=device == "cuda")
+    # no warm-up run on CPU (nothing to compile; each run is seconds): the first timed run is as good as any
+    times = median_seconds(runnable, reps=args.reps, warmup=0, cuda=not cpu)
 
     rows = []
     base_t, base_m = times.get("naive"), peaks.get("naive")
@@ -187,7 +207,9 @@ def run_config(args: argparse.Namespace, n: int, vocab: int, kind: str, device: 
         row.append(f"{m / base_m:.3f}" if isinstance(m, int) and isinstance(base_m, int) and base_m else "-")
         if floor is not None:
             row.append(f"{t / floor:.2f}" if t else "-")
-        agree = abs(values[name] - values["naive"]) / max(abs(values["naive"]), 1e-12) if "naive" in values else None
+        agree = None
+        if name in values and "naive" in values:
+            agree = abs(values[name] - values["naive"]) / max(abs(values["naive"]), 1e-12)
         row.append(f"{agree:.1e}" if agree is not None else "-")
         rows.append(row)
         print("  " + " ".join(row), file=sys.stderr, flush=True)

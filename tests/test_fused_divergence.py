@@ -156,6 +156,14 @@ def test_backward_scales_by_incoming_gradient_and_no_grad_skips_it(request):
     torch.testing.assert_close(value, fused_divergence(x["hs"], x["ws"], **kw).detach())
 
 
+def test_second_backward_is_refused_with_a_clear_message(request):
+    x = _inputs(_gen(request), bias=False)
+    loss = fused_divergence(x["hs"], x["ws"], teacher_hidden=x["ht"], teacher_weight=x["wt"])
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
 def test_only_the_weight_requires_grad(request):
     x = _inputs(_gen(request), bias=False)
     hs = x["hs"].detach()
@@ -410,11 +418,3 @@ def test_cuda_matches_reference(request, kind, dtype, backend):
     torch.testing.assert_close(got, ref, rtol=2e-5 if fp32 else 2e-2, atol=1e-6 if fp32 else 1e-3)
     tol = dict(rtol=2e-5, atol=2e-6) if fp32 else dict(rtol=5e-2, atol=2e-2)
     _assert_close(_grads(got, [hs, ws, bs]), _grads(ref, [hs, ws, bs]), **tol)
-
-
-def test_second_backward_is_refused_with_a_clear_message(request):
-    x = _inputs(_gen(request), bias=False)
-    loss = fused_divergence(x["hs"], x["ws"], teacher_hidden=x["ht"], teacher_weight=x["wt"])
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="backward ran twice"):
-        loss.backward()

@@ -58,7 +58,7 @@ BACKENDS = ("auto", "torch", "triton")
 # run near their peak rate (and, for Triton, that one-program-per-row fills the GPU), small enough that the few
 # fp32 buffers of the torch path (none with Triton: it works in place on the bf16 logits) stay far below the naive
 # [N, V] logits. The CUDA figures are educated guesses until benchmarks/fused_loss.py has run on a GPU.
-_TILE_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 25, "triton": 1 << 27}
+_TILE_ELEMENTS = {"cpu": 1 << 23, "cuda": 1 << 25, "triton": 1 << 27}
 
 
 @dataclass(frozen=True)
@@ -707,7 +707,7 @@ def fused_divergence(
         reduction: ``"mean"`` over valid positions (all masked -> 0.0) or ``"sum"`` (the trainer divides by a global
             token count; see :func:`fused_divergence_sum_and_count`). ``"none"`` is not offered: the gradient is
             folded into the weights during the forward, which needs a scalar output.
-        chunk_size: tokens per chunk; None picks about 4M (CPU) / 32M (CUDA) logits per buffer.
+        chunk_size: tokens per chunk; None picks about 8M (CPU) / 32M (CUDA) logits per buffer.
         vocab_chunk_size: vocab columns per tile; None (the default and the fastest) projects whole-vocab rows once.
             A smaller tile bounds memory by ``chunk_size * vocab_chunk_size`` at the cost of recomputing the
             projections (dense teacher only; ignored with ``sparse_targets``).
