@@ -345,7 +345,7 @@ def _run(
             else:
                 grad_w[lo:hi].add_(gc.t() @ h)
         if grad_b is not None:
-            grad_b[lo:hi].add_(g.sum(0))
+            grad_b[lo:hi].add_(g.sum(0, dtype=torch.float32))
 
     # the reference multiplies every dense kind by T^2; sparse_divergence (the sparse reference) does so itself
     value_factor = 1.0 if plan.sparse is not None else plan.temperature**2

@@ -41,9 +41,13 @@ def _tempered(y, scale, softcap, inv_t, HAS_CAP: tl.constexpr):
     """Linear output (fp32) -> tempered logit, and tanh (for the softcap derivative; 0 without a cap)."""
     y = y * scale
     if HAS_CAP:
+        # tanh(x) = 2 * sigmoid(2x) - 1
         th = 2.0 * tl.sigmoid(2.0 * y / softcap) - 1.0
-        return softcap * th * inv_t, th
-    return y * inv_t, tl.zeros_like(y)
+        z = softcap * th * inv_t
+    else:
+        th = tl.zeros_like(y)
+        z = y * inv_t
+    return z, th
 
 
 @triton.jit
@@ -104,6 +108,7 @@ def _fused_rows_kernel(
     S_CAP: tl.constexpr,
     T_CAP: tl.constexpr,
     NEED_GRAD: tl.constexpr,
+    VALUE_PASS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -141,7 +146,7 @@ def _fused_rows_kernel(
     # pass 2: value and the aggregate sum_v p_S (u - shift) (forward KL folds its value into pass 3 instead)
     value = tl.full((), 0.0, tl.float32)
     aggregate = tl.full((), 0.0, tl.float32)
-    if (KIND != 0) or (not NEED_GRAD):
+    if VALUE_PASS:
         for start in range(0, n_cols, BLOCK_SIZE):
             offs = start + cols
             ok = offs < n_cols
@@ -207,6 +212,7 @@ def dense_rows_triton(plan: _Plan, ys: Tensor, yt: Tensor, need_grad: bool) -> t
             # d(T^2 D)/dy = T^2 * (1/T) * dD/dz * scale (softcap's factor is applied in the kernel)
             plan.temperature * plan.student_scale,
             KIND=kind, S_CAP=plan.student_softcap is not None, T_CAP=teacher.softcap is not None,
-            NEED_GRAD=need_grad, BLOCK_SIZE=min(BLOCK, triton.next_power_of_2(vocab)), num_warps=8,
+            NEED_GRAD=need_grad, VALUE_PASS=kind != 0 or not need_grad,
+            BLOCK_SIZE=min(BLOCK, triton.next_power_of_2(vocab)), num_warps=8,
         )  # fmt: skip
     return values.sum(), (ys if need_grad else None)
