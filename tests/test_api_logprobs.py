@@ -23,6 +23,7 @@ from lmdistill.errors import ConfigError, DataError
 from lmdistill.recipes.soft import cached_step_loss, run_soft
 
 TOP_K = 5
+REPO = Path(__file__).resolve().parents[1]
 
 
 @contextlib.contextmanager
@@ -230,3 +231,18 @@ def test_soft_on_api_logprobs_lowers_kl_to_the_teacher(api_file, teacher_dir, st
     before, after = kl(student_dir), kl(summary["student_dir"])
     assert after < 0.7 * before, (before, after)
     assert math.isfinite(after)
+
+
+def test_student_pruned_from_the_served_teacher_and_the_shipped_config(api_file, teacher_dir, tmp_path):
+    # The teacher's weights seed the student (init=prune); its log-probs still come only from the file.
+    args = soft_overrides(teacher_dir, teacher_dir, api_file, tmp_path / "run", **{
+        "api_logprobs": str(api_file), "student.init": "prune", "student.keep_layers": "[1]", "data.stage": "chat",
+        "data.block_size": "64", "data.eval_documents": "4", "train.max_steps": "2", "train.eval_batches": "1"})
+    summary = run_soft(load_config(SoftConfig, None, args))
+    assert summary["recipe"] == "soft-api" and summary["steps"] == 2
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(summary["student_dir"]).num_hidden_layers == 1
+    path = REPO / "configs" / "soft-api.yaml"
+    cfg = load_config(SoftConfig, path)
+    assert cfg.api_logprobs and path.read_text().startswith("# lmdistill soft --config configs/soft-api.yaml")

@@ -297,7 +297,8 @@ class SoftConfig(BaseConfig):
         description="Soft labels from a black-box teacher: a `lmdistill generate` JSONL written with "
         "sampling.logprobs=true and top_logprobs > 0. Its records are the training data (chat template, loss on the "
         "completion; data.block_size/eval_documents/max_documents/seed/messages_column apply, data.source is not "
-        "read) and the stored top-k log-probs are the targets. No teacher model is loaded.",
+        "read) and the stored top-k log-probs are the targets. No teacher model runs (teacher is read only when "
+        "student.init=prune/config builds the student from it).",
     )
     api_logprobs_tail: bool = Field(
         True,

@@ -24,14 +24,21 @@ import torch
 from torch import Tensor, nn
 
 from lmdistill.cache.reader import CachedTeacher, evaluate_with_cache
-from lmdistill.config import HardConfig, StudentConfig
+from lmdistill.config import HardConfig, ModelConfig, StudentConfig
 from lmdistill.data import IGNORE, build_splits, check_block_size
 from lmdistill.errors import ConfigError
 from lmdistill.evaluate import evaluate_blocks
 from lmdistill.losses.chunked_ce import chunked_ce_sum_and_count
 from lmdistill.losses.fused import SparseTargets
-from lmdistill.models import build_student, decoder_hidden, lm_head_of, load_tokenizer, shared_vocab_size
-from lmdistill.recipes.common import Setup, build_setup, describe, seed_everything, write_summary
+from lmdistill.models import (
+    build_student,
+    decoder_hidden,
+    lm_head_of,
+    load_teacher,
+    load_tokenizer,
+    shared_vocab_size,
+)
+from lmdistill.recipes.common import Setup, _config_of, build_setup, describe, seed_everything, write_summary
 from lmdistill.teachers import HFTeacher, HiddenTargets, project_logits
 from lmdistill.train.logging import read_log
 from lmdistill.train.loop import StepLoss, Trainer, make_accelerator, save_student
@@ -121,26 +128,34 @@ def _open_cache(cfg: HardConfig, setup: Setup) -> tuple[CachedTeacher, CachedTea
     return train, split("eval") if has_eval else None
 
 
-def student_only(student_cfg: StudentConfig, seed: int) -> tuple[Any, nn.Module, int]:
-    """(tokenizer, student, vocab size) of a pretrained student, without touching any teacher.
+def student_only(student_cfg: StudentConfig, seed: int,
+                 teacher_cfg: ModelConfig | None = None) -> tuple[Any, nn.Module, int]:
+    """(tokenizer, student, vocab size) for a run with no teacher in the training step.
 
-    For teachers that are only text (or log-probs) in a file: the student's own tokenizer reads the data.
+    init=pretrained touches no teacher: the student's own tokenizer reads the data, as it must when the teacher is only
+    text or log-probs in a file. init=prune / init=config build the student from `teacher_cfg` (its weights / its
+    config, and its tokenizer); the teacher model is not kept.
     """
-    if student_cfg.init != "pretrained":
-        raise ConfigError(
-            f"student.init={student_cfg.init} builds the student from the teacher, which this run does not load; use "
-            "student.init=pretrained with student.name_or_path, or give a local teacher"
-        )
     seed_everything(seed)
-    tokenizer = load_tokenizer(student_cfg.name_or_path or "", trust_remote_code=student_cfg.trust_remote_code)
-    student = build_student(student_cfg, None, None, len(tokenizer), seed=seed)
+    if student_cfg.init == "pretrained":
+        tokenizer = load_tokenizer(student_cfg.name_or_path or "", trust_remote_code=student_cfg.trust_remote_code)
+        student = build_student(student_cfg, None, None, len(tokenizer), seed=seed)
+    elif teacher_cfg is None:
+        raise ConfigError(f"student.init={student_cfg.init} builds the student from the teacher; use "
+                          "student.init=pretrained with student.name_or_path, or name the teacher")
+    else:
+        tokenizer = load_tokenizer(teacher_cfg.name_or_path, revision=teacher_cfg.revision,
+                                   trust_remote_code=teacher_cfg.trust_remote_code)
+        teacher = load_teacher(teacher_cfg) if student_cfg.init == "prune" else None
+        config = teacher.config if teacher is not None else _config_of(teacher_cfg)
+        student = build_student(student_cfg, teacher, config, len(tokenizer), seed=seed)
     return tokenizer, student, shared_vocab_size(tokenizer, tokenizer, None, student)
 
 
 def _setup(cfg: HardConfig, load_teacher: bool) -> Setup:
-    if load_teacher or cfg.student.init != "pretrained":
-        return build_setup(cfg.teacher, cfg.student, cfg.data, cfg.train, load_teacher_model=load_teacher)
-    tokenizer, student, n_vocab = student_only(cfg.student, cfg.train.seed)
+    if load_teacher:
+        return build_setup(cfg.teacher, cfg.student, cfg.data, cfg.train)
+    tokenizer, student, n_vocab = student_only(cfg.student, cfg.train.seed, cfg.teacher)
     check_block_size(cfg.data.block_size, student.config)
     return Setup(tokenizer=tokenizer, teacher=None, student=student, n_vocab=n_vocab,
                  splits=build_splits(cfg.data, tokenizer))

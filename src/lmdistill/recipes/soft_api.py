@@ -4,9 +4,10 @@
 
 `lmdistill soft --api_logprobs FILE.jsonl`: the records of FILE (`lmdistill generate` with sampling.logprobs=true
 and top_logprobs=k) are both the data and the targets; `lmdistill.api_targets` aligns them with the student's
-tokens. No teacher model is loaded, so the teacher can be any endpoint that returns `top_logprobs` (OpenAI allows
-20), as long as the student uses its tokenizer. The loss and the held-out metrics are the cached-teacher ones of
-`soft --teacher_cache`, with the targets carried by the batch instead of read from a cache.
+tokens. No teacher model runs, so the teacher can be any endpoint that returns `top_logprobs` (OpenAI allows 20),
+as long as the student uses its tokenizer (`teacher` is read only to prune or configure the student from it). The
+loss and the held-out metrics are the cached-teacher ones of `soft --teacher_cache`, with the targets carried by the
+batch instead of read from a cache.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def run_soft_api(cfg: SoftConfig) -> dict[str, Any]:
     """
     assert cfg.api_logprobs is not None
     accelerator = make_accelerator(cfg.train)
-    tokenizer, student, n_vocab = student_only(cfg.student, cfg.train.seed)
+    tokenizer, student, n_vocab = student_only(cfg.student, cfg.train.seed, cfg.teacher)
     check_block_size(cfg.data.block_size, student.config)
     train, held, report = load_api_splits(cfg.api_logprobs, cfg.data, tokenizer, n_vocab,
                                           tail=cfg.api_logprobs_tail)
