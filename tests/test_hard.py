@@ -76,9 +76,9 @@ def test_token_labels_are_the_teacher_argmax_and_the_loss_uses_them(teacher_dir,
     assert bool((labels != batch["labels"])[mask].any())
 
     # The loss is CE on exactly those labels (alpha=1), and the alpha mix with ground truth, values and gradients.
-    for alpha in (1.0, 0.3):
+    for alpha, fused in ((1.0, True), (0.3, True), (0.3, False)):
         student.zero_grad()
-        out = hard_step_loss(student, batch, labels, alpha, n_vocab, chunk_size=5)
+        out = hard_step_loss(student, batch, labels, alpha, n_vocab, chunk_size=5, fused=fused)
         out.loss_sum.backward()
         got = {n: p.grad.clone() for n, p in student.named_parameters()}
         student.zero_grad()
@@ -146,6 +146,14 @@ def test_token_mode_from_a_k1_cache_matches_the_teacher_and_needs_no_teacher(tea
     with pytest.raises(ConfigError, match="use it with mode=token"):
         hard_config(teacher_dir, student_dir, text_file, tmp_path, mode="sequence", **{
             "data.stage": "chat", "teacher_cache": str(tmp_path / "cache")})
+
+
+def test_fused_and_reference_token_runs_agree(teacher_dir, student_dir, text_file, tmp_path):
+    common = {"train.max_steps": "2", "train.eval_batches": "1", "loss.alpha": "0.5"}
+    runs = [run_hard(hard_config(teacher_dir, student_dir, text_file, tmp_path / name, **common,
+                                 **{"loss.fused": name})) for name in ("true", "false")]
+    assert runs[0]["final_train_loss"] == pytest.approx(runs[1]["final_train_loss"], rel=1e-4)
+    assert runs[0]["eval_last"]["agreement"] == pytest.approx(runs[1]["eval_last"]["agreement"], abs=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------- sequence level

@@ -342,6 +342,11 @@ class HardLossConfig(BaseConfig):
         description="Tokens per chunk when hidden states are projected to logits (teacher argmax, student CE): "
         "at most [chunk_size, vocab] logits exist at once.",
     )
+    fused: bool = Field(
+        True,
+        description="Project hidden states to logits chunk by chunk inside the loss (never [tokens, vocab] logits); "
+        "false takes full logits from the models' forward (needed under FSDP / DeepSpeed ZeRO-3).",
+    )
 
 
 class HardConfig(BaseConfig):

@@ -23,11 +23,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lmdistill.cache.format import read_manifest
 from lmdistill.cache.reader import CachedTeacher, evaluate_with_cache
 from lmdistill.config import HardConfig, ModelConfig, StudentConfig
 from lmdistill.data import IGNORE, build_splits, check_block_size
 from lmdistill.errors import ConfigError
 from lmdistill.evaluate import evaluate_blocks
+from lmdistill.losses import ce_sum_and_count
 from lmdistill.losses.chunked_ce import chunked_ce_sum_and_count
 from lmdistill.losses.fused import SparseTargets
 from lmdistill.models import (
@@ -40,6 +42,7 @@ from lmdistill.models import (
 )
 from lmdistill.recipes.common import Setup, _config_of, build_setup, describe, seed_everything, write_summary
 from lmdistill.teachers import HFTeacher, HiddenTargets, project_logits
+from lmdistill.train.distributed import check_supported, prepare_frozen, shards_parameters
 from lmdistill.train.logging import read_log
 from lmdistill.train.loop import StepLoss, Trainer, make_accelerator, save_student
 
@@ -65,7 +68,7 @@ def teacher_argmax(targets: HiddenTargets, mask: Tensor, chunk_size: int = 1024)
 
 
 def hard_step_loss(student: nn.Module, batch: dict[str, Tensor], teacher_labels: Tensor | None, alpha: float,
-                   n_vocab: int, chunk_size: int = 1024) -> StepLoss:
+                   n_vocab: int, chunk_size: int = 1024, fused: bool = True) -> StepLoss:
     """alpha * CE_sum(teacher tokens) + (1 - alpha) * CE_sum(ground truth) over this micro-batch's target tokens.
 
     Args:
@@ -74,20 +77,27 @@ def hard_step_loss(student: nn.Module, batch: dict[str, Tensor], teacher_labels:
             fine-tuning on `batch["labels"]` (mode=sequence, where the ground truth is the teacher's text).
         alpha: weight of the teacher-token term.
         n_vocab: the shared real vocab; the student's padded output rows are never scored.
+        fused: CE from hidden states, `chunk_size` tokens of logits at a time (recomputed in backward); False takes
+            the [B, T, V] logits from the model's forward (what FSDP / ZeRO-3 need).
     """
-    h = decoder_hidden(student, batch["input_ids"], batch["attention_mask"])
-    weight, bias, scale, softcap = lm_head_of(student)
-    weight, bias = weight[:n_vocab], None if bias is None else bias[:n_vocab]
+    if fused:
+        h = decoder_hidden(student, batch["input_ids"], batch["attention_mask"])
+        weight, bias, scale, softcap = lm_head_of(student)
+        weight, bias = weight[:n_vocab], None if bias is None else bias[:n_vocab]
 
-    def ce(labels: Tensor) -> Tensor:
-        # logits exist for chunk_size tokens at a time (recomputed in backward), never for the whole batch
-        return chunked_ce_sum_and_count(h, weight, labels, bias=bias, logit_scale=scale, softcap=softcap,
-                                        chunk_size=chunk_size)[0]
+        def ce(labels: Tensor) -> Tensor:
+            return chunked_ce_sum_and_count(h, weight, labels, bias=bias, logit_scale=scale, softcap=softcap,
+                                            chunk_size=chunk_size)[0]
+    else:
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., :n_vocab]
+
+        def ce(labels: Tensor) -> Tensor:
+            return ce_sum_and_count(logits, labels)[0]
 
     if teacher_labels is None:
         gt = ce(batch["labels"])
         return StepLoss(gt, {"ce": gt})
-    zero = h.new_zeros((), dtype=torch.float32)
+    zero = torch.zeros((), dtype=torch.float32, device=batch["input_ids"].device)
     kd = ce(teacher_labels) if alpha > 0 else zero
     gt = ce(batch["labels"]) if alpha < 1 else zero
     return StepLoss(alpha * kd + (1 - alpha) * gt, {"ce_teacher": kd, "ce": gt})
@@ -163,12 +173,14 @@ def _setup(cfg: HardConfig, load_teacher: bool) -> Setup:
 
 def run_hard(cfg: HardConfig) -> dict[str, Any]:
     """Train a student on hard labels; returns the run summary (also written to output_dir/summary.json)."""
+    if cfg.teacher_cache:
+        read_manifest(cfg.teacher_cache)  # a missing or unfinished cache fails before any model is loaded
     accelerator = make_accelerator(cfg.train)
+    check_supported(accelerator, fused_loss=cfg.loss.fused, lora=cfg.student.lora.enabled)
     online = cfg.mode == "token" and cfg.teacher_cache is None
     setup = _setup(cfg, load_teacher=online or cfg.eval_teacher)
-    teacher = None
-    if setup.teacher is not None:
-        teacher = HFTeacher(setup.teacher.to(accelerator.device), setup.n_vocab)
+    # placed for the engine (device, FSDP shards, ZeRO-3 engine) once the student is prepared
+    teacher = HFTeacher(setup.teacher, setup.n_vocab) if setup.teacher is not None else None
     cache, eval_cache = _open_cache(cfg, setup) if cfg.teacher_cache else (None, None)
 
     def teacher_labels(batch: dict[str, Tensor]) -> Tensor | None:
@@ -177,7 +189,10 @@ def run_hard(cfg: HardConfig) -> dict[str, Any]:
         if cache is not None:
             return cached_top1(cache.targets(batch), batch["labels"])
         assert teacher is not None
-        return teacher_argmax(teacher.hidden(batch), batch["labels"] != IGNORE, cfg.loss.chunk_size)
+        mask = batch["labels"] != IGNORE
+        if not cfg.loss.fused:
+            return torch.where(mask, teacher.logits(batch).argmax(-1), IGNORE)
+        return teacher_argmax(teacher.hidden(batch), mask, cfg.loss.chunk_size)
 
     def evaluate(model: nn.Module) -> dict[str, float]:
         kw: dict[str, Any] = {"n_vocab": setup.n_vocab, "batch_size": cfg.train.micro_batch_size,
@@ -199,7 +214,7 @@ def run_hard(cfg: HardConfig) -> dict[str, Any]:
     def loss_fn(batch: dict[str, Tensor]) -> StepLoss:
         assert trainer is not None
         return hard_step_loss(trainer.model, batch, teacher_labels(batch), cfg.loss.alpha, setup.n_vocab,
-                              cfg.loss.chunk_size)
+                              cfg.loss.chunk_size, cfg.loss.fused)
 
     def eval_fn(step: int) -> dict[str, float]:
         assert trainer is not None
@@ -208,6 +223,8 @@ def run_hard(cfg: HardConfig) -> dict[str, Any]:
     trainer = Trainer(cfg.train, model=setup.student, data=setup.splits.train, loss_fn=loss_fn,
                       eval_fn=eval_fn if len(setup.splits.eval) else None, accelerator=accelerator,
                       run_info={"recipe": f"hard-{cfg.mode}"})
+    if teacher is not None:
+        teacher.model = prepare_frozen(accelerator, teacher.model)
     result = trainer.fit()
     summary: dict[str, Any] = {"recipe": f"hard-{cfg.mode}", **info, "steps": result.step,
                                "final_train_loss": result.last_loss, "train_tokens_per_s": result.tokens_per_s}
@@ -217,10 +234,15 @@ def run_hard(cfg: HardConfig) -> dict[str, Any]:
 
 
 def finish_run(trainer: Trainer, tokenizer: Any, cfg: Any, summary: dict[str, Any]) -> dict[str, Any]:
-    """Save the student, add its path, the log and the first/last held-out metrics to `summary`, write it."""
+    """Save the student, add its path, the log and the first/last held-out metrics to `summary`, write it.
+
+    Called on every rank (a sharded student's weights are gathered collectively); rank 0 writes.
+    """
     out = Path(cfg.train.output_dir)
+    # sharded engines gather the full weights collectively (every rank calls this); rank 0 writes them
+    full_state = trainer.accelerator.get_state_dict(trainer.model) if shards_parameters(trainer.accelerator) else None
     if trainer.is_main:
-        summary["student_dir"] = str(save_student(trainer.unwrapped, tokenizer, out / "student"))
+        summary["student_dir"] = str(save_student(trainer.unwrapped, tokenizer, out / "student", state_dict=full_state))
         summary["log"] = str(out / "log.jsonl")
         evals = [{k.removeprefix("eval/"): v for k, v in r.items() if k.startswith("eval/") or k == "step"}
                  for r in read_log(out / "log.jsonl") if any(k.startswith("eval/") for k in r)]

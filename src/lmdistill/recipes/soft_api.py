@@ -22,6 +22,7 @@ from lmdistill.config import SoftConfig
 from lmdistill.data import check_block_size
 from lmdistill.recipes.hard import finish_run, student_only
 from lmdistill.recipes.soft import cached_step_loss
+from lmdistill.train.distributed import check_supported
 from lmdistill.train.loop import StepLoss, Trainer, make_accelerator
 
 
@@ -33,6 +34,7 @@ def run_soft_api(cfg: SoftConfig) -> dict[str, Any]:
     """
     assert cfg.api_logprobs is not None
     accelerator = make_accelerator(cfg.train)
+    check_supported(accelerator, fused_loss=cfg.loss.fused, lora=cfg.student.lora.enabled)
     tokenizer, student, n_vocab = student_only(cfg.student, cfg.train.seed, cfg.teacher)
     check_block_size(cfg.data.block_size, student.config)
     train, held, report = load_api_splits(cfg.api_logprobs, cfg.data, tokenizer, n_vocab,
