@@ -40,14 +40,31 @@ def _install_self_kill(spec: dict) -> None:
     """In the child: arm one self-inflicted SIGKILL at a write point named by `spec`."""
     kind, match = spec["kind"], spec["match"]
     if kind == "before_rename":  # the temporary is complete, the rename never happens
-        real_rename = os.rename
+        for fn_name in ("rename", "replace"):
+            real = getattr(os, fn_name)
 
-        def rename(src, dst, *a, **k):
-            if match in str(src):
+            def renamer(src, dst, *a, _real=real, **k):
+                if match in str(src):
+                    _self_kill()
+                return _real(src, dst, *a, **k)
+
+            setattr(os, fn_name, renamer)
+    elif kind == "torn_append":  # the n-th append of a JSONL store writes half its bytes, then the process dies
+        from lmdistill.generate.store import JsonlStore
+
+        real_append, calls = JsonlStore.append, [0]
+
+        def append(self, records):
+            calls[0] += 1
+            if calls[0] == int(match):
+                payload = "".join(json.dumps(r) + "\n" for r in records).encode()
+                self._fh.write(payload[: len(payload) // 2])
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
                 _self_kill()
-            return real_rename(src, dst, *a, **k)
+            return real_append(self, records)
 
-        os.rename = rename
+        JsonlStore.append = append
     elif kind == "half_written":  # a file of the checkpoint is cut in the middle, as by a kill mid-write
         import io
 
@@ -85,10 +102,14 @@ def _install_self_kill(spec: dict) -> None:
 
 
 def _count(path: Path, what: str) -> int:
+    if what.startswith("files:"):
+        return len(list(path.glob(what.removeprefix("files:")))) if path.exists() else 0
     if not path.exists():
         return 0
     if what == "train_log_rows":
         return sum(1 for r in read_log(path) if "loss" in r)
+    if what.startswith("log_rows_with:"):
+        return sum(1 for r in read_log(path) if what.removeprefix("log_rows_with:") in r)
     return sum(1 for line in path.read_text(errors="replace").splitlines() if line.strip())
 
 
@@ -99,7 +120,7 @@ def _live(life: dict) -> dict:
     if pid == 0:  # child
         code = 0
         try:
-            if kill.get("kind") in ("before_rename", "half_written", "during_student_save"):
+            if kill.get("kind") not in (None, "external"):
                 _install_self_kill(kill)
             from lmdistill.cli import run
 
@@ -252,3 +273,151 @@ def test_half_written_checkpoint_is_ignored_with_a_warning(tmp_path, caplog):
         latest = CheckpointManager(tmp_path).latest()
     assert latest == root / "step-00000002"
     assert "ignoring half-written checkpoint" in caplog.text and ".tmp-step-00000004" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------ hard (token mode)
+
+def test_hard_token_mode_killed_three_times_resumes_bitwise(teacher_dir, student_dir, text_file, tmp_path):
+    rng = random.Random(11)
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    extra = {"mode": "token", "train.max_steps": "4", "train.save_every": "2", "loss.alpha": "0.7",
+             "data.eval_documents": "20", "train.eval_every": "2", "train.eval_batches": "1",
+             "train.micro_batch_size": "2"}
+
+    def argv(out: Path, resume: bool) -> list[str]:
+        return ["hard", *soft_overrides(teacher_dir, student_dir, text_file, out,
+                                        **extra, **({"train.resume": "true"} if resume else {}))]
+
+    lives = [
+        {"argv": argv(ref, False)},
+        # killed before any checkpoint is complete: the resumed run must start afresh, log included
+        {"argv": argv(run, False), "kill": {"kind": "before_rename", "match": ".tmp-step-00000002"}},
+        {"argv": argv(run, True), "kill": {"kind": "external", "watch": str(run / "log.jsonl"),
+                                            "count": "train_log_rows", "after": rng.randint(1, 3)}},
+        {"argv": argv(run, True), "kill": {"kind": "half_written", "match": ".tmp-step-00000004/optimizer-"}},
+        {"argv": argv(run, True)},
+    ]
+    results = run_plan(tmp_path, lives)
+    assert results[0] == {"exit": 0} and results[-1] == {"exit": 0}, results
+    assert results[1] == {"signal": signal.SIGKILL} and results[3] == {"signal": signal.SIGKILL}, results
+    assert_bitwise(weights(ref / "student" / "model.safetensors"), weights(run / "student" / "model.safetensors"))
+    assert [stable(r) for r in read_log(run / "log.jsonl")] == [stable(r) for r in read_log(ref / "log.jsonl")]
+
+
+def stable(row: dict) -> dict:
+    """A log row without its wall-clock fields (they differ between any two runs)."""
+    return {k: v for k, v in row.items() if k != "time" and not k.endswith("per_s")}
+
+
+# ------------------------------------------------------------------------------------------------ codistill
+
+CODISTILL = {"teacher.arch": "{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2}",
+             "student.arch": "{hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1}",
+             "data.block_size": "32", "data.eval_documents": "20", "train.max_steps": "4", "train.save_every": "2",
+             "train.micro_batch_size": "2", "train.lr": "3e-3", "train.warmup_steps": "1", "train.eval_every": "2",
+             "train.eval_batches": "1", "train.progress": "false", "loss.weight.schedule": "linear"}
+
+
+def test_codistill_killed_three_times_resumes_both_models_bitwise(tokenizer_dir, text_file, tmp_path):
+    rng = random.Random(12)
+    ref, run = tmp_path / "ref", tmp_path / "run"
+
+    def argv(out: Path, resume: bool) -> list[str]:
+        args = {"tokenizer": str(tokenizer_dir), "data.source": str(text_file), "train.output_dir": str(out),
+                **CODISTILL, **({"train.resume": "true"} if resume else {})}
+        return ["codistill", *[x for k, v in args.items() for x in (f"--{k}", v)]]
+
+    lives = [
+        {"argv": argv(ref, False)},
+        {"argv": argv(run, False), "kill": {"kind": "before_rename", "match": ".tmp-step-00000002"}},
+        {"argv": argv(run, True), "kill": {"kind": "external", "watch": str(run / "log.jsonl"),
+                                            "count": "log_rows_with:ce_student", "after": rng.randint(1, 3)}},
+        {"argv": argv(run, True), "kill": {"kind": "during_student_save", "match": ".tmp-student"}},
+        {"argv": argv(run, True)},
+    ]
+    results = run_plan(tmp_path, lives)
+    assert results[0] == {"exit": 0} and results[-1] == {"exit": 0}, results
+    assert results[1:4] == [{"signal": signal.SIGKILL}] * 3, results
+    for model in ("student", "teacher"):
+        assert_bitwise(weights(ref / model / "model.safetensors"), weights(run / model / "model.safetensors"))
+    ref_rows, run_rows = read_log(ref / "log.jsonl"), read_log(run / "log.jsonl")
+    assert [stable(r) for r in run_rows] == [stable(r) for r in ref_rows]
+    ref_final = json.loads((ref / "summary.json").read_text())["final"]
+    run_final = json.loads((run / "summary.json").read_text())["final"]
+    assert stable(run_final) == stable(ref_final)
+
+
+# ------------------------------------------------------------------------------------------------ label
+
+def test_label_killed_at_three_moments_gives_the_same_cache_bytes(teacher_dir, text_file, tmp_path):
+    import hashlib
+
+    rng = random.Random(13)
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    common = {"teacher.name_or_path": str(teacher_dir), "data.source": str(text_file), "data.block_size": "16",
+              "data.max_documents": "24", "data.eval_documents": "6", "cache.encoding": "sampled",
+              "cache.draws": "16", "cache.shard_blocks": "8", "cache.batch_size": "4", "progress": "false"}
+
+    def argv(out: Path) -> list[str]:
+        return ["label", *[x for k, v in {**common, "cache.output_dir": str(out)}.items() for x in (f"--{k}", v)]]
+
+    lives = [
+        {"argv": argv(ref)},
+        {"argv": argv(run), "kill": {"kind": "before_rename", "match": ".shard-00002.safetensors.tmp"}},
+        {"argv": argv(run), "kill": {"kind": "external", "watch": str(run), "count": "files:train/shard-*",
+                                     "after": rng.randint(4, 6)}},
+        {"argv": argv(run), "kill": {"kind": "before_rename", "match": ".manifest.json.tmp"}},
+        {"argv": argv(run)},
+    ]
+    results = run_plan(tmp_path, lives)
+    assert results[0] == {"exit": 0} and results[-1] == {"exit": 0}, results
+    assert results[1] == {"signal": signal.SIGKILL} and results[3] == {"signal": signal.SIGKILL}, results
+
+    def digests(root: Path) -> dict[str, str]:
+        return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(root.rglob("*")) if p.is_file()}
+
+    ref_files = digests(ref)
+    assert len([f for f in ref_files if f.startswith("train/shard-")]) >= 6
+    assert digests(run) == ref_files  # every shard, journal and the manifest, byte for byte; no temporaries left
+
+
+# ------------------------------------------------------------------------------------------------ generate
+
+def test_generate_killed_mid_record_and_mid_filter_ends_with_the_same_records(teacher_dir, tmp_path):
+    rng = random.Random(14)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i:02d}", "prompt": f"Tell me about the river number {i}."})
+                               + "\n" for i in range(10)))
+    ref, run = tmp_path / "ref" / "out.jsonl", tmp_path / "run" / "out.jsonl"
+
+    def argv(out: Path) -> list[str]:
+        args = {"teacher.backend": "hf", "teacher.model.name_or_path": str(teacher_dir), "teacher.device": "cpu",
+                "teacher.batch_size": "2", "sampling.temperature": "0", "sampling.max_new_tokens": "6",
+                "prompts.source": str(prompts), "output": str(out), "progress": "false",
+                "filters.drop_truncated": "false", "filters.dedup": "none"}
+        return ["generate", *[x for k, v in args.items() for x in (f"--{k}", v)]]
+
+    lives = [
+        {"argv": argv(ref)},
+        {"argv": argv(run), "kill": {"kind": "torn_append", "match": "2"}},  # the 2nd batch's records are torn
+        {"argv": argv(run), "kill": {"kind": "external", "watch": str(run), "count": "lines",
+                                     "after": rng.randint(5, 8)}},
+        {"argv": argv(run), "kill": {"kind": "before_rename", "match": ".out.filtered.jsonl.tmp"}},
+        {"argv": argv(run)},
+    ]
+    results = run_plan(tmp_path, lives)
+    assert results[0] == {"exit": 0} and results[-1] == {"exit": 0}, results
+    assert results[1] == {"signal": signal.SIGKILL} and results[3] == {"signal": signal.SIGKILL}, results
+
+    volatile = ("seconds", "created", "attempts")
+
+    def records(path: Path) -> list[dict]:
+        return [{k: v for k, v in json.loads(line).items() if k not in volatile}
+                for line in path.read_text().splitlines()]
+
+    assert len(records(ref)) == 10
+    assert records(run) == records(ref)  # each id once, same order, same greedy text
+    filtered = ref.with_name("out.filtered.jsonl")
+    assert records(run.with_name("out.filtered.jsonl")) == records(filtered)
+    assert not list(run.parent.glob(".*.tmp"))

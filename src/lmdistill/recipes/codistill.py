@@ -178,7 +178,8 @@ def codistill_losses(teacher: nn.Module, student: nn.Module, batch: dict[str, Te
         s_logits = student(input_ids=ids, attention_mask=attn, use_cache=False).logits[..., :n_vocab]
         ce_s = ce_sum_and_count(s_logits, labels)[0]
         div = {"kind": loss.kind, "beta": loss.beta, "temperature": loss.temperature, "mask": mask}
-        kd_s = divergence_sum_and_count(s_logits, t_logits.detach(), **div)[0]
+        with contextlib.nullcontext() if a > 0 else torch.no_grad():  # at a = 0 the divergence is only logged
+            kd_s = divergence_sum_and_count(s_logits, t_logits.detach(), **div)[0]
         kd_t = divergence_sum_and_count(t_logits, s_logits.detach(), **div)[0] if mutual > 0 else None
     # mix(..., n_tokens=1) is the weighted *sum*: the loop divides by the global token count once.
     teacher_parts = {"ce": ce_t} if kd_t is None else {"ce": ce_t, "kd": kd_t}
@@ -320,11 +321,12 @@ class CoTrainer:
                 "optimizers": {"teacher": self.opt_t, "student": self.opt_s},
                 "schedulers": {"teacher": self.sched_t, "student": self.sched_s}}
 
-    def save_checkpoint(self, step: int) -> None:
+    def save_checkpoint(self, step: int, last: dict[str, Any] | None = None) -> None:
         self.accelerator.wait_for_everyone()
         if self.is_main:
             weighting = {"schedule": self.loss_cfg.weight.schedule, "state": self.weighting.state_dict()}
-            self.ckpt.save(step, **self._parts(), extra={"run": self.run_info, "weighting": weighting})
+            self.ckpt.save(step, **self._parts(),
+                           extra={"run": self.run_info, "weighting": weighting, "last": last or {}})
         self.accelerator.wait_for_everyone()
 
     def resume(self) -> int:
@@ -341,20 +343,25 @@ class CoTrainer:
                 "the same schedule or start a fresh output_dir"
             )
         self.weighting.load_state_dict(saved["state"])
+        self.resumed_last = dict(state.get("extra", {}).get("last") or {})
         return int(state["step"])
 
     # -- the whole run -------------------------------------------------------------------------------------------
 
     def fit(self) -> CoTrainResult:
         cfg, acc = self.train_cfg, self.accelerator
+        self.resumed_last: dict[str, Any] = {}
         start = self.resume() if cfg.resume else 0
-        logger = RunLogger(cfg.output_dir, enabled=self.is_main, resume_step=start if cfg.resume else None)
+        # Resumed from the final checkpoint (killed while exporting): the final evaluation was logged and the
+        # checkpoint written before, so neither is repeated. No checkpoint at all: a fresh start and a fresh log.
+        finished = start >= cfg.max_steps
+        logger = RunLogger(cfg.output_dir, enabled=self.is_main, resume_step=start if cfg.resume and start else None)
         if self.is_main and start:
             acc.print(f"resumed from step {start} ({self.ckpt.latest()})")
         has_eval = self.eval_blocks is not None and len(self.eval_blocks) > 0
         if has_eval and start == 0:
             logger.log(0, {f"eval/{k}": v for k, v in self.evaluate().items()})
-        tokens, t0, last = 0.0, time.perf_counter(), {}
+        tokens, t0, last = 0.0, time.perf_counter(), self.resumed_last
         with make_progress(cfg.progress and self.is_main) as progress:
             task = progress.add_task("codistill", total=cfg.max_steps, completed=start, stats="")
             for step in range(start, cfg.max_steps):
@@ -368,13 +375,13 @@ class CoTrainer:
                 if has_eval and cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.max_steps:
                     logger.log(done, {f"eval/{k}": v for k, v in self.evaluate().items()})
                 if cfg.save_every and done % cfg.save_every == 0 and done != cfg.max_steps:
-                    self.save_checkpoint(done)
+                    self.save_checkpoint(done, last)
                 progress.update(task, completed=done, stats=f"a {last['a']:.2f} | CE teacher "
                                 f"{last['ce_teacher']:.3f} student {last['ce_student']:.3f}")
-        if has_eval:
+        if has_eval and not finished:
             logger.log(cfg.max_steps, {f"eval/{k}": v for k, v in self.evaluate().items()})
-        if cfg.save_every:
-            self.save_checkpoint(cfg.max_steps)
+        if cfg.save_every and not finished:
+            self.save_checkpoint(cfg.max_steps, last)
         logger.close()
         return CoTrainResult(cfg.max_steps, last, tokens / max(time.perf_counter() - t0, 1e-9))
 

@@ -160,7 +160,8 @@ class Trainer:
         # Resumed from the final checkpoint (killed while exporting): the final evaluation was logged and the
         # checkpoint written before that, so neither is repeated.
         finished = start >= cfg.max_steps
-        logger = RunLogger(cfg.output_dir, enabled=self.is_main, resume_step=start if cfg.resume else None)
+        # No checkpoint to resume from is a fresh start: a fresh log too (else its step-0 rows would repeat).
+        logger = RunLogger(cfg.output_dir, enabled=self.is_main, resume_step=start if cfg.resume and start else None)
         if self.is_main and start:
             acc.print(f"resumed from step {start} ({self.ckpt.latest()})")
         if self.eval_fn is not None and start == 0:
