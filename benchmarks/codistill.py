@@ -2,6 +2,7 @@
 
     python benchmarks/codistill.py                 # ~10 min on a 2-core CPU
     python benchmarks/codistill.py --steps 60      # quick look
+    python benchmarks/codistill.py --steps 400 --threads 2   # longer, on an idle machine
 
 Arms, all on the same data, batches, steps and seed, from the same initial weights:
 
@@ -137,7 +138,7 @@ def held_out(model: torch.nn.Module, blocks: TokenBlocks, n_vocab: int) -> float
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch", type=int, default=8, help="sequences per step")
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -146,9 +147,11 @@ def main() -> None:
     p.add_argument("--teacher-layers", type=int, default=4)
     p.add_argument("--student-hidden", type=int, default=64)
     p.add_argument("--student-layers", type=int, default=2)
-    p.add_argument("--eval-documents", type=int, default=200)
+    p.add_argument("--eval-documents", type=int, default=150)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    # One thread: on a 2-core machine that other jobs share, two torch threads spin against each other (measured
+    # 13x slower per step at load average 12); on an idle machine --threads 2 is faster.
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--arms", default="bcd", help="which co-distilled arms to run (subset of bcd)")
     p.add_argument("--out", type=Path, default=Path("runs/bench-codistill"))
     args = p.parse_args()
