@@ -3,12 +3,15 @@
 - :func:`divergence` / :func:`divergence_sum_and_count`: student vs teacher logits ``[..., V]``.
 - :func:`sparse_divergence` / :func:`sparse_divergence_sum_and_count`: student logits vs cached top-k or sampled
   teacher targets.
+- :func:`fused_divergence` / :func:`fused_divergence_sum_and_count`: the same values from hidden states and output
+  layers, chunked so ``[tokens, vocab]`` logits are never held for all tokens.
 - :func:`mix`, :func:`ce_sum_and_count`: combine ``alpha * KD + (1 - alpha) * CE``, normalised once by the token count.
 """
 
 from lmdistill.losses.divergences import KINDS, LOGPROB_FLOOR, LossArgumentError, divergence, divergence_sum_and_count
 from lmdistill.losses.objective import IGNORE_INDEX, ce_sum_and_count, check_alpha, mix
 from lmdistill.losses.sparse import ESTIMATORS, sparse_divergence, sparse_divergence_sum_and_count
+from lmdistill.losses.fused import SparseTargets, fused_divergence, fused_divergence_sum_and_count  # noqa: I001
 
 __all__ = [
     "ESTIMATORS",
@@ -16,10 +19,13 @@ __all__ = [
     "KINDS",
     "LOGPROB_FLOOR",
     "LossArgumentError",
+    "SparseTargets",
     "ce_sum_and_count",
     "check_alpha",
     "divergence",
     "divergence_sum_and_count",
+    "fused_divergence",
+    "fused_divergence_sum_and_count",
     "mix",
     "sparse_divergence",
     "sparse_divergence_sum_and_count",
