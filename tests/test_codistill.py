@@ -247,3 +247,6 @@ def test_cli_runs_and_shipped_configs_validate(tokenizer_dir, text_file, tmp_pat
     assert (tmp_path / "cli" / "student" / "model.safetensors").is_file()
     with pytest.raises(ConfigError, match="teacher.arch"):
         main(["codistill", *args, "--teacher.arch.model_type", "nope"], standalone_mode=False)
+    # `{hidden_size:48}` (no space) is YAML for the key "hidden_size:48": refused, not silently ignored
+    with pytest.raises(ConfigError, match="space after each colon"):
+        main(["codistill", *args, "--student.arch", "{hidden_size:48}"], standalone_mode=False)
