@@ -9,6 +9,7 @@ Most cases fail before training starts; the few that need a step (NaN teacher, f
 from __future__ import annotations
 
 import json
+import os
 import resource
 import signal
 import socket
@@ -32,6 +33,7 @@ class Ctx:
     chat_file: Path
     tokenizer: object
     tmp: Path
+    cache: Path | None = None
 
     @property
     def out(self) -> Path:
@@ -62,6 +64,9 @@ def invoke(argv: list[str], capsys) -> tuple[int, str]:
     finally:
         sys.argv = old
     captured = capsys.readouterr()
+    if os.environ.get("LMDISTILL_SHOW_ERRORS"):  # review the messages themselves: LMDISTILL_SHOW_ERRORS=1 pytest -s
+        print(f"\n[{' '.join(argv[:1])}] " + "\n".join(ln for ln in captured.err.splitlines() if "it/s]" not in ln),
+              file=sys.__stdout__)
     return code, captured.err
 
 
@@ -76,7 +81,8 @@ def missing_dataset(c: Ctx):
 
 
 def empty_dataset_file(c: Ctx):
-    return c.soft(**{"data.source": str(c.write("empty.jsonl", ""))}), ["empty.jsonl", "empty"]
+    return c.soft(**{"data.source": str(c.write("empty.jsonl", "\n\n"))}), ["empty.jsonl` is empty (no records)",
+                                                                             "at least one record"]
 
 
 def empty_dataset_dir(c: Ctx):
@@ -325,6 +331,119 @@ def test_disk_full_while_writing(case, ctx, capsys):
     assert_one_clear_error(code, err, needles)
     assert_nothing_looks_complete(ctx.out, set())
     assert not list(ctx.out.glob("**/.tmp-*")), "a failed write must not leave its temporary behind"
+
+
+# ---------------------------------------------------------------- soft-label cache: `label` and `soft --teacher_cache`
+
+CACHE_DATA = {"data.block_size": "16", "data.max_documents": "24", "data.eval_documents": "6"}
+
+
+def label_argv(teacher: Path, data: Path, out: Path, **extra: str) -> list[str]:
+    args = {"teacher.name_or_path": str(teacher), "data.source": str(data), "cache.output_dir": str(out),
+            "cache.k": "4", "cache.shard_blocks": "8", "cache.batch_size": "8", "progress": "false", **CACHE_DATA,
+            **extra}
+    return ["label", *[x for k, v in args.items() for x in (f"--{k}", v)]]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(teacher_dir, text_file, tmp_path_factory) -> Path:
+    """A small, complete top-4 cache of the tiny teacher, written once by the real `label` verb."""
+    from lmdistill.config import LabelConfig, load_config
+    from lmdistill.recipes.label import run_label
+
+    out = tmp_path_factory.mktemp("cache") / "cache"
+    run_label(load_config(LabelConfig, None, label_argv(teacher_dir, text_file, out)[1:]))
+    return out
+
+
+def _cache_copy(c: Ctx) -> Path:
+    import shutil
+
+    dst = c.tmp / "cache"
+    shutil.copytree(c.cache, dst)
+    return dst
+
+
+def soft_from_cache(c: Ctx, cache: Path, **extra: str) -> list[str]:
+    return c.soft(**{"teacher_cache": str(cache), **CACHE_DATA, **extra})
+
+
+def label_k_larger_than_vocab(c: Ctx):
+    return label_argv(c.teacher_dir, c.text_file, c.tmp / "newcache", **{"cache.k": "100000"}), [
+        "cache.k=100000", "larger than the vocabulary", "k <= "]
+
+
+def label_into_cache_of_another_teacher(c: Ctx):
+    # same tokenizer and data, other weights: resuming would mix two teachers' labels in one cache
+    return label_argv(c.student_dir, c.text_file, _cache_copy(c)), ["already holds a cache written with other",
+                                                                      "teacher", "choose another cache.output_dir"]
+
+
+def label_nan_teacher(c: Ctx):
+    nan_teacher_logits(c)  # writes c.tmp / "nan_teacher"
+    return label_argv(c.tmp / "nan_teacher", c.text_file, c.tmp / "newcache"), [
+        "labelling split `train`", "NaN/inf logits", "no manifest was written"]
+
+
+def cache_of_another_tokenizer(c: Ctx):
+    other = train_tokenizer(c.tmp / "tok2", vocab_size=400, extra_text="zebra quantum xylophone " * 20)
+    make_model(c.tmp / "t2", other, seed=7)
+    make_model(c.tmp / "s2", other, seed=8)
+    args = soft_from_cache(c, c.cache, **{"teacher.name_or_path": str(c.tmp / "t2"),
+                                          "student.name_or_path": str(c.tmp / "s2")})
+    return args, ["tokenizer", "cache"]
+
+
+def cache_of_other_data(c: Ctx):
+    return soft_from_cache(c, c.cache, **{"data.max_documents": "20"}), ["data mismatch", "max_documents"]
+
+
+def cache_shard_truncated(c: Ctx):
+    cache = _cache_copy(c)
+    shard = cache / "train" / "shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])
+    return soft_from_cache(c, cache), ["shard-00001.safetensors` is truncated", "lmdistill label"]
+
+
+def cache_shard_corrupt(c: Ctx):
+    cache = _cache_copy(c)
+    shard = cache / "train" / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-40:-30] = bytes(b ^ 0xFF for b in data[-40:-30])  # same size, other bytes: only the checksum can tell
+    shard.write_bytes(bytes(data))
+    return soft_from_cache(c, cache, **{"train.max_steps": "8"}), ["shard-00001.safetensors` is corrupt"]
+
+
+def cache_unfinished(c: Ctx):
+    cache = _cache_copy(c)
+    (cache / "manifest.json").rename(cache / "manifest.rank-0-of-1.json")  # a label run killed before its merge
+    return soft_from_cache(c, cache), ["incomplete", "rerun the same `lmdistill label`"]
+
+
+def hard_nan_teacher(c: Ctx):
+    args, _ = nan_teacher_logits(c)
+    return ["hard", "--mode", "token", *args[1:]], ["training step 1", "NaN/inf hidden states"]
+
+
+CACHE_CASES = {
+    f.__name__: f
+    for f in (label_k_larger_than_vocab, label_into_cache_of_another_teacher, label_nan_teacher,
+              cache_of_another_tokenizer, cache_of_other_data, cache_shard_truncated, cache_shard_corrupt,
+              cache_unfinished, hard_nan_teacher)
+}
+
+
+@pytest.mark.parametrize("case", sorted(CACHE_CASES))
+def test_cache_and_label_bad_input(case, ctx, cache_dir, capsys):
+    ctx.cache = cache_dir
+    argv, needles = CACHE_CASES[case](ctx)
+    before = {p.name for p in ctx.tmp.glob("cache/manifest.json")}
+    code, err = invoke(argv, capsys)
+    assert_one_clear_error(code, err, needles)
+    assert_nothing_looks_complete(ctx.out, set())
+    new_cache = ctx.tmp / "newcache"
+    assert not (new_cache / "manifest.json").exists()  # an unfinished cache is never made to look finished
+    assert {p.name for p in ctx.tmp.glob("cache/manifest.json")} == before
 
 
 # ---------------------------------------------------------------- generate (teacher completions)

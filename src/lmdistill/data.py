@@ -82,8 +82,9 @@ def load_raw_dataset(source: str, *, split: str = "train", hub_config: str | Non
                 f"{sorted({f.suffix for f in files})}"
             )
         builder = kinds.pop()
-        if builder == "json":
-            _check_jsonl(files)
+        # datasets fails on an empty file with an empty message; say what is wrong instead.
+        if (builder == "json" and _check_jsonl(files) == 0) or all(f.stat().st_size == 0 for f in files):
+            raise DataError(f"dataset `{source}` is empty (no records); give it at least one record")
         try:
             ds = load_dataset(builder, data_files=[str(f) for f in files], split="train")
         except Exception as e:  # noqa: BLE001
@@ -103,10 +104,15 @@ def load_raw_dataset(source: str, *, split: str = "train", hub_config: str | Non
     return ds
 
 
-def _check_jsonl(files: list[Path]) -> None:
-    """Name the file and line of the first malformed record (datasets' own error does not) and reject non-UTF-8."""
+def _check_jsonl(files: list[Path]) -> int | None:
+    """Name the file and line of the first malformed record (datasets' own error does not) and reject non-UTF-8.
+
+    Returns the number of records in the .jsonl files, or None when some file is .json (not counted here).
+    """
+    records: int | None = 0
     for f in files:
         if f.suffix != ".jsonl":
+            records = None
             continue
         with open(f, "rb") as fh:
             for lineno, raw in enumerate(fh, 1):
@@ -120,6 +126,9 @@ def _check_jsonl(files: list[Path]) -> None:
                     json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"`{f}` line {lineno} is not valid JSON ({e.msg}); fix or remove that line") from None
+                if records is not None:
+                    records += 1
+    return records
 
 
 def _require_column(ds: Any, column: str, what: str, source: str) -> None:

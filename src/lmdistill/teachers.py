@@ -45,7 +45,7 @@ class HFTeacher:
     @torch.no_grad()
     def hidden(self, batch: dict[str, Tensor]) -> HiddenTargets:
         h = decoder_hidden(self.model, batch["input_ids"], batch.get("attention_mask"))
-        _check_finite(h, "hidden states", batch.get("attention_mask"))
+        check_finite(h, "hidden states", batch.get("attention_mask"))
         weight, bias, scale, softcap = lm_head_of(self.model)
         return HiddenTargets(
             hidden=h, weight=weight[: self.n_vocab], bias=None if bias is None else bias[: self.n_vocab],
@@ -56,11 +56,11 @@ class HFTeacher:
     def logits(self, batch: dict[str, Tensor]) -> Tensor:
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
         logits = out.logits[..., : self.n_vocab]
-        _check_finite(logits, "logits", batch.get("attention_mask"))
+        check_finite(logits, "logits", batch.get("attention_mask"))
         return logits
 
 
-def _check_finite(x: Tensor, what: str, attention_mask: Tensor | None) -> None:
+def check_finite(x: Tensor, what: str, attention_mask: Tensor | None) -> None:
     """Refuse NaN/inf teacher outputs at real positions: otherwise the loss turns NaN with no hint of the cause.
 
     One reduction per batch; padded positions are skipped (some models emit NaN there on fully masked rows).

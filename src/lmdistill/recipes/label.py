@@ -19,8 +19,10 @@ from lmdistill.cache.format import MANIFEST
 from lmdistill.cache.writer import CacheWriter, build_header, teacher_fingerprint
 from lmdistill.config import LabelConfig
 from lmdistill.data import IGNORE, build_splits, check_block_size
+from lmdistill.errors import NonFiniteError
 from lmdistill.models import load_teacher, load_tokenizer, shared_vocab_size, tokenizer_fingerprint
 from lmdistill.recipes.common import seed_everything
+from lmdistill.teachers import check_finite
 from lmdistill.train.logging import make_progress
 
 
@@ -84,9 +86,11 @@ def _label(cfg: LabelConfig, dist: _Dist) -> dict[str, Any]:
     dist.barrier()  # every rank has checked the existing cache before any rank writes a shard
 
     def logits_fn(batch: dict[str, Tensor]) -> Tensor:
-        out = teacher(input_ids=batch["input_ids"].to(dist.device),
-                      attention_mask=batch["attention_mask"].to(dist.device), use_cache=False)
-        return out.logits[..., :n_vocab]
+        mask = batch["attention_mask"].to(dist.device)
+        out = teacher(input_ids=batch["input_ids"].to(dist.device), attention_mask=mask, use_cache=False)
+        logits = out.logits[..., :n_vocab]
+        check_finite(logits, "logits", mask)  # a NaN would be encoded into the cache and poison every student
+        return logits
 
     S = cfg.cache.shard_blocks
     todo = sum(int((splits[s].labels[j * S : (j + 1) * S] != IGNORE).sum()) for s in splits for j in writer.pending(s))
@@ -100,7 +104,11 @@ def _label(cfg: LabelConfig, dist: _Dist) -> dict[str, Any]:
             progress.update(task, advance=n, stats=f"{done / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
 
         for name, blocks in splits.items():
-            tokens += writer.write_split(name, blocks, logits_fn, on_batch=advance)
+            try:
+                tokens += writer.write_split(name, blocks, logits_fn, on_batch=advance)
+            except NonFiniteError as e:
+                raise NonFiniteError(f"labelling split `{name}`: {e}. Shards finished before this one are kept; no "
+                                     "manifest was written, so the cache cannot be used as it is") from None
     seconds = time.perf_counter() - t0
     dist.barrier()  # all shards are on disk before the merge
     summary: dict[str, Any] = {"cache_dir": str(Path(cfg.cache.output_dir)), "rank": dist.rank,
