@@ -101,24 +101,32 @@ def _install_self_kill(spec: dict) -> None:
         raise ValueError(kind)
 
 
-def _count(path: Path, what: str) -> int:
+def _count(path: Path, what: str, since: float = 0.0) -> int:
+    """How much of the run's output exists: log rows written since `since` (a resumed run first keeps the earlier
+    rows), lines of a JSONL file, or files matching a glob."""
     if what.startswith("files:"):
         return len(list(path.glob(what.removeprefix("files:")))) if path.exists() else 0
     if not path.exists():
         return 0
     if what == "train_log_rows":
-        return sum(1 for r in read_log(path) if "loss" in r)
+        return sum(1 for r in read_log(path) if "loss" in r and r.get("time", 0) >= since)
     if what.startswith("log_rows_with:"):
-        return sum(1 for r in read_log(path) if what.removeprefix("log_rows_with:") in r)
+        key = what.removeprefix("log_rows_with:")
+        return sum(1 for r in read_log(path) if key in r and r.get("time", 0) >= since)
     return sum(1 for line in path.read_text(errors="replace").splitlines() if line.strip())
 
 
 def _live(life: dict) -> dict:
     """Fork a child that runs the CLI with `life["argv"]`; kill it as `life["kill"]` says; report how it ended."""
     kill = life.get("kill") or {}
+    output = Path(life["output"])
+    born = round(time.time(), 3) - 0.001
     pid = os.fork()
     if pid == 0:  # child
         code = 0
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(fd, 1)  # this life's stdout and stderr (warnings included) go to its own file
+        os.dup2(fd, 2)
         try:
             if kill.get("kind") not in (None, "external"):
                 _install_self_kill(kill)
@@ -146,7 +154,7 @@ def _live(life: dict) -> dict:
             if done:
                 waited_for = _
                 break
-            if _count(watch, kill["count"]) >= n:
+            if _count(watch, kill["count"], since=born) >= n:
                 os.kill(pid, signal.SIGKILL)
                 break
             time.sleep(0.005)
@@ -155,6 +163,11 @@ def _live(life: dict) -> dict:
     if os.WIFSIGNALED(waited_for):
         return {"signal": os.WTERMSIG(waited_for)}
     return {"exit": os.WEXITSTATUS(waited_for)}
+
+
+def outputs(tmp: Path, n: int) -> list[str]:
+    """What each life printed (stdout and stderr), in order."""
+    return [(tmp / f"life-{i}.txt").read_text(errors="replace") for i in range(n)]
 
 
 def drive(plan_path: str) -> None:
@@ -178,6 +191,8 @@ if __name__ == "__main__":
 # ------------------------------------------------------------------------------------------------ test helpers
 
 def run_plan(tmp: Path, lives: list[dict]) -> list[dict]:
+    for i, life in enumerate(lives):
+        life["output"] = str(tmp / f"life-{i}.txt")
     plan = {"lives": lives, "results": str(tmp / "results.json")}
     (tmp / "plan.json").write_text(json.dumps(plan))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
@@ -185,7 +200,8 @@ def run_plan(tmp: Path, lives: list[dict]) -> list[dict]:
                           env=env, timeout=600, cwd=Path(__file__).parent)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((tmp / "results.json").read_text())
-    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    for text in [proc.stderr, *outputs(tmp, len(lives))]:
+        assert "Traceback" not in text, text[-4000:]
     return results
 
 
@@ -221,7 +237,7 @@ def test_soft_killed_at_five_moments_resumes_to_the_uninterrupted_student(teache
     def argv(resume: bool) -> list[str]:
         return soft_argv(teacher_dir, student_dir, text_file, run, resume)
 
-    random_moment = rng.randint(3, 5)  # killed once this many training log rows exist (mid-way into the next step)
+    random_moment = rng.randint(1, 3)  # killed once this life has logged this many steps (mid-way into the next)
     lives = [
         {"argv": soft_argv(teacher_dir, student_dir, text_file, ref, False)},
         # 1: the step-4 checkpoint is complete under its temporary name, the rename never happens
@@ -241,6 +257,11 @@ def test_soft_killed_at_five_moments_resumes_to_the_uninterrupted_student(teache
     assert results[0] == {"exit": 0}
     assert results[1:5] == [{"signal": signal.SIGKILL}] * 4, results
     assert results[5] == {"exit": 0}, results
+    said = outputs(tmp_path, len(lives))
+    # The complete-but-unrenamed step-4 and the half-written step-6 are both skipped, and the user is told.
+    assert "ignoring half-written checkpoint" in said[2] and ".tmp-step-00000004" in said[2], said[2][-2000:]
+    assert "ignoring half-written checkpoint" in said[4] and ".tmp-step-00000006" in said[4], said[4][-2000:]
+    assert "resumed from step 4" in said[4]
 
     assert_bitwise(weights(ref / "student" / "model.safetensors"), weights(run / "student" / "model.safetensors"))
     ref_rows, run_rows = read_log(ref / "log.jsonl"), read_log(run / "log.jsonl")
