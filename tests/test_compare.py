@@ -96,6 +96,13 @@ def test_skipped_and_failed_arms_show_their_reason(compared):
         assert "this arm is broken on purpose" in text
     assert any("missing" in m and "SKIPPED" in m for m in messages)
     assert "SKIPPED" in console_table(results)
+    # a failed arm makes `lmdistill compare` exit non-zero (after the report is written); a skipped one does not
+    from lmdistill.recipes.compare import ArmsFailed, raise_if_failed
+
+    with pytest.raises(ArmsFailed, match="1 arm\\(s\\) failed: broken") as err:
+        raise_if_failed(results, "out")
+    assert err.value.exit_code == 1
+    raise_if_failed({"arms": [a for a in results["arms"] if a["name"] != "broken"]}, "out")
 
 
 def test_learning_curves_come_from_each_runs_log(compared):

@@ -23,6 +23,7 @@ import ctypes
 import gc
 import importlib
 import math
+import os
 import re
 import threading
 import time
@@ -89,17 +90,12 @@ MEMORY_METHOD_CUDA = "torch.cuda.max_memory_allocated over the phase"
 
 
 def _rss_bytes() -> int | None:
+    """Resident set size of this process (Linux); None where /proc is not available."""
     try:
         with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * _page_size()
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
-
-
-def _page_size() -> int:
-    import os
-
-    return os.sysconf("SC_PAGE_SIZE")
 
 
 def _release_freed_memory() -> None:

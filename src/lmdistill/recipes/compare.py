@@ -281,12 +281,26 @@ def _equal_terms(cfg: CompareConfig) -> dict[str, Any]:
     }
 
 
+class ArmsFailed(LmdistillError):
+    """Some arms raised; the report was still written and names them."""
+
+    exit_code = 1
+
+
 def compare_command(cfg: CompareConfig) -> dict[str, Any]:
-    """`lmdistill compare`: run, then print the table and where the report is."""
+    """`lmdistill compare`: run, print the table and where the report is; exit non-zero when an arm failed."""
     from lmdistill.report import console_table
 
     results = run_compare(cfg)
     print()
     print(console_table(results))
     print(f"\nreport: {results['report']['html']}  (also {results['report']['markdown']})")
+    raise_if_failed(results, cfg.train.output_dir)
     return results
+
+
+def raise_if_failed(results: dict[str, Any], output_dir: str | Path) -> None:
+    failed = [a["name"] for a in results["arms"] if a["status"] == "failed"]
+    if failed:
+        raise ArmsFailed(f"{len(failed)} arm(s) failed: {', '.join(failed)}; the report and "
+                         f"{Path(output_dir) / 'arms'}/<name>/error.txt have the details")

@@ -43,19 +43,20 @@ class DemoSize:
     cache_k: int
     cache_draws: int
     completion_tokens: int
+    completion_prompts: int
 
 
 FULL = DemoSize(
     arms=("ce", "soft", "cached_topk", "cached_sampled", "hard_token", "hard_sequence", "codistill"),
     steps=24, block_size=64, batch_size=4, keep_layers=(0, 6, 12, 18, 24, 29), train_documents=60,
     eval_documents=16, eval_batches=2, eval_every=8, lr=5e-4, warmup_steps=2, prompts=2, new_tokens=24,
-    cache_k=32, cache_draws=32, completion_tokens=40,
+    cache_k=32, cache_draws=32, completion_tokens=40, completion_prompts=48,
 )
 QUICK = DemoSize(
     arms=("ce", "soft", "cached_topk"),
     steps=3, block_size=32, batch_size=2, keep_layers=(0, 29), train_documents=6, eval_documents=4,
     eval_batches=1, eval_every=0, lr=5e-4, warmup_steps=1, prompts=1, new_tokens=8, cache_k=8, cache_draws=8,
-    completion_tokens=16,
+    completion_tokens=16, completion_prompts=8,
 )
 
 
@@ -69,7 +70,9 @@ def demo_config(quick: bool = False, output_dir: str | None = None, **changes: A
     prepare: dict[str, dict[str, Any]] = {
         "cached_topk": {"cache": {"k": size.cache_k, "batch_size": size.batch_size}},
         "cached_sampled": {"cache": {"draws": size.cache_draws, "batch_size": size.batch_size}},
-        "hard_sequence": {"sampling": {"max_new_tokens": size.completion_tokens}},
+        # teacher generation is the slow part on a CPU: fewer answers than the step budget's sequences, seen twice
+        "hard_sequence": {"sampling": {"max_new_tokens": size.completion_tokens},
+                          "prompts": {"max_prompts": size.completion_prompts}},
     }
     arms = [{"name": kind, "kind": kind, "prepare": prepare.get(kind, {})} for kind in size.arms]
     return CompareConfig.model_validate({
@@ -142,6 +145,7 @@ def run_demo(cfg: CompareConfig) -> dict[str, Any]:
                f"{cfg.train.micro_batch_size} x {cfg.data.block_size} tokens; student = teacher layers "
                f"{cfg.student.keep_layers}; output in {cfg.train.output_dir}/")
     t0 = time.perf_counter()
-    results = compare_command(cfg)
-    click.echo(f"demo finished in {time.perf_counter() - t0:.0f} s")
-    return results
+    try:
+        return compare_command(cfg)
+    finally:
+        click.echo(f"demo finished in {time.perf_counter() - t0:.0f} s")
