@@ -171,9 +171,24 @@ def outputs(tmp: Path, n: int) -> list[str]:
 
 
 def drive(plan_path: str) -> None:
-    # Imports happen here, once, before any fork; no tensor op runs in the parent (forking after OpenMP started
-    # is not safe), every child sets its own threads.
+    # Imports happen here, once, before any fork, including the ones transformers and the recipes would otherwise
+    # do lazily in every child (most of a tiny run's cost). No tensor op runs in the parent: forking after OpenMP
+    # started is not safe.
+    import accelerate  # noqa: F401
+    import datasets  # noqa: F401
+    import transformers
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
     import lmdistill.cli  # noqa: F401
+    import lmdistill.generate.hf  # noqa: F401
+    import lmdistill.generate.run  # noqa: F401
+    import lmdistill.recipes.codistill  # noqa: F401
+    import lmdistill.recipes.hard  # noqa: F401
+    import lmdistill.recipes.label  # noqa: F401
+    import lmdistill.recipes.soft  # noqa: F401
+
+    for name in ("AutoConfig", "AutoModelForCausalLM", "AutoTokenizer", "PreTrainedTokenizerFast"):
+        getattr(transformers, name)
 
     plan = json.loads(Path(plan_path).read_text())
     results = []

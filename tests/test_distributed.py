@@ -28,7 +28,8 @@ from lmdistill.config import SoftConfig, load_config
 from lmdistill.recipes.soft import run_soft
 from lmdistill.train.logging import read_log
 
-# Runs `python -m lmdistill ...` exactly as the CLI would, after installing counters. Written next to the run.
+# Runs `python -m lmdistill ...` exactly as the CLI would, after installing counters; the argument list may hold
+# several runs separated by `::`, done one after the other by the same processes (one torchrun start-up for all).
 PROBE = textwrap.dedent(
     """
     import json, os, runpy, sys
@@ -40,8 +41,7 @@ PROBE = textwrap.dedent(
     from lmdistill.train.checkpoint import CheckpointManager
     from lmdistill.train.logging import RunLogger
 
-    counts = {"checkpoint_saves": 0, "log_writes": 0, "students_saved": 0, "summaries": 0}
-    optimizers, teachers = [], []
+    counts, optimizers, teachers = {}, [], []
 
     def counting(name, fn):
         def wrapper(*a, **k):
@@ -72,10 +72,20 @@ PROBE = textwrap.dedent(
     soft.save_student = counting("students_saved", soft.save_student)
     soft.write_summary = counting("summaries", soft.write_summary)
 
-    sys.argv = ["lmdistill", *sys.argv[1:]]
-    try:
+    runs, current = [], []
+    for arg in sys.argv[1:]:
+        if arg == "::":
+            runs.append(current)
+            current = []
+        else:
+            current.append(arg)
+    runs.append(current)
+    for phase, args in enumerate(runs):
+        counts.update(checkpoint_saves=0, log_writes=0, students_saved=0, summaries=0)
+        optimizers.clear()
+        teachers.clear()
+        sys.argv = ["lmdistill", *args]
         runpy.run_module("lmdistill", run_name="__main__", alter_sys=True)
-    finally:
         from accelerate.state import PartialState
 
         teacher_ids = {id(p) for t in teachers for p in t.parameters()}
@@ -91,7 +101,7 @@ PROBE = textwrap.dedent(
             "teachers": len(teachers),
         }
         out = os.environ["LMDISTILL_PROBE_DIR"]
-        with open(os.path.join(out, f"rank{os.environ.get('RANK', '0')}.json"), "w") as fh:
+        with open(os.path.join(out, f"phase{phase}-rank{os.environ.get('RANK', '0')}.json"), "w") as fh:
             json.dump(probe, fh)
     """
 )
@@ -109,14 +119,6 @@ def _args(teacher_dir: Path, student_dir: Path, chat_file: Path, out: Path, **ex
     return soft_overrides(teacher_dir, student_dir, chat_file, out, **settings)
 
 
-def _torchrun(args: list[str], probe: Path, probe_dir: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LMDISTILL_PROBE_DIR": str(probe_dir), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(probe), "soft", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-
-
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "student" / "model.safetensors"))
 
@@ -129,16 +131,37 @@ def one_process(teacher_dir, student_dir, chat_file, tmp_path_factory) -> Path:
     return out
 
 
-def test_two_processes_match_one_and_only_rank0_writes(one_process, teacher_dir, student_dir, chat_file, tmp_path):
-    probe = tmp_path / "probe.py"
-    probe.write_text(PROBE)
-    probes = tmp_path / "probes"
+@pytest.fixture(scope="module")
+def two_processes(one_process, teacher_dir, student_dir, chat_file, tmp_path_factory) -> dict:
+    """One `torchrun --nproc_per_node 2` start-up, two runs: (0) from scratch; (1) resuming a copy of the 1-process
+    run's step-2 checkpoint (its later checkpoints and student removed)."""
+    root = tmp_path_factory.mktemp("two")
+    resumed = root / "resumed"
+    shutil.copytree(one_process, resumed)
+    shutil.rmtree(resumed / "student")
+    (resumed / "summary.json").unlink()
+    for ckpt in (resumed / "checkpoints").glob("step-*"):
+        if ckpt.name != "step-00000002":
+            shutil.rmtree(ckpt)
+    (root / "probe.py").write_text(PROBE)
+    probes = root / "probes"
     probes.mkdir()
-    out = tmp_path / "two"
-    proc = _torchrun(_args(teacher_dir, student_dir, chat_file, out, **{"train.grad_accum": "1"}), probe, probes)
+    scratch = root / "scratch"
+    args = ["soft", *_args(teacher_dir, student_dir, chat_file, scratch, **{"train.grad_accum": "1"}), "::", "soft",
+            *_args(teacher_dir, student_dir, chat_file, resumed, **{"train.grad_accum": "1", "train.resume": "true"})]
+    env = {**os.environ, "LMDISTILL_PROBE_DIR": str(probes), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(root / "probe.py"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    probe = {(ph, r): json.loads((probes / f"phase{ph}-rank{r}.json").read_text()) for ph in (0, 1) for r in (0, 1)}
+    return {"scratch": scratch, "resumed": resumed, "probe": probe, "stdout": proc.stdout}
 
-    ranks = [json.loads((probes / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+def test_two_processes_match_one_and_only_rank0_writes(one_process, two_processes):
+    ranks = [two_processes["probe"][0, r] for r in (0, 1)]
+    out = two_processes["scratch"]
     for r, p in enumerate(ranks):
         assert p["world"] == 2 and p["rank"] == r, p  # a real process group, not two independent runs
         assert p["teachers"] == 1 and p["optimizers"] >= 1
@@ -169,22 +192,12 @@ def test_two_processes_match_one_and_only_rank0_writes(one_process, teacher_dir,
           f"max |dw| {diff:.3e}")
 
 
-def test_two_processes_resume_a_one_process_checkpoint(one_process, teacher_dir, student_dir, chat_file, tmp_path):
+def test_two_processes_resume_a_one_process_checkpoint(one_process, two_processes):
     """Every rank loads the step-2 checkpoint (model, optimizer, scheduler, RNG) and finishes the run identically."""
-    out = tmp_path / "resumed"
-    shutil.copytree(one_process, out)
-    shutil.rmtree(out / "student")
-    for ckpt in (out / "checkpoints").glob("step-*"):
-        if ckpt.name != "step-00000002":
-            shutil.rmtree(ckpt)
-    probes = tmp_path / "probes"
-    probes.mkdir()
-    probe = tmp_path / "probe.py"
-    probe.write_text(PROBE)
-    args = _args(teacher_dir, student_dir, chat_file, out, **{"train.grad_accum": "1", "train.resume": "true"})
-    proc = _torchrun(args, probe, probes)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from step 2" in proc.stdout
+    out = two_processes["resumed"]
+    assert "resumed from step 2" in two_processes["stdout"]
+    ranks = [two_processes["probe"][1, r] for r in (0, 1)]
+    assert ranks[0]["checkpoint_saves"] == 1 and ranks[1]["checkpoint_saves"] == 0  # only the final one is new
     a, b = _weights(one_process), _weights(out)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
