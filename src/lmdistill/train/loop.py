@@ -187,13 +187,15 @@ class Trainer:
                     if self.engine == "deepspeed":  # its engine steps inside backward at a boundary
                         acc.gradient_state._set_sync_gradients(sync)
                     ctx = acc.no_sync(self.model) if not sync and acc.num_processes > 1 else _null()
-                    with ctx, acc.autocast():
-                        try:
-                            out = self.loss_fn(batch)
-                        except NonFiniteError as e:
-                            raise NonFiniteError(f"training step {step + 1}, micro-batch {i + 1}: {e}") from None
-                        loss = out.loss_sum * scale
-                    acc.backward(loss)
+                    # The backward must sit inside no_sync too: that is where DDP would all-reduce the gradients.
+                    with ctx:
+                        with acc.autocast():
+                            try:
+                                out = self.loss_fn(batch)
+                            except NonFiniteError as e:
+                                raise NonFiniteError(f"training step {step + 1}, micro-batch {i + 1}: {e}") from None
+                            loss = out.loss_sum * scale
+                        acc.backward(loss)
                     loss_total += float(out.loss_sum.detach())
                     for k, v in out.parts.items():
                         sums[k] = sums.get(k, 0.0) + float(v.detach())
