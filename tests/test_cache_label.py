@@ -140,15 +140,18 @@ def test_soft_trains_from_the_cache_without_a_teacher_and_lowers_heldout_kl(teac
     assert torch.isfinite(torch.tensor(list(kl.values()))).all()
 
 
-def test_cli_refuses_a_missing_cache_with_one_message(teacher_dir, student_dir, text_file, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "lmdistill", "soft", *soft_overrides(teacher_dir, student_dir, text_file, tmp_path,
-                                                                     teacher_cache=str(tmp_path / "nope"))],
-        capture_output=True, text=True, env=ENV,
-    )
-    assert proc.returncode == 2
-    assert "soft-label cache" in proc.stderr and "does not exist" in proc.stderr and "lmdistill label" in proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_a_missing_cache_fails_before_any_model_is_loaded(teacher_dir, student_dir, text_file, tmp_path, monkeypatch):
+    from lmdistill.errors import CacheError
+    from lmdistill.recipes import soft
+
+    def no_setup(*_: object, **__: object) -> None:
+        raise AssertionError("models were loaded before the cache was checked")
+
+    monkeypatch.setattr(soft, "build_setup", no_setup)
+    cfg = load_config(SoftConfig, None, soft_overrides(teacher_dir, student_dir, text_file, tmp_path,
+                                                       teacher_cache=str(tmp_path / "nope")))
+    with pytest.raises(CacheError, match=r"soft-label cache `.*nope` does not exist; write one with `lmdistill label"):
+        soft.run_soft(cfg)
 
 
 def test_shipped_label_configs_validate_and_match_soft_yaml_data():

@@ -73,5 +73,7 @@ def test_measured_cache_matches_its_files(tmp_path, encoding, values):
 
 
 def test_estimate_needs_a_corpus_or_a_cache():
-    proc = subprocess.run([sys.executable, "-m", "lmdistill", "estimate"], capture_output=True, text=True)
-    assert proc.returncode == 2 and "give --vocab and --tokens" in proc.stderr and "Traceback" not in proc.stderr
+    from lmdistill.errors import ConfigError
+
+    out = CliRunner().invoke(main, ["estimate", "--vocab", "1000"])
+    assert isinstance(out.exception, ConfigError) and "give --vocab and --tokens" in str(out.exception)

@@ -191,20 +191,22 @@ class CacheWriter:
         self._write_journal()
 
     # -- resume -------------------------------------------------------------------------------------------------------
-    def _existing_headers(self) -> list[tuple[str, dict[str, Any]]]:
+    def _existing(self) -> list[tuple[str, dict[str, Any]]]:
+        """(file name, parsed JSON) of manifest.json and every journal already in the directory."""
         found = []
         for path in [self.root / MANIFEST, *sorted(self.root.glob(JOURNAL_GLOB))]:
             if path.is_file():
                 try:
-                    raw = json.loads(path.read_text())
-                except json.JSONDecodeError:
-                    continue  # a torn journal cannot exist (atomic writes); a hand-edited one is ignored
-                found.append((path.name, raw.get("header", raw)))
+                    found.append((path.name, json.loads(path.read_text())))
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    # atomic writes never leave a torn file; a hand-damaged one only costs relabelling its shards
+                    log.warning("ignoring unreadable %s", path)
         return found
 
     def _check_existing(self) -> None:
         mine = identity(self.header)
-        for name, other in self._existing_headers():
+        for name, raw in self._existing():
+            other = raw.get("header", raw)
             try:
                 theirs = identity(other)
             except KeyError:
@@ -219,11 +221,9 @@ class CacheWriter:
 
     def _candidates(self) -> dict[tuple[str, int], list[ShardEntry]]:
         out: dict[tuple[str, int], list[ShardEntry]] = {}
-        for path in [self.root / MANIFEST, *sorted(self.root.glob(JOURNAL_GLOB))]:
-            if not path.is_file():
-                continue
-            for raw in json.loads(path.read_text()).get("shards", []):
-                entry = ShardEntry.from_json(raw)
+        for _, raw in self._existing():
+            for shard in raw.get("shards", []):
+                entry = ShardEntry.from_json(shard)
                 out.setdefault((entry.split, entry.index), []).append(entry)
         return out
 
