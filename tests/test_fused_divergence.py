@@ -17,6 +17,7 @@ from lmdistill.losses import KINDS, divergence, sparse_divergence
 from lmdistill.losses.divergences import divergence_from_logprobs
 from lmdistill.losses.fused import (
     SparseTargets,
+    fused_distill_loss_sums,
     fused_divergence,
     fused_divergence_from_models,
     fused_divergence_sum_and_count,
@@ -305,6 +306,99 @@ def test_sparse_batched_shapes_and_errors(request):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the ground-truth cross-entropy folded into the same pass
+
+
+def _labels(g: torch.Generator, n: int) -> torch.Tensor:
+    labels = torch.randint(0, V, (n,), generator=g)
+    labels[torch.rand(n, generator=g) < 0.2] = -100  # some rows inside the mask have no target
+    return labels
+
+
+def _ce_reference(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits[mask], labels[mask], ignore_index=-100, reduction="sum")
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.35, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 1.7], ids=["T1", "T1.7"])
+@pytest.mark.parametrize("vocab_chunk", [None, 32], ids=["rows", "tiles"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_folded_ce_matches_divergence_plus_cross_entropy(request, kind, vocab_chunk, temperature, alpha):
+    g = _gen(request)
+    x = _inputs(g)
+    labels = _labels(g, 45)
+    s_logits = _logits(x["hs"], x["ws"], x["bs"], scale=1.2, softcap=6.0)
+    t_logits = _logits(x["ht"], x["wt"], x["bt"])
+    kd_ref = divergence(s_logits, t_logits, kind, beta=0.3, temperature=temperature, mask=x["mask"], reduction="sum")
+    ce_ref = _ce_reference(s_logits, labels, x["mask"])
+    got = fused_distill_loss_sums(
+        x["hs"], x["ws"], teacher_hidden=x["ht"], teacher_weight=x["wt"], student_bias=x["bs"],
+        teacher_bias=x["bt"], student_logit_scale=1.2, student_softcap=6.0, kind=kind, beta=0.3,
+        temperature=temperature, mask=x["mask"], chunk_size=7, vocab_chunk_size=vocab_chunk, labels=labels,
+        alpha=alpha,
+    )  # fmt: skip
+    torch.testing.assert_close(got.kd, kd_ref.detach(), rtol=2e-5, atol=1e-5)
+    torch.testing.assert_close(got.ce, ce_ref.detach(), rtol=2e-5, atol=1e-5)  # computed even at alpha = 1
+    assert got.count.item() == int(x["mask"].sum())
+    want = alpha * kd_ref + (1 - alpha) * ce_ref
+    torch.testing.assert_close(got.total, want, rtol=2e-5, atol=1e-5)
+    assert not got.kd.requires_grad and not got.ce.requires_grad
+    params = [x["hs"], x["ws"], x["bs"]]
+    _assert_close(_grads(got.total, params), _grads(want, params))
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl"])
+def test_folded_ce_with_sparse_targets(request, kind):
+    g = _gen(request)
+    x = _inputs(g)
+    labels = _labels(g, 45)
+    targets = _topk_targets(g, 45, k=8, tail=True, absent=True)
+    s_logits = _logits(x["hs"], x["ws"], x["bs"])
+    kd_ref = sparse_divergence(s_logits, targets.ids, targets.logprobs, kind, tail_logprob=targets.tail_logprob,
+                               temperature=1.5, mask=x["mask"], reduction="sum")  # fmt: skip
+    want = 0.6 * kd_ref + 0.4 * _ce_reference(s_logits, labels, x["mask"])
+    got = fused_distill_loss_sums(x["hs"], x["ws"], student_bias=x["bs"], sparse_targets=targets, kind=kind,
+                                  temperature=1.5, mask=x["mask"], chunk_size=6, labels=labels, alpha=0.6)  # fmt: skip
+    torch.testing.assert_close(got.total, want, rtol=2e-5, atol=1e-5)
+    params = [x["hs"], x["ws"], x["bs"]]
+    _assert_close(_grads(got.total, params), _grads(want, params))
+
+
+def test_folded_ce_when_the_divergence_is_identically_zero(request):
+    # skew forward KL at beta = 1 is KL(p_T || p_T) = 0: only the CE term is left, and it must still train
+    g = _gen(request)
+    x = _inputs(g)
+    labels = _labels(g, 45)
+    got = fused_distill_loss_sums(x["hs"], x["ws"], teacher_hidden=x["ht"], teacher_weight=x["wt"],
+                                  kind="skew_forward_kl", beta=1.0, labels=labels, alpha=0.5, chunk_size=10)
+    want = 0.5 * torch.nn.functional.cross_entropy(_logits(x["hs"], x["ws"]), labels, reduction="sum")
+    assert got.kd.item() == 0.0
+    torch.testing.assert_close(got.total, want, rtol=2e-5, atol=1e-5)
+    _assert_close(_grads(got.total, [x["hs"], x["ws"]]), _grads(want, [x["hs"], x["ws"]]))
+
+
+def test_folded_ce_defaults_its_mask_to_the_labelled_positions_and_checks_its_arguments(request):
+    g = _gen(request)
+    x = _inputs(g)
+    labels = _labels(g, 45).view(5, 9)
+    hs = x["hs"].view(5, 9, HS)
+    kw = {"teacher_hidden": x["ht"].view(5, 9, HT), "teacher_weight": x["wt"]}
+    got = fused_distill_loss_sums(hs, x["ws"], labels=labels, alpha=0.5, **kw)
+    labelled = labels != -100
+    ref_kd = divergence(_logits(hs, x["ws"]), _logits(kw["teacher_hidden"], x["wt"]), mask=labelled, reduction="sum")
+    torch.testing.assert_close(got.kd, ref_kd.detach(), rtol=2e-5, atol=1e-5)
+    assert got.count.item() == int(labelled.sum())
+    with pytest.raises(ValueError, match="labels shape"):
+        fused_distill_loss_sums(hs, x["ws"], labels=labels[:, :4], alpha=0.5, **kw)
+    with pytest.raises(ValueError, match="outside the vocab"):
+        fused_distill_loss_sums(hs, x["ws"], labels=labels.clamp_min(0) + V - 1, alpha=0.5, **kw)
+    with pytest.raises(ValueError, match="integer tensor"):
+        fused_distill_loss_sums(hs, x["ws"], labels=labels.float(), alpha=0.5, **kw)
+    with pytest.raises(ValueError, match="alpha must be in"):
+        fused_distill_loss_sums(hs, x["ws"], labels=labels, alpha=1.5, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Hugging Face models: lm_head from the model, tied embeddings, padded vocab rows
 
 
@@ -381,7 +475,7 @@ def test_triton_kernel_under_interpreter_matches_torch_rows(request, kind, softc
                        sparse=None, kind=fused._effective_kind(kind, 0.3), beta=0.3, temperature=1.5, chunk_size=8,
                        vocab_chunk_size=V, backend="triton")  # fmt: skip
     ys, yt = torch.randn(6, V, generator=g) * 3, torch.randn(6, V, generator=g) * 3
-    want_v, want_g = fused._dense_rows_torch(plan, [ys.clone(), yt.clone()], need_grad=True)
+    want_v, _, want_g = fused._dense_rows_torch(plan, [ys.clone(), yt.clone()], need_grad=True)
     got_v, got_g = fused_triton.dense_rows_triton(plan, ys.clone(), yt.clone(), need_grad=True)
     torch.testing.assert_close(got_v, want_v, rtol=1e-5, atol=1e-5)
     _assert_close([got_g], [want_g])
@@ -418,3 +512,29 @@ def test_cuda_matches_reference(request, kind, dtype, backend):
     torch.testing.assert_close(got, ref, rtol=2e-5 if fp32 else 2e-2, atol=1e-6 if fp32 else 1e-3)
     tol = dict(rtol=2e-5, atol=2e-6) if fp32 else dict(rtol=5e-2, atol=2e-2)
     _assert_close(_grads(got, [hs, ws, bs]), _grads(ref, [hs, ws, bs]), **tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("temperature", [1.0, 1.5], ids=["T1", "T1.5"])
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
+def test_cuda_folded_ce_matches_reference(request, kind, temperature, backend):
+    # with backend="auto" the divergence runs in the Triton kernel and the CE reads the projection before it does
+    g = _gen(request)
+    n, vocab, width = 300, 5003, 64
+
+    def rnd(*shape, std=1.0, grad=False):
+        return (torch.randn(*shape, generator=g) * std).cuda().requires_grad_(grad)
+
+    hs, ws, ht, wt = rnd(n, width, grad=True), rnd(vocab, width, std=0.25, grad=True), rnd(n, width), rnd(vocab, width)
+    labels = torch.randint(0, vocab, (n,), generator=g).cuda()
+    labels[::7] = -100
+    s_logits = _logits(hs, ws)
+    want = 0.7 * divergence(s_logits, _logits(ht, wt), kind, beta=0.3, temperature=temperature,
+                            mask=labels != -100, reduction="sum")
+    want = want + 0.3 * torch.nn.functional.cross_entropy(s_logits, labels, reduction="sum")
+    got = fused_distill_loss_sums(hs, ws, teacher_hidden=ht, teacher_weight=wt, kind=kind, beta=0.3,
+                                  temperature=temperature, labels=labels, alpha=0.7, chunk_size=128, backend=backend)
+    torch.testing.assert_close(got.total, want, rtol=2e-5, atol=1e-4)
+    _assert_close(_grads(got.total, [hs, ws]), _grads(want, [hs, ws]))

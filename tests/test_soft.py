@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import soft_overrides
 
+from conftest import soft_overrides
 from lmdistill.config import SoftConfig, load_config
 from lmdistill.recipes.soft import run_soft
 from lmdistill.train.logging import read_log

@@ -25,6 +25,12 @@ gradient work is skipped.
 
 The teacher never receives a gradient (distillation targets are detached by construction here).
 
+The usual objective mixes in the ground truth, ``alpha * D + (1 - alpha) * CE``. :func:`fused_distill_loss_sums`
+computes the CE of the untempered student logits inside the same chunk loop, so the student's projection runs once
+for both terms; at ``T = 1`` the CE also shares the divergence's log-softmax and its gradient ``p_S - onehot`` is
+added into the same buffer. A separate chunked CE would re-project the student (forward, recompute, two gradient
+matmuls), which on a 49k-vocab, 6-layer student is most of a step's lm_head work.
+
 Memory: fp32 gradient accumulators ``[V, Hs]`` and ``[N, Hs]`` (summing bf16 partial products over many chunks would
 drop small contributions), plus a few ``[chunk, V]`` fp32 buffers for the chunk in flight; ``chunk_size`` trades those
 against matmul efficiency. Sparse targets (a soft-label cache) take the same chunk loop: each chunk's student logits
@@ -44,7 +50,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -107,6 +113,12 @@ class _Plan:
     chunk_size: int
     vocab_chunk_size: int
     backend: str  # "torch" or "triton"
+    # the ground-truth cross-entropy folded into the same pass (one projection of the student instead of two):
+    # the gradient handed out is that of kd_weight * T^2 * KD + ce_weight * CE
+    ce_labels: Tensor | None = None  # [N_valid] int64 targets of the valid rows, ignore_index where CE skips a row
+    kd_weight: float = 1.0
+    ce_weight: float = 0.0
+    ignore_index: int = -100
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -229,21 +241,58 @@ def _chain(g: Tensor, th: Tensor | None, scale: float, factor: float) -> Tensor:
     return g.mul_(factor) if factor != 1.0 else g
 
 
+def _ce_labels(plan: _Plan, r0: int, r1: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """This chunk's CE targets as ``(safe ids [n, 1], counted [n, 1] bool, counted as fp32 [n, 1])``, or None."""
+    if plan.ce_labels is None:
+        return None
+    y = plan.ce_labels[r0:r1].unsqueeze(-1)
+    counted = y != plan.ignore_index
+    return y.clamp_min(0), counted, counted.float()
+
+
+def _ce_value(log_probs: Tensor, target: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    """Summed ``-log p(label)`` over counted rows of full-vocab log-probabilities ``[n, V]``."""
+    ids, _, weight = target
+    return -(log_probs.gather(1, ids) * weight).sum()
+
+
+def _ce_rows(plan: _Plan, y: Tensor, target: tuple[Tensor, Tensor, Tensor], need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """CE of raw student rows ``y = h @ W.T + b`` ``[n, V]`` (left untouched): summed value and ``dCE/dy`` (fp32).
+
+    Used where the divergence's own buffers cannot serve (``T != 1``, the Triton kernel, a zero divergence).
+    """
+    z = y.to(torch.float32, copy=True)
+    z, th = _transform(z, plan.student_scale, plan.student_softcap, 1.0)
+    lp = torch.log_softmax(z, dim=-1)
+    del z
+    value = _ce_value(lp, target)
+    if not need_grad:
+        return value, None
+    ids, _, weight = target
+    g = lp.exp_().mul_(weight).scatter_add_(1, ids, -weight)
+    return value, _chain(g, th, plan.student_scale, 1.0)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the chunk loop
 
 
-def _sparse_chunk(plan: _Plan, z_raw: Tensor, r0: int, r1: int, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+def _sparse_chunk(
+    plan: _Plan, z_raw: Tensor, r0: int, r1: int, need_grad: bool
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Sparse targets: the reference :func:`sparse_divergence` on this chunk's logits, differentiated by autograd.
 
     The teacher side is only ``[n, K]``, so the whole-vocab student row is all there is to hold; reusing the
-    reference on it keeps every estimator and tail convention identical by construction.
+    reference on it keeps every estimator and tail convention identical by construction. Returns the divergence sum,
+    the CE sum (None without labels) and ``d(kd_weight * D + ce_weight * CE)/dz``.
     """
     from lmdistill.losses.sparse import sparse_divergence
 
     st = plan.sparse
     assert st is not None
+    target = _ce_labels(plan, r0, r1)
     leaf = z_raw.detach().requires_grad_(need_grad)
+    ce = None
     with torch.enable_grad():
         total = sparse_divergence(
             leaf,
@@ -257,13 +306,26 @@ def _sparse_chunk(plan: _Plan, z_raw: Tensor, r0: int, r1: int, need_grad: bool)
             temperature=plan.temperature,
             reduction="sum",
         )
-        grad = torch.autograd.grad(total, leaf)[0] if need_grad else None
-    return total.detach().float(), grad
+        objective = total if plan.kd_weight == 1.0 else plan.kd_weight * total
+        if target is not None:
+            ce = _ce_value(torch.log_softmax(leaf.float(), dim=-1), target)
+            if plan.ce_weight > 0:
+                objective = objective + plan.ce_weight * ce
+        grad = torch.autograd.grad(objective, leaf)[0] if need_grad else None
+    return total.detach().float(), None if ce is None else ce.detach(), grad
+
+
+def _combine(g_kd: Tensor, kd_weight: float, ce_grad: Tensor | None, ce_weight: float) -> Tensor:
+    """``kd_weight * g_kd + ce_weight * ce_grad``, reusing one of the buffers."""
+    if ce_grad is None:
+        return g_kd.mul_(kd_weight) if kd_weight != 1.0 else g_kd
+    return ce_grad.mul_(ce_weight).add_(g_kd, alpha=kd_weight)
 
 
 def _dense_rows(
-    plan: _Plan, hs: Tensor, ht: Tensor, weight: Tensor, bias: Tensor | None, need_grad: bool
-) -> tuple[Tensor, Tensor | None]:
+    plan: _Plan, hs: Tensor, ht: Tensor, weight: Tensor, bias: Tensor | None, need_grad: bool,
+    target: tuple[Tensor, Tensor, Tensor] | None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Project whole-vocab rows and hand them to the torch or Triton arithmetic (which then own the buffers)."""
     teacher = plan.teacher
     assert teacher is not None
@@ -273,28 +335,43 @@ def _dense_rows(
     if plan.backend == "triton":
         from lmdistill.losses.fused_triton import dense_rows_triton
 
-        return dense_rows_triton(plan, ys, yt, need_grad)
+        ce_value = ce_grad = None
+        if target is not None:  # the kernel overwrites ys, so the CE reads it first
+            ce_value, ce_grad = _ce_rows(plan, ys, target, need_grad and plan.ce_weight > 0)
+        value, g = dense_rows_triton(plan, ys, yt, need_grad)
+        return value, ce_value, None if g is None else _combine(g, plan.kd_weight, ce_grad, plan.ce_weight)
     bufs = [ys, yt]
     del ys, yt
-    return _dense_rows_torch(plan, bufs, need_grad)
+    return _dense_rows_torch(plan, bufs, need_grad, target)
 
 
-def _dense_rows_torch(plan: _Plan, bufs: list[Tensor], need_grad: bool) -> tuple[Tensor, Tensor | None]:
-    """Whole-vocab rows ``[n, V]``: sum of the divergence over the rows and ``dD/dy_S`` (fp32), no recomputation.
+def _dense_rows_torch(
+    plan: _Plan, bufs: list[Tensor], need_grad: bool, target: tuple[Tensor, Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Whole-vocab rows ``[n, V]``: divergence sum, CE sum (None without ``target``) and the gradient w.r.t. the
+    student's linear output ``d(kd_weight * T^2 * D + ce_weight * CE)/dy_S`` (fp32), no recomputation.
 
     ``bufs`` holds the linear outputs ``[ys, yt]`` (``h @ W.T + b``) and is emptied: this function then holds the
     only references, so each ``[n, V]`` buffer is freed (or overwritten) as soon as it is consumed, which is what
-    keeps the chunk's footprint at a few buffers.
+    keeps the chunk's footprint at a few buffers. At ``T = 1`` the CE shares the divergence's student log-softmax;
+    its gradient ``p_S - onehot`` is folded into the same buffer, so the CE costs a gather and a scatter.
     """
     teacher = plan.teacher
     assert teacher is not None
     inv_t = 1.0 / plan.temperature
     ys, yt = bufs
     bufs.clear()
+    shared = target is not None and plan.temperature == 1.0
+    ce_value = ce_grad = None
+    if target is not None and not shared:
+        ce_value, ce_grad = _ce_rows(plan, ys, target, need_grad and plan.ce_weight > 0)
     zs, th = _transform(ys, plan.student_scale, plan.student_softcap, inv_t)
     del ys
     ls = torch.log_softmax(zs, dim=-1)
     del zs
+    if shared:
+        assert target is not None
+        ce_value = _ce_value(ls, target)
     zt, _ = _transform(yt, teacher.scale, teacher.softcap, inv_t)
     del yt
     lt = torch.log_softmax(zt, dim=-1)
@@ -302,23 +379,46 @@ def _dense_rows_torch(plan: _Plan, bufs: list[Tensor], need_grad: bool) -> tuple
     value, u = _terms(plan.kind, plan.beta, ls, lt, want_value=True)
     assert value is not None
     if not need_grad:
-        return value.sum(), None
-    if u is None:  # forward KL: p_S - p_T
-        g = ls.exp_().sub_(lt.exp_())
-    else:
+        return value.sum(), ce_value, None
+    kd_w = plan.kd_weight
+    fold = shared and plan.ce_weight > 0
+    # per-row CE weight [n, 1] (0 on rows whose label is ignored), or 0 when the CE gradient is not folded in here
+    ce_w: Tensor | float = target[2] * plan.ce_weight if fold and target is not None else 0.0
+    if u is None:  # forward KL: kd_w * (p_S - p_T) + ce_w * p_S
+        ps = ls.exp_()
+        if fold:
+            ps.mul_(ce_w + kd_w)
+        elif kd_w != 1.0:
+            ps.mul_(kd_w)
+        g = ps.sub_(lt.exp_(), alpha=kd_w)
+    else:  # p_S * (kd_w * (u - sum p_S u) + ce_w)
         top = ls.argmax(dim=-1, keepdim=True)
         u.sub_(_shift(plan.kind, plan.beta, ls.gather(1, top), lt.gather(1, top)))
         del lt
         ps = ls.exp_()
         aggregate = (ps * u).sum(-1, keepdim=True)
-        g = ps.mul_(u.sub_(aggregate))
-    return value.sum(), _chain(g, th, plan.student_scale, plan.temperature)
+        u.sub_(aggregate)
+        if kd_w != 1.0:
+            u.mul_(kd_w)
+        if fold:
+            u.add_(ce_w)
+        g = ps.mul_(u)
+    if fold:
+        assert target is not None and isinstance(ce_w, Tensor)
+        g.scatter_add_(1, target[0], -ce_w)
+    g = _chain(g, th, plan.student_scale, plan.temperature)  # shared only at T = 1, where CE's factor is also 1
+    return value.sum(), ce_value, g if ce_grad is None else g.add_(ce_grad, alpha=plan.ce_weight)
 
 
 def _run(
     plan: _Plan, hidden: Tensor, weight: Tensor, bias: Tensor | None, needs: tuple[bool, bool, bool]
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """The chunk loop. Returns ``(sum over valid tokens, grad_hidden [N, Hs], grad_weight [V, Hs], grad_bias [V])``."""
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """The chunk loop.
+
+    Returns:
+        ``(divergence sum over valid tokens (times T^2), CE sum (0 without labels), grad_hidden [N, Hs],
+        grad_weight [V, Hs], grad_bias [V])``; the gradients are those of ``kd_weight * D + ce_weight * CE``.
+    """
     n_all, width = hidden.shape
     vocab = weight.shape[0]
     h_valid = hidden if plan.rows is None else hidden.index_select(0, plan.rows)
@@ -349,36 +449,51 @@ def _run(
 
     # the reference multiplies every dense kind by T^2; sparse_divergence (the sparse reference) does so itself
     value_factor = 1.0 if plan.sparse is not None else plan.temperature**2
-    if plan.kind != "zero":
+    ce_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    run_kd = plan.kind != "zero"
+    if run_kd or plan.ce_labels is not None:
         tiled = plan.sparse is None and plan.vocab_chunk_size < vocab
         for r0 in range(0, n, plan.chunk_size):
             r1 = min(r0 + plan.chunk_size, n)
             hs = h_valid[r0:r1]
-            if plan.sparse is not None:
+            target = _ce_labels(plan, r0, r1)
+            ce_value = None
+            if not run_kd:  # a divergence that is identically 0 (a skew at beta = 1): only the CE is left
+                assert target is not None
+                value = total.new_zeros(())
+                ce_value, g = _ce_rows(plan, _project(hs, weight, bias, 0, vocab), target, need_grad)
+                if g is not None:
+                    accumulate(g.mul_(plan.ce_weight), hs, r0, r1, 0, vocab)
+                    del g
+            elif plan.sparse is not None:
                 ys = _project(hs, weight, bias, 0, vocab)
                 z_raw, th = _transform(ys, plan.student_scale, plan.student_softcap, 1.0)
                 del ys
-                value, g = _sparse_chunk(plan, z_raw, r0, r1, need_grad)
+                value, ce_value, g = _sparse_chunk(plan, z_raw, r0, r1, need_grad)
                 del z_raw
                 if g is not None:
                     accumulate(_chain(g.float(), th, plan.student_scale, 1.0), hs, r0, r1, 0, vocab)
                     del g
                 del th
             elif tiled:
-                value = _tiled_chunk(plan, hs, weight, bias, r0, r1, need_grad, accumulate)
+                value, ce_value = _tiled_chunk(plan, hs, weight, bias, r0, r1, need_grad, accumulate, target)
             else:
                 assert plan.teacher_hidden is not None
-                value, g = _dense_rows(plan, hs, plan.teacher_hidden[r0:r1], weight, bias, need_grad)
+                value, ce_value, g = _dense_rows(plan, hs, plan.teacher_hidden[r0:r1], weight, bias, need_grad,
+                                                 target)
                 if g is not None:
                     accumulate(g, hs, r0, r1, 0, vocab)
                     del g
             total += value * value_factor
+            if ce_value is not None:
+                ce_total += ce_value
 
     if grad_h is not None and plan.rows is not None:
         full = torch.zeros((n_all, width), dtype=torch.float32, device=hidden.device)
         grad_h = full.index_copy_(0, plan.rows, grad_h)
     return (
         total,
+        ce_total,
         None if grad_h is None else grad_h.to(hidden.dtype),
         None if grad_w is None else grad_w.to(weight.dtype),
         None if grad_b is None or bias is None else grad_b.to(bias.dtype),
@@ -386,14 +501,18 @@ def _run(
 
 
 def _tiled_chunk(
-    plan: _Plan, hs: Tensor, weight: Tensor, bias: Tensor | None, r0: int, r1: int, need_grad: bool, accumulate: Any
-) -> Tensor:
-    """One token chunk over vocab tiles: online log-sum-exp, then value/aggregate, then gradients (recomputing)."""
+    plan: _Plan, hs: Tensor, weight: Tensor, bias: Tensor | None, r0: int, r1: int, need_grad: bool, accumulate: Any,
+    target: tuple[Tensor, Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """One token chunk over vocab tiles: online log-sum-exp, then value/aggregate, then gradients (recomputing).
+
+    Returns the divergence sum and the CE sum (None without ``target``); gradients go to ``accumulate``.
+    """
     teacher = plan.teacher
     assert teacher is not None and plan.teacher_hidden is not None
     ht = plan.teacher_hidden[r0:r1]
     vocab, tile = weight.shape[0], plan.vocab_chunk_size
-    inv_t = 1.0 / plan.temperature
+    t, inv_t = plan.temperature, 1.0 / plan.temperature
     kind, n = plan.kind, r1 - r0
 
     def logits(lo: int, hi: int) -> tuple[Tensor, Tensor | None, Tensor]:
@@ -401,13 +520,23 @@ def _tiled_chunk(
         zt, _ = _transform(_project(ht, teacher.weight, teacher.bias, lo, hi), teacher.scale, teacher.softcap, inv_t)
         return zs, th, zt
 
+    def label_columns(lo: int, hi: int) -> tuple[Tensor, Tensor]:
+        """Each row's label as a column of this tile (clamped) and whether it lies in the tile (and counts)."""
+        assert target is not None
+        local = target[0] - lo
+        return local.clamp(0, hi - lo - 1), (local >= 0) & (local < hi - lo) & target[1]
+
     # pass 1: running (max, sum of exp(z - max)) per row for both sides (the online log-sum-exp), and the teacher's
-    # logit at the student's running argmax (for _shift)
+    # logit at the student's running argmax (for _shift); with labels, the same for the untempered student logits
+    # (the CE's normaliser; the tempered one serves at T = 1) and each row's label logit
     m_s = torch.full((n, 1), -math.inf, device=hs.device)
     m_t = torch.full_like(m_s, -math.inf)
     sum_s, sum_t, zt_at_top = torch.zeros_like(m_s), torch.zeros_like(m_s), torch.zeros_like(m_s)
+    own_ce_norm = target is not None and t != 1.0
+    m_c, sum_c, z_label = torch.full_like(m_s, -math.inf), torch.zeros_like(m_s), torch.zeros_like(m_s)
     for lo in range(0, vocab, tile):
-        zs, _, zt = logits(lo, min(lo + tile, vocab))
+        hi = min(lo + tile, vocab)
+        zs, _, zt = logits(lo, hi)
         tile_max, tile_arg = zs.max(dim=-1, keepdim=True)
         zt_at_top = torch.where(tile_max > m_s, zt.gather(1, tile_arg), zt_at_top)
         new_m = torch.maximum(m_s, tile_max)
@@ -416,7 +545,19 @@ def _tiled_chunk(
         new_m = torch.maximum(m_t, zt.amax(dim=-1, keepdim=True))
         sum_t = sum_t * (m_t - new_m).exp() + (zt - new_m).exp_().sum(-1, keepdim=True)
         m_t = new_m
+        if target is not None:
+            zr = zs * t if own_ce_norm else zs
+            col, inside = label_columns(lo, hi)
+            z_label = torch.where(inside, zr.gather(1, col), z_label)
+            if own_ce_norm:
+                new_m = torch.maximum(m_c, zr.amax(dim=-1, keepdim=True))
+                sum_c = sum_c * (m_c - new_m).exp() + (zr - new_m).exp_().sum(-1, keepdim=True)
+                m_c = new_m
     log_sum_s, log_sum_t = sum_s.log(), sum_t.log()
+    ce_norm = ce_value = None
+    if target is not None:
+        ce_norm = m_c + sum_c.log() if own_ce_norm else m_s + log_sum_s
+        ce_value = ((ce_norm - z_label) * target[2]).sum()
 
     def logprobs(zs: Tensor, zt: Tensor) -> tuple[Tensor, Tensor]:
         # (z - max) - log(sum): as log_softmax does, more exact than z - logsumexp once |z| is large
@@ -438,12 +579,17 @@ def _tiled_chunk(
             if aggregate is not None and need_grad:
                 aggregate += (ls.exp() * u.sub_(shift)).sum(-1)
     if not need_grad:
-        return value.sum()
+        return value.sum(), ce_value
 
     # pass 3: gradients, pushed through the projection tile by tile
     for lo in range(0, vocab, tile):
         hi = min(lo + tile, vocab)
         zs, th, zt = logits(lo, hi)
+        ce_grad = None
+        if target is not None and ce_norm is not None and plan.ce_weight > 0:  # ce_weight * (softmax - onehot)
+            col, inside = label_columns(lo, hi)
+            ce_grad = (zs * t if t != 1.0 else zs.clone()).sub_(ce_norm).exp_().mul_(target[2] * plan.ce_weight)
+            ce_grad.scatter_add_(1, col, inside.float().mul_(-plan.ce_weight))
         ls, lt = logprobs(zs, zt)
         v, u = _terms(kind, plan.beta, ls, lt, want_value=fold_value_into_grad_pass)
         if v is not None:
@@ -451,23 +597,32 @@ def _tiled_chunk(
         if u is not None:
             u.sub_(shift)
         g = _grad_from_terms(kind, ls, lt, u, aggregate)
-        accumulate(_chain(g, th, plan.student_scale, plan.temperature), hs, r0, r1, lo, hi)
-    return value.sum()
+        # d(T^2 D)/dz_S = T * dD/dz; the CE's logits are z_S * T, so its dz-gradient is already per raw logit
+        g.mul_(plan.kd_weight * t)
+        if ce_grad is not None:
+            g.add_(ce_grad)
+        accumulate(_chain(g, th, plan.student_scale, 1.0), hs, r0, r1, lo, hi)
+    return value.sum(), ce_value
 
 
 class _FusedDivergence(torch.autograd.Function):
-    """Sum of the divergence over valid tokens; gradients computed in forward, scaled in backward."""
+    """``kd_weight * D_sum + ce_weight * CE_sum`` over valid tokens, and both sums (not differentiable);
+    gradients computed in forward, scaled in backward."""
 
     @staticmethod
-    def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan) -> Tensor:
+    def forward(
+        ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan
+    ) -> tuple[Tensor, Tensor, Tensor]:
         needs = tuple(ctx.needs_input_grad[:3])
-        total, grad_h, grad_w, grad_b = _run(plan, hidden, weight, bias, needs)  # type: ignore[arg-type]
+        kd, ce, grad_h, grad_w, grad_b = _run(plan, hidden, weight, bias, needs)  # type: ignore[arg-type]
         # kept on ctx rather than save_for_backward: backward scales them in place (no second [V, H] copy)
         ctx.grads = (grad_h, grad_w, grad_b)
-        return total
+        total = kd.clone() if plan.ce_labels is None else plan.kd_weight * kd + plan.ce_weight * ce
+        ctx.mark_non_differentiable(kd, ce)
+        return total, kd, ce
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad_out: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
         if ctx.grads is None:
             raise RuntimeError(
                 "fused_divergence: backward ran twice through the same loss; its gradients are computed in the "
@@ -528,7 +683,7 @@ def _resolve_backend(backend: str, device: torch.device, dense: bool, tiled: boo
     return "triton" if usable else "torch"
 
 
-def fused_divergence_sum_and_count(
+def _fused_sums(
     student_hidden: Tensor,
     student_weight: Tensor,
     *,
@@ -548,14 +703,11 @@ def fused_divergence_sum_and_count(
     chunk_size: int | None = None,
     vocab_chunk_size: int | None = None,
     backend: str = "auto",
-) -> tuple[Tensor, Tensor]:
-    """Sum of the divergence over valid positions and their number; see :func:`fused_divergence` for the arguments.
-
-    The form the trainer wants: sum over micro-batches (and ranks), divide once by the global token count.
-
-    Returns:
-        ``(sum, count)``: fp32 scalar (times ``temperature ** 2``), int64 scalar.
-    """
+    labels: Tensor | None = None,
+    alpha: float = 1.0,
+    ignore_index: int = -100,
+) -> FusedLossSums:
+    """The shared body of the public functions: checks, the plan, the autograd call."""
     check_kind(kind)
     check_hparams(beta, temperature, "mean")
     _check_positive_int("chunk_size", chunk_size)
@@ -632,6 +784,23 @@ def fused_divergence_sum_and_count(
             estimator=st.estimator,
         )
 
+    ce_labels = None
+    if labels is not None:
+        if tuple(labels.shape) != tuple(positions):
+            raise LossArgumentError(
+                f"labels shape {tuple(labels.shape)} must equal student_hidden positions {tuple(positions)} "
+                "(the same shift as the hidden states)"
+            )
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise LossArgumentError(f"labels must be an integer tensor of token ids, got {labels.dtype}")
+        ce_labels = valid(labels, ())
+        bad = (ce_labels != ignore_index) & ((ce_labels < 0) | (ce_labels >= vocab))
+        if bool(bad.any()):
+            raise LossArgumentError(
+                f"labels hold ids outside the vocab [0, {vocab}) (e.g. {int(ce_labels[bad][0])}); use "
+                f"{ignore_index} for positions without a target"
+            )
+
     tile = vocab if vocab_chunk_size is None else min(vocab_chunk_size, vocab)
     tiled = sparse is None and tile < vocab
     resolved = _resolve_backend(backend, hidden.device, dense=sparse is None, tiled=tiled)
@@ -648,9 +817,157 @@ def fused_divergence_sum_and_count(
         chunk_size=chunk_size or _auto_chunk(tile, hidden.device, resolved),
         vocab_chunk_size=tile,
         backend=resolved,
+        ce_labels=ce_labels,
+        kd_weight=float(alpha) if ce_labels is not None else 1.0,  # the CE's value is computed even at alpha = 1
+        ce_weight=1.0 - float(alpha) if ce_labels is not None else 0.0,
+        ignore_index=int(ignore_index),
     )
-    total = _FusedDivergence.apply(hidden, student_weight, student_bias, plan)
-    return total, count
+    total, kd, ce = _FusedDivergence.apply(hidden, student_weight, student_bias, plan)
+    return FusedLossSums(total, kd, ce, count)
+
+
+class FusedLossSums(NamedTuple):
+    """What :func:`fused_distill_loss_sums` returns: a differentiable total and its parts for logging."""
+
+    total: Tensor  # fp32 scalar alpha * kd + (1 - alpha) * ce, the one to call backward on
+    kd: Tensor  # fp32 scalar divergence sum (times T^2) over the valid positions; not differentiable
+    ce: Tensor  # fp32 scalar cross-entropy sum over positions with a label; not differentiable
+    count: Tensor  # int64 scalar number of valid positions
+
+
+def fused_divergence_sum_and_count(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    *,
+    teacher_hidden: Tensor | None = None,
+    teacher_weight: Tensor | None = None,
+    sparse_targets: SparseTargets | None = None,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Sum of the divergence over valid positions and their number; see :func:`fused_divergence` for the arguments.
+
+    The form the trainer wants: sum over micro-batches (and ranks), divide once by the global token count.
+
+    Returns:
+        ``(sum, count)``: fp32 scalar (times ``temperature ** 2``), int64 scalar.
+    """
+    sums = _fused_sums(
+        student_hidden,
+        student_weight,
+        teacher_hidden=teacher_hidden,
+        teacher_weight=teacher_weight,
+        sparse_targets=sparse_targets,
+        student_bias=student_bias,
+        teacher_bias=teacher_bias,
+        student_logit_scale=student_logit_scale,
+        teacher_logit_scale=teacher_logit_scale,
+        student_softcap=student_softcap,
+        teacher_softcap=teacher_softcap,
+        kind=kind,
+        beta=beta,
+        temperature=temperature,
+        mask=mask,
+        chunk_size=chunk_size,
+        vocab_chunk_size=vocab_chunk_size,
+        backend=backend,
+    )
+    return sums.total, sums.count
+
+
+def fused_distill_loss_sums(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    *,
+    teacher_hidden: Tensor | None = None,
+    teacher_weight: Tensor | None = None,
+    sparse_targets: SparseTargets | None = None,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
+    backend: str = "auto",
+    labels: Tensor,
+    alpha: float,
+    ignore_index: int = -100,
+) -> FusedLossSums:
+    """``alpha * D_sum + (1 - alpha) * CE_sum`` in one pass: the student is projected once for both terms.
+
+    The distillation objective of :func:`lmdistill.losses.mix` (before the division by the token count), with the
+    ground-truth cross-entropy of the student's *untempered* logits folded into the divergence's chunk loop. Calling
+    :func:`fused_divergence_sum_and_count` and a separate cross-entropy projects the student's hidden states through
+    the lm_head twice (four ``[N, H] x [H, V]`` matmuls more per step); here the CE reuses the divergence's
+    projection and, at ``T = 1``, its log-softmax, so it costs a gather and a scatter per chunk. Values and gradients
+    equal ``alpha * divergence_sum + (1 - alpha) * cross_entropy_sum`` on materialised logits.
+
+    Args:
+        labels: ``[N]`` or ``[B, T]`` int64 targets aligned with ``student_hidden`` (already shifted);
+            ``ignore_index`` where a position has no target. Positions outside ``mask`` count for neither term;
+            ``mask=None`` means ``labels != ignore_index``.
+        alpha: weight of the divergence, in ``[0, 1]``. Both values are always computed (for logging, and for
+            co-distillation's weighting, which reads the CE); a term with weight 0 gives no gradient.
+        ignore_index: the label value that means "no target".
+        The other arguments are those of :func:`fused_divergence`.
+
+    Returns:
+        :class:`FusedLossSums` ``(total, kd, ce, count)``.
+
+    Raises:
+        LossArgumentError (a ValueError): as :func:`fused_divergence`; also ``alpha`` outside ``[0, 1]``, labels whose
+            shape differs from the positions, or label ids outside the vocabulary.
+    """
+    from lmdistill.losses.objective import check_alpha
+
+    check_alpha(alpha)
+    if tuple(labels.shape) != tuple(student_hidden.shape[:-1]):
+        raise LossArgumentError(
+            f"labels shape {tuple(labels.shape)} must equal student_hidden positions "
+            f"{tuple(student_hidden.shape[:-1])} (the same shift as the hidden states)"
+        )
+    if mask is None:
+        mask = labels != ignore_index
+    return _fused_sums(
+        student_hidden,
+        student_weight,
+        teacher_hidden=teacher_hidden,
+        teacher_weight=teacher_weight,
+        sparse_targets=sparse_targets,
+        student_bias=student_bias,
+        teacher_bias=teacher_bias,
+        student_logit_scale=student_logit_scale,
+        teacher_logit_scale=teacher_logit_scale,
+        student_softcap=student_softcap,
+        teacher_softcap=teacher_softcap,
+        kind=kind,
+        beta=beta,
+        temperature=temperature,
+        mask=mask,
+        chunk_size=chunk_size,
+        vocab_chunk_size=vocab_chunk_size,
+        backend=backend,
+        labels=labels,
+        alpha=alpha,
+        ignore_index=ignore_index,
+    )
 
 
 def fused_divergence(

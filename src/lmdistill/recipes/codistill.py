@@ -33,7 +33,7 @@ from lmdistill.errors import CheckpointError, ConfigError, ModelLoadError
 from lmdistill.evaluate import evaluate_blocks
 from lmdistill.losses import ce_sum_and_count, divergence_sum_and_count, mix
 from lmdistill.losses.chunked_ce import chunked_ce_sum_and_count
-from lmdistill.losses.fused import fused_divergence_sum_and_count
+from lmdistill.losses.fused import fused_distill_loss_sums
 from lmdistill.models import (
     DTYPES,
     count_parameters,
@@ -140,14 +140,21 @@ def _head(model: nn.Module, n_vocab: int) -> dict[str, Any]:
 
 
 def _fused_div(h: Tensor, head: dict[str, Any], target_h: Tensor, target_head: dict[str, Any], loss: CodistillLossConfig,
-               mask: Tensor) -> Tensor:
-    """D(model, target) from hidden states; the target side arrives detached."""
-    return fused_divergence_sum_and_count(
+               labels: Tensor, alpha: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(alpha * D + (1 - alpha) * CE, D, CE) summed, from hidden states in one pass; the target side arrives
+    detached."""
+    sums = fused_distill_loss_sums(
         h, head["weight"], teacher_hidden=target_h, teacher_weight=target_head["weight"], student_bias=head["bias"],
         teacher_bias=target_head["bias"], student_logit_scale=head["scale"], teacher_logit_scale=target_head["scale"],
         student_softcap=head["softcap"], teacher_softcap=target_head["softcap"], kind=loss.kind, beta=loss.beta,
-        temperature=loss.temperature, mask=mask,
-    )[0]
+        temperature=loss.temperature, labels=labels, alpha=alpha,
+    )
+    return sums.total, sums.kd, sums.ce
+
+
+def _chunked_ce(h: Tensor, head: dict[str, Any], labels: Tensor) -> Tensor:
+    return chunked_ce_sum_and_count(h, head["weight"], labels, bias=head["bias"], logit_scale=head["scale"],
+                                    softcap=head["softcap"])[0]
 
 
 def _detached(head: dict[str, Any]) -> dict[str, Any]:
@@ -175,19 +182,28 @@ def codistill_losses(teacher: nn.Module, student: nn.Module, batch: dict[str, Te
     mutual = loss.mutual if teacher_grad else 0.0
     grad_ctx = contextlib.nullcontext() if teacher_grad else torch.no_grad()
     if loss.fused:
-        # Hidden states + output layer instead of [B, T, V] logits; each loss projects chunk by chunk.
+        # Hidden states + output layer instead of [B, T, V] logits. Each model's lm_head runs once per step: its CE
+        # is folded into the pass that computes its divergence.
         with grad_ctx:
             h_t = decoder_hidden(teacher, ids, attn)
             head_t = _head(teacher, n_vocab)
-            ce_t = chunked_ce_sum_and_count(h_t, head_t["weight"], labels, bias=head_t["bias"],
-                                            logit_scale=head_t["scale"], softcap=head_t["softcap"])[0]
         h_s = decoder_hidden(student, ids, attn)
         head_s = _head(student, n_vocab)
-        ce_s = chunked_ce_sum_and_count(h_s, head_s["weight"], labels, bias=head_s["bias"], logit_scale=head_s["scale"],
-                                        softcap=head_s["softcap"])[0]
-        with contextlib.nullcontext() if a > 0 else torch.no_grad():  # at a = 0 the divergence is only logged
-            kd_s = _fused_div(h_s, head_s, h_t.detach(), _detached(head_t), loss, mask)
-        kd_t = _fused_div(h_t, head_t, h_s.detach(), _detached(head_s), loss, mask) if mutual > 0 else None
+        if a > 0:
+            student_sum, kd_s, ce_s = _fused_div(h_s, head_s, h_t.detach(), _detached(head_t), loss, labels, a)
+        else:  # at a = 0 the divergence is only logged: no gradient work for it
+            student_sum = ce_s = _chunked_ce(h_s, head_s, labels)
+            with torch.no_grad():
+                kd_s = _fused_div(h_s, head_s, h_t.detach(), _detached(head_t), loss, labels, 1.0)[0]
+        if mutual > 0:
+            teacher_sum, kd_t, ce_t = _fused_div(h_t, head_t, h_s.detach(), _detached(head_s), loss, labels, mutual)
+        else:
+            with grad_ctx:
+                teacher_sum = ce_t = _chunked_ce(h_t, head_t, labels)
+            kd_t = None
+        teacher_parts = {"ce": ce_t} if kd_t is None else {"ce": ce_t, "kd": kd_t}
+        return (StepLoss(teacher_sum, teacher_parts),
+                StepLoss(student_sum, {"ce": ce_s, "kd": kd_s}))
     else:
         with grad_ctx:
             t_logits = teacher(input_ids=ids, attention_mask=attn, use_cache=False).logits[..., :n_vocab]

@@ -22,8 +22,7 @@ from lmdistill.config import LossConfig, SoftConfig
 from lmdistill.data import IGNORE
 from lmdistill.evaluate import evaluate_blocks
 from lmdistill.losses import ce_sum_and_count, divergence_sum_and_count, sparse_divergence_sum_and_count
-from lmdistill.losses.chunked_ce import chunked_ce_sum_and_count
-from lmdistill.losses.fused import SparseTargets, fused_divergence_sum_and_count
+from lmdistill.losses.fused import SparseTargets, fused_distill_loss_sums
 from lmdistill.models import decoder_hidden, lm_head_of
 from lmdistill.recipes.common import Setup, build_setup, describe, write_summary
 from lmdistill.teachers import HFTeacher
@@ -43,19 +42,19 @@ def soft_step_loss(student: torch.nn.Module, teacher: HFTeacher, batch: dict[str
         weight = weight[:n_vocab]
         bias = None if bias is None else bias[:n_vocab]
         t = teacher.hidden(batch)
-        kd, _ = fused_divergence_sum_and_count(
+        # the ground-truth CE rides in the same pass: the student's lm_head runs once for both terms
+        sums = fused_distill_loss_sums(
             h, weight, teacher_hidden=t.hidden, teacher_weight=t.weight, student_bias=bias, teacher_bias=t.bias,
             student_logit_scale=scale, teacher_logit_scale=t.logit_scale, student_softcap=softcap,
             teacher_softcap=t.softcap, kind=loss.kind, beta=loss.beta, temperature=loss.temperature, mask=mask,
+            labels=labels, alpha=loss.alpha,
         )
-        ce = (chunked_ce_sum_and_count(h, weight, labels, bias=bias, logit_scale=scale, softcap=softcap)[0]
-              if loss.alpha < 1 else kd.new_zeros(()))
-    else:
-        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., :n_vocab]
-        t_logits = teacher.logits(batch)
-        kd, _ = divergence_sum_and_count(logits, t_logits, loss.kind, beta=loss.beta,
-                                         temperature=loss.temperature, mask=mask)
-        ce = ce_sum_and_count(logits, labels)[0] if loss.alpha < 1 else kd.new_zeros(())
+        return StepLoss(sums.total, {"kd": sums.kd, "ce": sums.ce})
+    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., :n_vocab]
+    t_logits = teacher.logits(batch)
+    kd, _ = divergence_sum_and_count(logits, t_logits, loss.kind, beta=loss.beta, temperature=loss.temperature,
+                                     mask=mask)
+    ce = ce_sum_and_count(logits, labels)[0]
     total = loss.alpha * kd + (1 - loss.alpha) * ce
     return StepLoss(total, {"kd": kd, "ce": ce})
 
@@ -71,20 +70,19 @@ def cached_step_loss(student: torch.nn.Module, cache: CachedTeacher, batch: dict
         weight, bias, scale, softcap = lm_head_of(student)
         weight = weight[:n_vocab]
         bias = None if bias is None else bias[:n_vocab]
-        kd, _ = fused_divergence_sum_and_count(
+        sums = fused_distill_loss_sums(
             h, weight, sparse_targets=targets, student_bias=bias, student_logit_scale=scale, student_softcap=softcap,
-            kind=loss.kind, beta=loss.beta, temperature=loss.temperature, mask=mask,
+            kind=loss.kind, beta=loss.beta, temperature=loss.temperature, mask=mask, labels=labels,
+            alpha=loss.alpha,
         )
-        ce = (chunked_ce_sum_and_count(h, weight, labels, bias=bias, logit_scale=scale, softcap=softcap)[0]
-              if loss.alpha < 1 else kd.new_zeros(()))
-    else:
-        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., :n_vocab]
-        kd, _ = sparse_divergence_sum_and_count(
-            logits, targets.ids, targets.logprobs, loss.kind, tail_logprob=targets.tail_logprob,
-            target_weights=targets.weights, estimator=targets.estimator, beta=loss.beta,
-            temperature=loss.temperature, mask=mask,
-        )
-        ce = ce_sum_and_count(logits, labels)[0] if loss.alpha < 1 else kd.new_zeros(())
+        return StepLoss(sums.total, {"kd": sums.kd, "ce": sums.ce})
+    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., :n_vocab]
+    kd, _ = sparse_divergence_sum_and_count(
+        logits, targets.ids, targets.logprobs, loss.kind, tail_logprob=targets.tail_logprob,
+        target_weights=targets.weights, estimator=targets.estimator, beta=loss.beta, temperature=loss.temperature,
+        mask=mask,
+    )
+    ce = ce_sum_and_count(logits, labels)[0]
     total = loss.alpha * kd + (1 - loss.alpha) * ce
     return StepLoss(total, {"kd": kd, "ce": ce})
 
