@@ -131,16 +131,35 @@ def test_arms_cannot_override_the_shared_terms(teacher_dir, student_dir, text_fi
 
 
 def test_winners_and_kd_gain():
-    def arm(name, kind, kl, agree):
+    def arm(name, kind, kl, agree, speed):
         return {"name": name, "kind": kind, "status": "ok", "label": kind, "teacher_bytes_per_token": 0.0,
-                "metrics": {"kl_to_teacher": kl, "agreement": agree, "perplexity": 10.0}}
+                "metrics": {"kl_to_teacher": kl, "agreement": agree, "perplexity": 10.0,
+                            "student_tokens_per_s": speed}}
 
-    results = {"arms": [arm("ce", "ce", 2.0, 0.5), arm("soft", "soft", 1.0, 0.7), arm("top", "cached_topk", 1.2, 0.7),
+    results = {"arms": [arm("ce", "ce", 2.0, 0.5, 900.0), arm("soft", "soft", 1.0, 0.7, 1000.0),
+                        arm("top", "cached_topk", 1.2, 0.7, 800.0),
                         {"name": "s", "kind": "x", "status": "skipped", "reason": "r", "label": "x"}]}
     w = winners(results)
     assert w["kl_to_teacher"] == ["soft"] and w["agreement"] == ["soft", "top"]
     assert w["perplexity"] == ["ce", "soft", "top"]
+    # every arm scores the same student architecture: its throughput is shown, never ranked
+    assert "student_tokens_per_s" not in w
     assert kd_gain_kept(results) == pytest.approx({"ce": 0.0, "soft": 1.0, "top": 0.8})
+
+
+def test_curves_on_an_arms_own_data_are_marked(tmp_path):
+    from lmdistill.report import make_figures
+
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 5.0 - s, "eval/kl_to_teacher": 3.0 - s,
+                                       "eval/perplexity": 900.0 / (s + 1)}) + "\n" for s in range(3)))
+    arms = [{"name": n, "kind": n, "status": "ok", "label": n, "log": str(log), "steps": 2, "teacher_bytes_per_token": 1.0,
+             "curve_data": data, "metrics": {"kl_to_teacher": 1.5, "perplexity": 400.0}}
+            for n, data in (("ce", ""), ("hard_sequence", "held-out teacher completions"))]
+    figures = make_figures({"arms": arms}, tmp_path / "figures")
+    caption = next(f.caption for f in figures if f.name == "learning_curves")
+    assert "shared blocks (hard_sequence: held-out teacher completions);" in caption  # ce (shared data) not listed
+    assert (tmp_path / "figures" / "learning_curves.png").stat().st_size > 5000
 
 
 def test_bytes_per_token_definitions():

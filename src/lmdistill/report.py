@@ -28,7 +28,9 @@ def _scaled(decimals: int) -> Format:
     return lambda v: f"{v:,.0f}" if abs(v) >= 100 else f"{v:.{decimals}f}"
 
 
-# (key, header, better: "min" | "max", format) for the main table. Keys are looked up in arm["metrics"], then arm.
+# (key, header, better: "min" | "max" | "", format) for the main table. Keys are looked up in arm["metrics"], then
+# arm. "" = shown but never ranked: every arm's student has the same architecture (compare's equal terms), so the
+# scoring throughput differs between arms only by timing noise, and naming a winner on it would be a false claim.
 METRICS: list[tuple[str, str, str, Format]] = [
     ("perplexity", "held-out perplexity", "min", _scaled(2)),
     ("kl_to_teacher", "KL(teacher ‖ student)", "min", "{:.4f}".format),
@@ -37,7 +39,7 @@ METRICS: list[tuple[str, str, str, Format]] = [
     ("teacher_bytes_per_token", "teacher bytes / token", "min", _scaled(1)),
     ("wall_s", "wall-clock (s)", "min", _ONE),
     ("peak_memory_mb", "peak memory (MB)", "min", _INT),
-    ("student_tokens_per_s", "eval tokens/s", "max", _INT),
+    ("student_tokens_per_s", "eval tokens/s", "", _INT),
 ]
 CURVES: list[tuple[str, str]] = [("loss", "training loss (each arm's own objective)"),
                                  ("eval/kl_to_teacher", "held-out KL(teacher ‖ student)"),
@@ -69,6 +71,8 @@ def winners(results: dict[str, Any]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     arms = scored_arms(results)
     for key, _, better, _ in METRICS:
+        if not better:
+            continue
         vals = [(a["name"], value(a, key)) for a in arms]
         vals = [(n, v) for n, v in vals if v is not None]
         if not vals:
@@ -148,7 +152,7 @@ def make_figures(results: dict[str, Any], fig_dir: Path) -> list[Figure]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     fig_dir.mkdir(parents=True, exist_ok=True)
     arms = scored_arms(results)
@@ -162,12 +166,14 @@ def make_figures(results: dict[str, Any], fig_dir: Path) -> list[Figure]:
         for a in arms:
             pts = read_curves(a.get("log"))[key]
             final = value(a, key.removeprefix("eval/")) if key != "loss" else None
-            ref = a.get("kl_reference") or "teacher"
-            label = a["name"] if key == "loss" or ref == "teacher" else f"{a['name']} (vs {ref})"
+            own_ref = key == "eval/kl_to_teacher" and (a.get("kl_reference") or "teacher") != "teacher"
+            own_data = key != "loss" and bool(a.get("curve_data"))
+            notes = ([f"vs {a['kl_reference']}"] if own_ref else []) + ([f"on {a['curve_data']}"] if own_data else [])
+            label = a["name"] + (f" ({'; '.join(notes)})" if notes else "")
             if pts:
                 xs, ys = zip(*pts, strict=True)
                 ax.plot(xs, ys, marker="o" if len(xs) < 12 else None, ms=3, label=label, color=colors[a["name"]],
-                        ls="-" if ref == "teacher" or key == "eval/perplexity" else "--")
+                        ls="--" if notes else "-")
             else:
                 missing.setdefault(title, []).append(a["name"])
             if final is not None and a.get("steps"):
@@ -177,9 +183,13 @@ def make_figures(results: dict[str, Any], fig_dir: Path) -> list[Figure]:
         ax.set_xlabel("optimizer step")
         if key != "loss":
             ax.set_yscale("log")
-            plain = FuncFormatter(lambda v, _: f"{v:g}")
-            ax.yaxis.set_major_formatter(plain)
-            ax.yaxis.set_minor_formatter(plain)
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            lo, hi = ax.get_ylim()
+            # over a decade or less the minor ticks carry the only labels; over more they would overprint
+            if hi / max(lo, 1e-300) <= 12:
+                ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            else:
+                ax.yaxis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
@@ -190,12 +200,15 @@ def make_figures(results: dict[str, Any], fig_dir: Path) -> list[Figure]:
     note = " ".join(f"No {t} was logged by: {', '.join(n)}." for t, n in missing.items())
     refs = sorted({f"{a['name']}: {a['kl_reference']}" for a in arms
                    if a.get("kl_reference") not in (None, "teacher")})
+    own_data = sorted(f"{a['name']}: {a['curve_data']}" for a in arms if a.get("curve_data"))
     figures.append(Figure(
         "learning_curves", "Learning curves",
         "Per arm, against optimizer steps: the training loss (each arm's own objective, so levels differ by method), "
         "and the held-out KL to the teacher and perplexity logged every train.eval_every steps. Stars: the final "
         "scoring of every student against the frozen teacher on the same blocks."
         + (f" Dashed KL curves are logged against another reference ({'; '.join(refs)})." if refs else "")
+        + (f" Dashed held-out curves of some arms are logged on their own held-out data, not the shared blocks "
+           f"({'; '.join(own_data)}); their stars are on the shared blocks." if own_data else "")
         + (f" {note}" if note else ""), path))
 
     # 2. storage vs quality

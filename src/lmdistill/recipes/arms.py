@@ -187,14 +187,16 @@ class ArmContext:
 class ArmOutcome:
     """What an arm's function returns: the recipe's run summary and the teacher data it consumed per token.
 
-    `kl_reference` says what the held-out KL in the run's own log (its learning curve) is measured against; the final
-    scoring by `compare` always uses the frozen teacher.
+    `kl_reference` says what the held-out KL in the run's own log (its learning curve) is measured against, and
+    `curve_data` which held-out data those curves are on when it is not the blocks every arm shares; the final
+    scoring by `compare` always uses the frozen teacher and the shared blocks.
     """
 
     summary: dict[str, Any]
     teacher_bytes_per_token: float
     bytes_note: str
     kl_reference: str = "teacher"
+    curve_data: str = ""
 
 
 @dataclass
@@ -496,7 +498,7 @@ def _hard_sequence_arm(ctx: ArmContext) -> ArmOutcome:
     n_tokens = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
     note = f"teacher text: {len(records)} completions, {n_bytes:,} UTF-8 bytes for {n_tokens:,} tokens"
     summary["completions"] = {"file": str(filtered), "records": len(records)}
-    return ArmOutcome(summary, n_bytes / max(n_tokens, 1), note)
+    return ArmOutcome(summary, n_bytes / max(n_tokens, 1), note, curve_data="held-out teacher completions")
 
 
 register_arm(ArmKind("hard_token", "hard labels: CE on the teacher's argmax token at every position",

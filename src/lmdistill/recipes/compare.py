@@ -101,6 +101,7 @@ class ArmResult:
             phases, o = self.monitor.phases, self.outcome
             out.update(
                 student_dir=o.summary.get("student_dir"), log=o.summary.get("log"), kl_reference=o.kl_reference,
+                curve_data=o.curve_data,
                 teacher_bytes_per_token=o.teacher_bytes_per_token, bytes_note=o.bytes_note,
                 wall_s=round(self.monitor.total_seconds, 2),
                 prepare_s=round(phases["prepare"].seconds, 2) if "prepare" in phases else 0.0,
