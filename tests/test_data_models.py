@@ -70,6 +70,29 @@ def test_eval_documents_are_held_out_before_packing(tokenizer, tmp_path):
     assert all(f"document {int(t.split()[1])} " in eval_text for t in held["text"][:5])
 
 
+def test_several_answers_to_one_prompt_stay_on_one_side_of_the_held_out_split(tmp_path):
+    from lmdistill.data import load_raw_dataset, split_documents
+
+    path = tmp_path / "completions.jsonl"  # the shape `lmdistill generate` writes: 3 samples per prompt id
+    path.write_text("".join(json.dumps({"id": f"p{i}", "sample": k, "prompt": f"q{i}", "completion": f"a{i}.{k}"})
+                            + "\n" for i in range(20) for k in range(3)))
+    ds = load_raw_dataset(str(path))
+    cfg = DataConfig(source=str(path), stage="chat", prompt_column="prompt", completion_column="completion",
+                     eval_documents=10, seed=1)
+    train, held = split_documents(ds, cfg)
+    assert set(train["id"]).isdisjoint(held["id"])
+    assert len(held) == 12 and len(train) == 48  # whole groups: 4 prompts x 3 answers
+    assert len(split_documents(ds, cfg.model_copy(update={"max_documents": 9}))[0]) == 9
+    # record by record, some prompt would straddle the split and the held-out score would reward memorising it
+    train, held = split_documents(ds, cfg.model_copy(update={"split_by": None}))
+    assert len(held) == 10 and set(train["id"]) & set(held["id"])
+    # an explicit column must exist; every group but one may be held out, never all
+    with pytest.raises(DataError, match="split_by"):
+        split_documents(ds, cfg.model_copy(update={"split_by": "prompt_id"}))
+    train, held = split_documents(ds, cfg.model_copy(update={"split_by": "prompt", "eval_documents": 1000}))
+    assert len(set(train["prompt"])) == 1 and len(held) == 57
+
+
 def test_batch_schedule_shards_the_same_global_batch_across_ranks():
     one = BatchSchedule(50, micro_batch_size=3, grad_accum=2, seed=7, world_size=1)
     two = [BatchSchedule(50, micro_batch_size=3, grad_accum=1, seed=7, world_size=2, rank=r) for r in (0, 1)]
@@ -129,6 +152,10 @@ def test_student_from_arch_and_lora(teacher_dir, tokenizer):
         apply_lora(build_student(StudentConfig(init="config", arch={"hidden_size": 16, "num_hidden_layers": 1}),
                                  None, teacher.config, len(tokenizer)),
                    LoraConfig(enabled=True, target_modules=["wq"]))
+    # a misspelt field would be stored by transformers and silently ignored: the student would not be what was asked
+    with pytest.raises(ConfigError, match=r"student.arch has field\(s\) \['hiden_size'\].*hidden_size"):
+        build_student(StudentConfig(init="config", arch={"hiden_size": 16, "num_hidden_layers": 1}), None,
+                      teacher.config, len(tokenizer))
 
 
 def test_tokenizer_fingerprint_tracks_the_vocab(tokenizer_dir, tmp_path):

@@ -105,6 +105,12 @@ class DataConfig(BaseConfig):
     max_documents: int | None = Field(None, ge=1, description="Use at most this many documents (after shuffling).")
     eval_documents: int = Field(200, ge=0, description="Documents held out for evaluation (taken before packing).")
     seed: int = Field(0, description="Seed of the document shuffle and held-out split.")
+    split_by: str | None = Field(
+        "auto",
+        description="Column whose equal values stay on one side of the held-out split, so several answers to one "
+        "prompt never straddle it (the held-out score would reward memorised prompts). `auto`: `id` for "
+        "`lmdistill generate` output (records with `id` and `sample`), else none; null: split records one by one.",
+    )
 
 
 class LossConfig(BaseConfig):

@@ -140,12 +140,42 @@ def _require_column(ds: Any, column: str, what: str, source: str) -> None:
 
 
 def split_documents(ds: Any, cfg: DataConfig) -> tuple[Any, Any]:
-    """Shuffle documents with the seed; hold out the first `eval_documents` (before packing, so no block straddles)."""
+    """Shuffle documents with the seed; hold out the first `eval_documents` (before packing, so no block straddles).
+
+    With a group column (`data.split_by`), whole groups are held out, in shuffled order, until the held-out side has
+    at least `eval_documents` records; no group is on both sides, and at least one is left for training.
+    """
     ds = ds.shuffle(seed=cfg.seed)
+    key = split_column(ds, cfg)
+    if key is None:
+        if cfg.max_documents is not None:
+            ds = ds.select(range(min(cfg.max_documents + cfg.eval_documents, len(ds))))
+        n_eval = min(cfg.eval_documents, max(len(ds) - 1, 0))
+        return ds.select(range(n_eval, len(ds))), ds.select(range(n_eval))
+    members: dict[str, list[int]] = {}
+    for i, value in enumerate(ds[key]):
+        members.setdefault(json.dumps(value, sort_keys=True, default=str), []).append(i)
+    held: list[int] = []
+    groups = list(members.values())
+    for group in groups[:-1]:  # the last group always trains
+        if len(held) >= cfg.eval_documents:
+            break
+        held.extend(group)
+    held_set = set(held)
+    train = [i for i in range(len(ds)) if i not in held_set]
     if cfg.max_documents is not None:
-        ds = ds.select(range(min(cfg.max_documents + cfg.eval_documents, len(ds))))
-    n_eval = min(cfg.eval_documents, max(len(ds) - 1, 0))
-    return ds.select(range(n_eval, len(ds))), ds.select(range(n_eval))
+        train = train[: cfg.max_documents]
+    return ds.select(train), ds.select(sorted(held))
+
+
+def split_column(ds: Any, cfg: DataConfig) -> str | None:
+    """The column that groups records for the held-out split, or None (see DataConfig.split_by)."""
+    if cfg.split_by is None:
+        return None
+    if cfg.split_by == "auto":
+        return "id" if {"id", "sample"} <= set(ds.column_names) else None
+    _require_column(ds, cfg.split_by, "split_by", cfg.source)
+    return cfg.split_by
 
 
 def pack_text(texts: list[str], tokenizer: Any, block_size: int) -> TokenBlocks:

@@ -191,7 +191,24 @@ def model_from_arch(arch: dict[str, Any], base_config: Any, n_vocab: int) -> nn.
         config = AutoConfig.for_model(model_type, **fields)
     except Exception as e:  # noqa: BLE001
         raise ConfigError(f"student.arch is not a valid `{model_type}` config: {e}") from None
+    check_arch_fields(config, {k: v for k, v in arch.items() if k != "model_type"}, "student")
     return AutoModelForCausalLM.from_config(config)
+
+
+def check_arch_fields(config: Any, fields: dict[str, Any], what: str) -> None:
+    """Refuse arch fields the config class does not know: transformers would store them silently and ignore them."""
+    import inspect
+
+    known = set(inspect.signature(type(config).__init__).parameters) | set(type(config)().to_dict())
+    known |= set(getattr(config, "attribute_map", {})) | {"rope_theta", "rope_scaling"}
+    unknown = sorted(k for k in fields if k not in known)
+    if unknown:
+        hint = " (in a YAML flow mapping put a space after each colon: `{hidden_size: 64}`)" if any(
+            ":" in k for k in unknown) else ""
+        raise ConfigError(
+            f"{what}.arch has field(s) {unknown} that a `{config.model_type}` config does not have{hint}; known fields "
+            f"include: {', '.join(sorted(k for k in known if not k.startswith('_'))[:40])}"
+        )
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:

@@ -36,6 +36,7 @@ from lmdistill.losses.chunked_ce import chunked_ce_sum_and_count
 from lmdistill.losses.fused import fused_distill_loss_sums
 from lmdistill.models import (
     DTYPES,
+    check_arch_fields,
     count_parameters,
     decoder_hidden,
     lm_head_of,
@@ -84,29 +85,13 @@ def build_model(cfg: CoModelConfig, tokenizer: Any, *, seed: int, what: str) -> 
             config = AutoConfig.for_model(model_type, **fields)
         except Exception as e:  # noqa: BLE001  (transformers raises several kinds for a bad field)
             raise ConfigError(f"{what}.arch is not a valid `{model_type}` config: {e}") from None
-        _check_arch_fields(config, fields, what)
+        check_arch_fields(config, fields, what)
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
     model = model.to(DTYPES[cfg.dtype])
     model.requires_grad_(True)
     model.train()
     return model
-
-
-def _check_arch_fields(config: Any, fields: dict[str, Any], what: str) -> None:
-    """Refuse arch fields the config class does not know: transformers would store them silently and ignore them."""
-    import inspect
-
-    known = set(inspect.signature(type(config).__init__).parameters) | set(type(config)().to_dict())
-    known |= set(getattr(config, "attribute_map", {})) | {"rope_theta", "rope_scaling"}
-    unknown = sorted(k for k in fields if k not in known)
-    if unknown:
-        hint = " (in a YAML flow mapping put a space after each colon: `{hidden_size: 64}`)" if any(
-            ":" in k for k in unknown) else ""
-        raise ConfigError(
-            f"{what}.arch has field(s) {unknown} that a `{config.model_type}` config does not have{hint}; known fields "
-            f"include: {', '.join(sorted(k for k in known if not k.startswith('_'))[:40])}"
-        )
 
 
 @dataclass
