@@ -4,9 +4,10 @@ Endpoints: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`
 `max_tokens`, `stop`, `seed`, `logprobs`/`top_logprobs`), and `GET /health`. Each log-prob entry also carries
 `token_id`, an extra field that `lmdistill generate` stores so API soft labels keep exact token ids.
 
-Concurrency: one model, one lock. Requests are handled in worker threads and run `generate` one at a time, so
-concurrent clients are safe and queue up; one request's `n` samples (and a list of prompts on /v1/completions) are
-batched together. Cross-request batching is not done.
+Concurrency: one model, one worker thread that owns it (`lmdistill.request_batcher`). Concurrent requests with the
+same sampling settings are batched into one `generate` call (up to `max_batch_size` sequences; seeded requests run
+alone so their answers stay reproducible); one request's `n` samples and a list of prompts on /v1/completions are
+always batched together.
 
 Binds 127.0.0.1 unless told otherwise; with `api_key_env`/`api_key_file` every request needs `Authorization: Bearer
 <key>` (401 otherwise).
@@ -17,7 +18,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import secrets
-import threading
 import time
 import uuid
 from typing import Any
@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from lmdistill.errors import ConfigError
 from lmdistill.generate.base import Completion
 from lmdistill.generate.config import ServeConfig
+from lmdistill.request_batcher import RequestBatcher, SamplingKey
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,8 @@ def _content_text(content: str | list[dict[str, Any]] | None) -> str:
 
 def _chat_logprobs(completion: Completion) -> dict[str, Any]:
     def entry(e: dict[str, Any]) -> dict[str, Any]:
-        return {"token": e["token"], "logprob": e["logprob"], "bytes": list(e["token"].encode()), "token_id": e["id"]}
+        return {"token": e["token"], "logprob": e["logprob"], "bytes": e.get("bytes", list(e["token"].encode())),
+                "token_id": e["id"]}
 
     return {
         "content": [{**entry(e), "top_logprobs": [entry(t) for t in e["top_logprobs"]]} for e in completion.logprobs or []]
@@ -118,7 +120,7 @@ def create_app(generator: Any, cfg: ServeConfig, api_key: str | None = None) -> 
     """The FastAPI app around an `HFGenerator` (or anything with its `render`/`generate`).
 
     Args:
-        generator: the model wrapper; calls into it are serialised by one lock.
+        generator: the model wrapper; one worker thread makes every call into it (see RequestBatcher).
         cfg: limits, served name.
         api_key: the bearer token every request must send; None disables auth.
     """
@@ -127,7 +129,7 @@ def create_app(generator: Any, cfg: ServeConfig, api_key: str | None = None) -> 
     from fastapi.responses import JSONResponse
 
     served = cfg.served_model_name or served_name(cfg.model.name_or_path)
-    lock = threading.Lock()
+    batcher = RequestBatcher(generator, max_batch=cfg.max_batch_size, wait_s=cfg.batch_wait_ms / 1000)
     app = FastAPI(title="lmdistill serve", docs_url=None, redoc_url=None)
 
     @app.exception_handler(APIError)
@@ -166,11 +168,9 @@ def create_app(generator: Any, cfg: ServeConfig, api_key: str | None = None) -> 
 
     def run(texts: list[str], req: _Request, max_tokens: int, stop: list[str], top: int | None,
             raw: bool) -> list[list[Completion]]:
-        with lock:
-            return generator.generate(
-                texts, n=req.n, temperature=req.temperature, top_p=req.top_p, max_new_tokens=max_tokens, stop=stop,
-                top_logprobs=top, seed=req.seed, add_special_tokens=raw,
-            )
+        key = SamplingKey(n=req.n, temperature=req.temperature, top_p=req.top_p, max_new_tokens=max_tokens,
+                          stop=tuple(stop), top_logprobs=top, add_special_tokens=raw)
+        return batcher.generate(texts, key, seed=req.seed)
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -243,6 +243,7 @@ def create_app(generator: Any, cfg: ServeConfig, api_key: str | None = None) -> 
         }
 
     app.state.served_model_name = served
+    app.state.batcher = batcher
     return app
 
 

@@ -161,6 +161,14 @@ class ServeConfig(BaseConfig):
     default_max_tokens: int = Field(512, ge=1, description="max_tokens of a chat request that sets none.")
     max_new_tokens_limit: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for.")
     max_n: int = Field(16, ge=1, description="Largest n (completions per request) a request may ask for.")
+    max_batch_size: int = Field(
+        32, ge=1, description="Most sequences (prompts x n) that concurrent requests share in one generate call; 1 "
+        "runs requests one at a time."
+    )
+    batch_wait_ms: float = Field(
+        10.0, ge=0.0, description="How long a batch waits for more requests after its first arrives (under load "
+        "batches fill while the previous one runs, without waiting)."
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="uvicorn log level."
     )

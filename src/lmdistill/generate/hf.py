@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -16,6 +17,53 @@ from lmdistill.config import ModelConfig
 from lmdistill.errors import ConfigError
 from lmdistill.generate.base import Completion, Job, JobResult
 from lmdistill.generate.config import SamplingConfig
+
+_BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+class TokenBytes:
+    """The raw UTF-8 bytes of single tokens, which `decode([id])` cannot give for a token holding part of a character.
+
+    Byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM) spells bytes as printable characters; SentencePiece byte fallback
+    spells them `<0xE2>`. Anything else falls back to the token's decoded text. Concatenating the bytes of a
+    completion's tokens gives the completion's UTF-8 text exactly (what OpenAI's `bytes` field promises).
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.byte_level = False
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            import json
+
+            decoder = json.loads(backend.to_str()).get("decoder") or {}
+            parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+            self.byte_level = any(d.get("type") == "ByteLevel" for d in parts if isinstance(d, dict))
+        self._unicode_to_byte = {c: b for b, c in _bytes_to_unicode().items()}
+
+    def __call__(self, token_id: int) -> bytes:
+        piece = self.tokenizer.convert_ids_to_tokens(int(token_id))
+        if isinstance(piece, str):
+            fallback = _BYTE_FALLBACK.match(piece)
+            if fallback:
+                return bytes([int(fallback.group(1), 16)])
+            if self.byte_level and all(c in self._unicode_to_byte for c in piece):
+                return bytes(self._unicode_to_byte[c] for c in piece)
+        return self.tokenizer.decode([int(token_id)]).encode()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable characters (byte-level BPE's alphabet)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
 
 
 def resolve_device(device: str) -> torch.device:
@@ -45,6 +93,7 @@ class HFGenerator:
         if eos is None:
             eos = tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.token_bytes = TokenBytes(tokenizer)
 
     @classmethod
     def load(cls, cfg: ModelConfig, device: str = "auto") -> HFGenerator:
@@ -77,6 +126,7 @@ class HFGenerator:
         top_logprobs: int | None = None,
         seed: int | None = None,
         add_special_tokens: bool = False,
+        seeds: Sequence[int | None] | None = None,
     ) -> list[list[Completion]]:
         """Sample `n` completions for each prompt text.
 
@@ -87,31 +137,48 @@ class HFGenerator:
             top_logprobs: None: no log-probs; k >= 0: per-token log-probs plus the k most likely alternatives. They are
                 log-softmax of the raw logits (temperature 1, before top-p), the model's own distribution.
             add_special_tokens: True for raw text (adds BOS where the tokenizer does); chat templates already do.
+            seed: seeds the global generator before sampling; a row's tokens then depend on the rows before it.
+            seeds: one seed per text (None: unseeded) instead: each row samples from its own stream, so a seeded
+                text gets the same completions whatever else is in the batch (what `serve` needs to batch
+                requests). Rows run through `RowSeededSampler`, with the same temperature/top-p semantics.
 
         Returns:
             One list of `n` completions per text, in order.
         """
+        if seeds is not None and len(seeds) != len(texts):
+            raise ValueError(f"seeds has {len(seeds)} entries for {len(texts)} texts")
         if temperature == 0 and n > 1:
             # Greedy decoding gives one answer; HF refuses num_return_sequences > 1 without sampling, APIs repeat it.
             once = self.generate(texts, n=1, temperature=0, max_new_tokens=max_new_tokens, stop=stop,
-                                 top_logprobs=top_logprobs, seed=seed, add_special_tokens=add_special_tokens)
+                                 top_logprobs=top_logprobs, add_special_tokens=add_special_tokens)
             return [[copy.deepcopy(group[0]) for _ in range(n)] for group in once]
         tok = self.tokenizer
-        enc = tok(list(texts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(self.device)
+        per_row = temperature > 0 and seeds is not None and any(s is not None for s in seeds)
+        # per-row sampling runs generate's greedy step, which takes no num_return_sequences: repeat the prompts
+        rows = [t for t in texts for _ in range(n)] if per_row else list(texts)
+        enc = tok(rows, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(self.device)
         config = copy.deepcopy(self.model.generation_config)
         config.max_new_tokens = max_new_tokens
-        config.num_return_sequences = n
+        config.num_return_sequences = 1 if per_row else n
         config.pad_token_id = tok.pad_token_id
         config.return_dict_in_generate = True
         config.output_logits = top_logprobs is not None
-        config.do_sample = temperature > 0
+        config.do_sample = temperature > 0 and not per_row
         if config.do_sample:
             config.temperature, config.top_p, config.top_k = temperature, top_p, 0
         else:
             config.temperature, config.top_p, config.top_k = None, None, None
-        if seed is not None:
-            torch.manual_seed(seed)
         kwargs: dict[str, Any] = {}
+        if per_row:
+            from transformers import LogitsProcessorList
+
+            from lmdistill.generate.seeded_sampling import RowSeededSampler, row_seeds
+
+            assert seeds is not None
+            sampler = RowSeededSampler(temperature, top_p, row_seeds(seeds, n), self.device)
+            kwargs["logits_processor"] = LogitsProcessorList([sampler])
+        elif seed is not None:
+            torch.manual_seed(seed)
         if stop:
             config.stop_strings = list(stop)
             kwargs["tokenizer"] = tok
@@ -122,7 +189,7 @@ class HFGenerator:
         results: list[list[Completion]] = [[] for _ in texts]
         for row, ids in enumerate(new_tokens):
             completion = self._finish(ids, row, out, max_new_tokens, stop, top_logprobs)
-            completion.prompt_tokens = int(prompt_counts[row // n])
+            completion.prompt_tokens = int(prompt_counts[row if per_row else row // n])
             results[row // n].append(completion)
         return results
 
@@ -180,9 +247,11 @@ class HFGenerator:
                 alt_ids = top_ids[j].tolist()
                 alt_vals = top_vals[j].tolist()
                 alts = [
-                    {"token": top_strings[j * k + a], "id": alt_ids[a], "logprob": alt_vals[a]} for a in range(k)
+                    {"token": top_strings[j * k + a], "id": alt_ids[a], "logprob": alt_vals[a],
+                     "bytes": list(self.token_bytes(alt_ids[a]))} for a in range(k)
                 ]
-            entries.append({"token": strings[j], "id": token_id, "logprob": chosen[j], "top_logprobs": alts})
+            entries.append({"token": strings[j], "id": token_id, "logprob": chosen[j], "top_logprobs": alts,
+                            "bytes": list(self.token_bytes(token_id))})
         return entries
 
 
