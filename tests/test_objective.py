@@ -95,3 +95,35 @@ def test_accumulated_micro_batches_equal_one_batch():
     # the per-micro-batch mean (the classic bug) differs when padding is uneven
     naive = sum(mix(d, c, k, alpha) for d, c, k in zip(kd_parts, ce_parts, counts, strict=True)) / 2
     assert not torch.allclose(naive, whole)
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0], ids=["plain", "softcap"])
+def test_chunked_ce_matches_cross_entropy_on_materialised_logits(softcap):
+    from lmdistill.losses.chunked_ce import chunked_ce_sum_and_count, chunked_ce_sums
+
+    gen = torch.Generator().manual_seed(5)
+    h = torch.randn(3, 7, 16, generator=gen).requires_grad_()
+    w = (torch.randn(41, 16, generator=gen) * 0.5).requires_grad_()
+    b = (torch.randn(41, generator=gen) * 0.3).requires_grad_()
+    gt = torch.randint(0, 41, (3, 7), generator=gen)
+    gt[0, :3] = -100
+    teacher = torch.randint(0, 41, (3, 7), generator=gen)
+    teacher[1, 2:] = -100  # the two label sets skip different positions
+
+    logits = (h @ w.t() + b) * 1.5
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+
+    def ref(labels):
+        return F.cross_entropy(logits.reshape(-1, 41), labels.reshape(-1), reduction="sum")
+
+    kw = {"bias": b, "logit_scale": 1.5, "softcap": softcap, "chunk_size": 4}  # 21 positions: chunks of 4, last 1
+    one, count = chunked_ce_sum_and_count(h, w, gt, **kw)
+    assert count.item() == int((gt != -100).sum())
+    torch.testing.assert_close(one, ref(gt))
+    both = chunked_ce_sums(h, w, [teacher, gt], **kw)
+    torch.testing.assert_close(both, torch.stack([ref(teacher), ref(gt)]))
+    mixed, want = 0.3 * both[0] + 0.7 * both[1], 0.3 * ref(teacher) + 0.7 * ref(gt)
+    for got_g, want_g in zip(torch.autograd.grad(mixed, [h, w, b]), torch.autograd.grad(want, [h, w, b]),
+                             strict=True):
+        torch.testing.assert_close(got_g, want_g, rtol=1e-5, atol=1e-6)

@@ -16,6 +16,49 @@ def _chunk_ce(h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, sc
     return F.cross_entropy(logits, labels, reduction="sum")
 
 
+def _chunk_ce_multi(h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, scale: float,
+                    softcap: float | None, ignore_index: int) -> Tensor:
+    """Summed CE of one chunk for each label set: labels [n, S] -> [S] (one projection, one log-softmax)."""
+    logits = F.linear(h, weight, bias).float() * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    logp = torch.log_softmax(logits, dim=-1)
+    counted = labels != ignore_index
+    picked = logp.gather(1, labels.clamp_min(0))
+    return -(picked * counted).sum(0)
+
+
+def chunked_ce_sums(hidden: Tensor, weight: Tensor, label_sets: list[Tensor], *, bias: Tensor | None = None,
+                    logit_scale: float = 1.0, softcap: float | None = None, ignore_index: int = -100,
+                    chunk_size: int = 1024) -> Tensor:
+    """Summed cross-entropy against several label sets over the same positions, projecting the hidden states once.
+
+    Hard-label distillation with ground truth mixed in scores each position against the teacher's token and the
+    data's token; two `chunked_ce_sum_and_count` calls would run the [tokens, H] x [H, V] projection (and its
+    recompute and gradients) twice.
+
+    Args:
+        hidden: [..., H]. weight: [V, H]. label_sets: S tensors shaped like `hidden` without H, `ignore_index`
+            where a set has no target.
+
+    Returns:
+        [S] fp32 sums (differentiable), one per label set.
+    """
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = torch.stack([labels.reshape(-1) for labels in label_sets], dim=-1)  # [N, S]
+    keep = (y != ignore_index).any(-1)
+    h, y = h[keep], y[keep]
+    total = hidden.new_zeros((len(label_sets),), dtype=torch.float32)
+    for start in range(0, y.shape[0], chunk_size):
+        sl = slice(start, start + chunk_size)
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            total = total + checkpoint(_chunk_ce_multi, h[sl], weight, bias, y[sl], logit_scale, softcap,
+                                       ignore_index, use_reentrant=False)
+        else:
+            total = total + _chunk_ce_multi(h[sl], weight, bias, y[sl], logit_scale, softcap, ignore_index)
+    return total
+
+
 def chunked_ce_sum_and_count(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
                              logit_scale: float = 1.0, softcap: float | None = None, ignore_index: int = -100,
                              chunk_size: int = 1024) -> tuple[Tensor, Tensor]:

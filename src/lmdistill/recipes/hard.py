@@ -30,7 +30,7 @@ from lmdistill.data import IGNORE, build_splits, check_block_size
 from lmdistill.errors import ConfigError
 from lmdistill.evaluate import evaluate_blocks
 from lmdistill.losses import ce_sum_and_count
-from lmdistill.losses.chunked_ce import chunked_ce_sum_and_count
+from lmdistill.losses.chunked_ce import chunked_ce_sum_and_count, chunked_ce_sums
 from lmdistill.losses.fused import SparseTargets
 from lmdistill.models import (
     build_student,
@@ -88,6 +88,11 @@ def hard_step_loss(student: nn.Module, batch: dict[str, Tensor], teacher_labels:
         def ce(labels: Tensor) -> Tensor:
             return chunked_ce_sum_and_count(h, weight, labels, bias=bias, logit_scale=scale, softcap=softcap,
                                             chunk_size=chunk_size)[0]
+
+        if teacher_labels is not None and 0 < alpha < 1:  # both terms from one projection of the student
+            kd, gt = chunked_ce_sums(h, weight, [teacher_labels, batch["labels"]], bias=bias, logit_scale=scale,
+                                     softcap=softcap, chunk_size=chunk_size)
+            return StepLoss(alpha * kd + (1 - alpha) * gt, {"ce_teacher": kd, "ce": gt})
     else:
         logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., :n_vocab]
 
