@@ -282,27 +282,3 @@ def run_serve(cfg: ServeConfig) -> None:
     print(f"serve: `{name}` at http://{cfg.host}:{cfg.port}/v1 (auth: {'bearer token' if api_key else 'none'})",
           flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m lmdistill.serve [--config FILE] [--field value ...]`, the same as `lmdistill serve`."""
-    import sys
-
-    from lmdistill.config import load_config
-    from lmdistill.errors import LmdistillError
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    path = None
-    if args[:1] == ["--config"] and len(args) > 1:
-        path, args = args[1], args[2:]
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        run_serve(load_config(ServeConfig, path, args))
-    except LmdistillError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

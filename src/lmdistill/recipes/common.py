@@ -1,4 +1,5 @@
-"""Set-up shared by the recipes: teacher, tokenizer, student, shared vocab, data splits, run summary."""
+"""Set-up shared by the recipes: teacher, tokenizer, student, shared vocab, data splits; the run's end (the
+exported student and its summary)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from lmdistill.config import DataConfig, ModelConfig, StudentConfig, TrainConfig
 from lmdistill.data import DataSplits, build_splits, check_block_size
 from lmdistill.errors import write_failure
 from lmdistill.models import build_student, count_parameters, load_teacher, load_tokenizer, shared_vocab_size
+from lmdistill.train.distributed import shards_parameters
+from lmdistill.train.logging import read_log
+from lmdistill.train.loop import save_student
 
 log = logging.getLogger(__name__)
 
@@ -96,3 +100,24 @@ def write_summary(output_dir: str | Path, cfg: Any, summary: dict[str, Any]) -> 
         tmp.unlink(missing_ok=True)
         raise write_failure("run summary", path, e) from None
     return path
+
+
+def finish_run(trainer: Any, tokenizer: Any, cfg: Any, summary: dict[str, Any]) -> dict[str, Any]:
+    """Save the student, add its path, the log and the first/last held-out metrics to `summary`, write it.
+
+    Called on every rank (a sharded student's weights are gathered collectively); rank 0 writes.
+    """
+    out = Path(cfg.train.output_dir)
+    # sharded engines gather the full weights collectively (every rank calls this); rank 0 writes them
+    full_state = trainer.accelerator.get_state_dict(trainer.model) if shards_parameters(trainer.accelerator) else None
+    if trainer.is_main:
+        summary["student_dir"] = str(save_student(trainer.unwrapped, tokenizer, out / "student", state_dict=full_state))
+        summary["log"] = str(out / "log.jsonl")
+        rows = read_log(out / "log.jsonl") if (out / "log.jsonl").is_file() else []
+        evals = [{k.removeprefix("eval/"): v for k, v in r.items() if k.startswith("eval/") or k == "step"}
+                 for r in rows if any(k.startswith("eval/") for k in r)]
+        if evals:
+            summary["eval_first"], summary["eval_last"] = evals[0], evals[-1]
+        write_summary(out, cfg, summary)
+    trainer.accelerator.wait_for_everyone()
+    return summary

@@ -17,7 +17,6 @@ Losses are sums over target tokens, divided once by the global target-token coun
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,11 +39,10 @@ from lmdistill.models import (
     load_tokenizer,
     shared_vocab_size,
 )
-from lmdistill.recipes.common import Setup, _config_of, build_setup, describe, seed_everything, write_summary
+from lmdistill.recipes.common import Setup, _config_of, build_setup, describe, finish_run, seed_everything
 from lmdistill.teachers import HFTeacher, HiddenTargets, project_logits
-from lmdistill.train.distributed import check_supported, prepare_frozen, shards_parameters
-from lmdistill.train.logging import read_log
-from lmdistill.train.loop import StepLoss, Trainer, make_accelerator, save_student
+from lmdistill.train.distributed import check_supported, prepare_frozen
+from lmdistill.train.loop import StepLoss, Trainer, make_accelerator
 
 
 @torch.no_grad()
@@ -236,23 +234,3 @@ def run_hard(cfg: HardConfig) -> dict[str, Any]:
     if cfg.teacher_cache:
         summary["teacher_cache"] = cfg.teacher_cache
     return finish_run(trainer, setup.tokenizer, cfg, summary)
-
-
-def finish_run(trainer: Trainer, tokenizer: Any, cfg: Any, summary: dict[str, Any]) -> dict[str, Any]:
-    """Save the student, add its path, the log and the first/last held-out metrics to `summary`, write it.
-
-    Called on every rank (a sharded student's weights are gathered collectively); rank 0 writes.
-    """
-    out = Path(cfg.train.output_dir)
-    # sharded engines gather the full weights collectively (every rank calls this); rank 0 writes them
-    full_state = trainer.accelerator.get_state_dict(trainer.model) if shards_parameters(trainer.accelerator) else None
-    if trainer.is_main:
-        summary["student_dir"] = str(save_student(trainer.unwrapped, tokenizer, out / "student", state_dict=full_state))
-        summary["log"] = str(out / "log.jsonl")
-        evals = [{k.removeprefix("eval/"): v for k, v in r.items() if k.startswith("eval/") or k == "step"}
-                 for r in read_log(out / "log.jsonl") if any(k.startswith("eval/") for k in r)]
-        if evals:
-            summary["eval_first"], summary["eval_last"] = evals[0], evals[-1]
-        write_summary(out, cfg, summary)
-    trainer.accelerator.wait_for_everyone()
-    return summary

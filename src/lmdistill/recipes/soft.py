@@ -10,7 +10,6 @@ computed against the cache's sparse targets (top-k + tail, or sampled ids with w
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,10 +23,10 @@ from lmdistill.evaluate import evaluate_blocks
 from lmdistill.losses import ce_sum_and_count, divergence_sum_and_count, sparse_divergence_sum_and_count
 from lmdistill.losses.fused import SparseTargets, fused_distill_loss_sums
 from lmdistill.models import decoder_hidden, lm_head_of
-from lmdistill.recipes.common import Setup, build_setup, describe, write_summary
+from lmdistill.recipes.common import Setup, build_setup, describe, finish_run
 from lmdistill.teachers import HFTeacher
-from lmdistill.train.distributed import check_supported, prepare_frozen, shards_parameters
-from lmdistill.train.loop import StepLoss, Trainer, make_accelerator, save_student
+from lmdistill.train.distributed import check_supported, prepare_frozen
+from lmdistill.train.loop import StepLoss, Trainer, make_accelerator
 
 
 def soft_step_loss(student: torch.nn.Module, teacher: HFTeacher, batch: dict[str, Tensor], loss: LossConfig,
@@ -165,26 +164,4 @@ def run_soft(cfg: SoftConfig) -> dict[str, Any]:
                                "train_tokens_per_s": result.tokens_per_s}
     if cfg.teacher_cache is not None:
         summary["teacher_cache"] = cfg.teacher_cache
-    # Sharded engines gather the full weights collectively (every rank calls this); rank 0 writes them.
-    full_state = accelerator.get_state_dict(trainer.model) if shards_parameters(accelerator) else None
-    if accelerator.is_main_process:
-        student_dir = save_student(trainer.unwrapped, setup.tokenizer, Path(cfg.train.output_dir) / "student",
-                                   state_dict=full_state)
-        summary["student_dir"] = str(student_dir)
-        summary["log"] = str(Path(cfg.train.output_dir) / "log.jsonl")
-        evals = [r for r in _eval_rows(cfg.train.output_dir)]
-        if evals:
-            summary["eval_first"], summary["eval_last"] = evals[0], evals[-1]
-        write_summary(cfg.train.output_dir, cfg, summary)
-    accelerator.wait_for_everyone()
-    return summary
-
-
-def _eval_rows(output_dir: str) -> list[dict[str, Any]]:
-    from lmdistill.train.logging import read_log
-
-    path = Path(output_dir) / "log.jsonl"
-    if not path.exists():
-        return []
-    return [{k.removeprefix("eval/"): v for k, v in r.items() if k.startswith("eval/") or k == "step"}
-            for r in read_log(path) if any(k.startswith("eval/") for k in r)]
+    return finish_run(trainer, setup.tokenizer, cfg, summary)

@@ -20,7 +20,8 @@ from lmdistill.api_targets import InBatchTeacher, load_api_splits
 from lmdistill.cache.reader import evaluate_with_cache
 from lmdistill.config import SoftConfig
 from lmdistill.data import check_block_size
-from lmdistill.recipes.hard import finish_run, student_only
+from lmdistill.recipes.common import finish_run
+from lmdistill.recipes.hard import student_only
 from lmdistill.recipes.soft import cached_step_loss
 from lmdistill.train.distributed import check_supported
 from lmdistill.train.loop import StepLoss, Trainer, make_accelerator
