@@ -124,7 +124,7 @@ class SparseTargetBlocks(TokenBlocks):
 
 
 class InBatchTeacher:
-    """The teacher of an API-logprobs run, in the interface of `CachedTeacher`: its targets ride in the batch."""
+    """The teacher of an API-logprobs run, a `SparseTeacher` whose targets ride in the batch."""
 
     def targets(self, batch: dict[str, Tensor]) -> SparseTargets:
         """SparseTargets (ids/logprobs [B, T, K], tail [B, T] or None) of a `SparseTargetBlocks` batch."""

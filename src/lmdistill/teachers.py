@@ -1,19 +1,30 @@
 """Where distillation targets come from, separate from how they are scored (lmdistill.losses).
 
 A teacher turns a batch into targets: dense logits [B, T, V] or the hidden states + output layer that produce them
-(online, `HFTeacher`), or sparse top-k / sampled targets (`lmdistill.cache.reader.CachedTeacher`). The student's loss
-takes whichever the teacher gives.
+(online, `HFTeacher`), or sparse top-k / sampled targets (any `SparseTeacher`: a soft-label cache,
+`lmdistill.cache.reader.CachedTeacher`, or API log-probs riding in the batch, `lmdistill.api_targets.InBatchTeacher`).
+The student's loss takes whichever the teacher gives.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
 from lmdistill.errors import NonFiniteError
+from lmdistill.losses.fused import SparseTargets
 from lmdistill.models import decoder_hidden, lm_head_of
+
+
+class SparseTeacher(Protocol):
+    """A teacher that gives sparse targets (top-k ids + log-probs [+ tail], or sampled ids + weights) per batch."""
+
+    def targets(self, batch: dict[str, Tensor]) -> SparseTargets:
+        """Targets [B, T, K] for the batch's positions (the batch is the student's: input_ids, labels, ...)."""
+        ...
 
 
 @dataclass

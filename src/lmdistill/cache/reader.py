@@ -34,6 +34,7 @@ from lmdistill.data import IGNORE, TokenBlocks
 from lmdistill.errors import CacheError
 from lmdistill.losses import sparse_divergence_sum_and_count
 from lmdistill.losses.fused import SparseTargets
+from lmdistill.teachers import SparseTeacher
 
 _TEMPERATURE_TOL = 1e-6
 
@@ -283,7 +284,7 @@ class CachedTeacher:
 
 
 @torch.no_grad()
-def evaluate_with_cache(student: nn.Module, cached: CachedTeacher, blocks: TokenBlocks, *, n_vocab: int,
+def evaluate_with_cache(student: nn.Module, cached: SparseTeacher, blocks: TokenBlocks, *, n_vocab: int,
                         batch_size: int = 4, max_batches: int | None = None) -> dict[str, float]:
     """Held-out metrics of `student` with the teacher side read from a cache (no teacher model).
 

@@ -24,7 +24,7 @@ from lmdistill.losses import ce_sum_and_count, divergence_sum_and_count, sparse_
 from lmdistill.losses.fused import SparseTargets, fused_distill_loss_sums
 from lmdistill.models import decoder_hidden, lm_head_of
 from lmdistill.recipes.common import Setup, build_setup, describe, finish_run
-from lmdistill.teachers import HFTeacher
+from lmdistill.teachers import HFTeacher, SparseTeacher
 from lmdistill.train.distributed import check_supported, prepare_frozen
 from lmdistill.train.loop import StepLoss, Trainer, make_accelerator
 
@@ -58,7 +58,7 @@ def soft_step_loss(student: torch.nn.Module, teacher: HFTeacher, batch: dict[str
     return StepLoss(total, {"kd": kd, "ce": ce})
 
 
-def cached_step_loss(student: torch.nn.Module, cache: CachedTeacher, batch: dict[str, Tensor], loss: LossConfig,
+def cached_step_loss(student: torch.nn.Module, cache: SparseTeacher, batch: dict[str, Tensor], loss: LossConfig,
                      n_vocab: int) -> StepLoss:
     """alpha * KD_sum + (1 - alpha) * CE_sum against sparse targets [B, T, K] read from a soft-label cache."""
     labels = batch["labels"]

@@ -51,11 +51,11 @@ def run_soft_api(cfg: SoftConfig) -> dict[str, Any]:
 
     def loss_fn(batch: dict[str, Tensor]) -> StepLoss:
         assert trainer is not None
-        return cached_step_loss(trainer.model, teacher, batch, cfg.loss, n_vocab)  # type: ignore[arg-type]
+        return cached_step_loss(trainer.model, teacher, batch, cfg.loss, n_vocab)
 
     def eval_fn(step: int) -> dict[str, float]:
         assert trainer is not None
-        return evaluate_with_cache(trainer.unwrapped, teacher, held, n_vocab=n_vocab,  # type: ignore[arg-type]
+        return evaluate_with_cache(trainer.unwrapped, teacher, held, n_vocab=n_vocab,
                                    batch_size=cfg.train.micro_batch_size, max_batches=cfg.train.eval_batches)
 
     trainer = Trainer(cfg.train, model=student, data=train, loss_fn=loss_fn, eval_fn=eval_fn if len(held) else None,
