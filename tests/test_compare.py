@@ -74,6 +74,9 @@ def test_every_arm_has_a_row_and_the_report_files_exist(compared):
     # teacher data per token: none for CE, a dense distribution over the 260-token vocab for online soft
     by = {a["name"]: a for a in ok}
     assert by["ce"]["teacher_bytes_per_token"] == 0 and by["soft"]["teacher_bytes_per_token"] == 260 * 4
+    # every arm here trains on the shared split, so on the same number of target tokens
+    assert by["ce"]["train_target_tokens"] > 0 and len({a["train_target_tokens"] for a in ok}) == 1
+    assert "target tokens in train split" in md
     # distillation beats the CE baseline on KL to the teacher at the same steps
     assert by["soft"]["metrics"]["kl_to_teacher"] < by["ce"]["metrics"]["kl_to_teacher"]
     for fig in ("learning_curves", "storage_vs_quality", "final_metrics"):

@@ -108,7 +108,7 @@ class ArmResult:
                 train_s=round(phases["train"].seconds, 2) if "train" in phases else None,
                 peak_memory_mb=_peak(phases.get("train")), prepare_peak_memory_mb=_peak(phases.get("prepare")),
                 memory_method=self.monitor.method, train_tokens_per_s=o.summary.get("train_tokens_per_s"),
-                steps=o.summary.get("steps"),
+                steps=o.summary.get("steps"), train_target_tokens=o.summary.get("train_target_tokens"),
             )
         return out
 
