@@ -69,8 +69,8 @@ PROBE = textwrap.dedent(
             counts["log_writes"] += 1
         return orig_log(self, step, record)
     RunLogger.log = log
-    soft.save_student = counting("students_saved", soft.save_student)
-    soft.write_summary = counting("summaries", soft.write_summary)
+    common.save_student = counting("students_saved", common.save_student)  # the end of every run: finish_run
+    common.write_summary = counting("summaries", common.write_summary)
 
     runs, current = [], []
     for arg in sys.argv[1:]:
