@@ -27,6 +27,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m mypy src/lmdistill
 
 clean:
 	rm -rf $(VENV) runs

@@ -339,7 +339,7 @@ def test_folded_ce_matches_divergence_plus_cross_entropy(request, kind, vocab_ch
     )  # fmt: skip
     torch.testing.assert_close(got.kd, kd_ref.detach(), rtol=2e-5, atol=1e-5)
     torch.testing.assert_close(got.ce, ce_ref.detach(), rtol=2e-5, atol=1e-5)  # computed even at alpha = 1
-    assert got.count.item() == int(x["mask"].sum())
+    assert got.tokens.item() == int(x["mask"].sum())
     want = alpha * kd_ref + (1 - alpha) * ce_ref
     torch.testing.assert_close(got.total, want, rtol=2e-5, atol=1e-5)
     assert not got.kd.requires_grad and not got.ce.requires_grad
@@ -387,7 +387,7 @@ def test_folded_ce_defaults_its_mask_to_the_labelled_positions_and_checks_its_ar
     labelled = labels != -100
     ref_kd = divergence(_logits(hs, x["ws"]), _logits(kw["teacher_hidden"], x["wt"]), mask=labelled, reduction="sum")
     torch.testing.assert_close(got.kd, ref_kd.detach(), rtol=2e-5, atol=1e-5)
-    assert got.count.item() == int(labelled.sum())
+    assert got.tokens.item() == int(labelled.sum())
     with pytest.raises(ValueError, match="labels shape"):
         fused_distill_loss_sums(hs, x["ws"], labels=labels[:, :4], alpha=0.5, **kw)
     with pytest.raises(ValueError, match="outside the vocab"):

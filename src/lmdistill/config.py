@@ -512,6 +512,9 @@ class CodistillConfig(BaseConfig):
 # the soft-label cache (`lmdistill label`, `lmdistill estimate`)
 
 
+_ALL_SPLITS: tuple[Literal["train", "eval"], ...] = ("train", "eval")
+
+
 class CacheConfig(BaseConfig):
     """What `lmdistill label` stores per target position, and where (docs/cache_format.md)."""
 
@@ -532,7 +535,7 @@ class CacheConfig(BaseConfig):
     shard_blocks: int = Field(256, ge=1, description="Blocks per shard (shard j holds blocks [j*S, (j+1)*S)).")
     batch_size: int = Field(8, ge=1, description="Blocks per teacher forward pass.")
     splits: list[Literal["train", "eval"]] = Field(
-        default_factory=lambda: ["train", "eval"], description="Which data splits to label (eval: held-out KL)."
+        default_factory=lambda: list(_ALL_SPLITS), description="Which data splits to label (eval: held-out KL)."
     )
     seed: int = Field(0, description="Seed of the sampled encoding (each shard draws from its own seeded stream).")
 

@@ -38,7 +38,16 @@ class AssetError(LmdistillError):
 
 
 class TeacherAPIError(LmdistillError):
-    """An OpenAI-compatible teacher endpoint is unreachable or refused the request."""
+    """An OpenAI-compatible teacher endpoint is unreachable or refused the request.
+
+    `status` is the HTTP status of the last reply (None: no reply), `transport` whether the connection itself failed,
+    `attempts` and `last` how many tries were made and what the last one said (set once retries are exhausted).
+    """
+
+    status: int | None = None
+    transport: bool = False
+    attempts: int = 0
+    last: str = ""
 
 
 class NonFiniteError(LmdistillError):

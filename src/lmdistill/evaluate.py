@@ -249,7 +249,7 @@ def prompts_from_text(texts: list[str], tokenizer: Any, chat: bool) -> list[Tens
 
 
 @torch.no_grad()
-def generate_one(model: nn.Module, tokenizer: Any, prompt_ids: Tensor, *, sample: bool, opts: GenerationOptions,
+def generate_one(model: Any, tokenizer: Any, prompt_ids: Tensor, *, sample: bool, opts: GenerationOptions,
                  seed: int) -> dict[str, Any]:
     """One completion of `prompt_ids` [P]: greedy, or sampled at opts.temperature/top_p with `seed`."""
     device = next(model.parameters()).device

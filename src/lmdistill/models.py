@@ -98,7 +98,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
-def embedding_rows(model: nn.Module) -> int:
+def embedding_rows(model: Any) -> int:
     return int(model.get_output_embeddings().weight.shape[0])
 
 
@@ -131,7 +131,7 @@ def shared_vocab_size(teacher_tokenizer: Any, student_tokenizer: Any, teacher: n
     return n_vocab
 
 
-def prune_layers(model: nn.Module, keep_layers: list[int]) -> nn.Module:
+def prune_layers(model: Any, keep_layers: list[int]) -> nn.Module:
     """A copy of `model` that keeps only the decoder layers `keep_layers` (in that order), Minitron/DistilBERT style."""
     from transformers import AutoModelForCausalLM
 
@@ -163,13 +163,14 @@ def prune_layers(model: nn.Module, keep_layers: list[int]) -> nn.Module:
     if missing or unexpected:
         raise ModelLoadError(f"pruning could not map weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for i, layer in enumerate(_decoder_layers(student)):
-        if hasattr(getattr(layer, "self_attn", None), "layer_idx"):
-            layer.self_attn.layer_idx = i  # KV-cache slots follow the new numbering
+        attention: Any = getattr(layer, "self_attn", None)
+        if hasattr(attention, "layer_idx"):
+            attention.layer_idx = i  # KV-cache slots follow the new numbering
     student.generation_config = copy.deepcopy(model.generation_config)
     return student
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+def _decoder_layers(model: Any) -> nn.ModuleList:
     decoder = model.get_decoder()
     layers = getattr(decoder, "layers", None)
     if layers is None:
@@ -269,7 +270,7 @@ def decoder_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     return out.hidden_states[-1]
 
 
-def lm_head_of(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, float, float | None]:
+def lm_head_of(model: Any) -> tuple[torch.Tensor, torch.Tensor | None, float, float | None]:
     """(weight [V_rows, H], bias or None, logit scale, final softcap or None) of a causal LM's output layer."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base = getattr(base, "module", base)

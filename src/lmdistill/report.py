@@ -73,8 +73,7 @@ def winners(results: dict[str, Any]) -> dict[str, list[str]]:
     for key, _, better, _ in METRICS:
         if not better:
             continue
-        vals = [(a["name"], value(a, key)) for a in arms]
-        vals = [(n, v) for n, v in vals if v is not None]
+        vals = [(a["name"], v) for a in arms if (v := value(a, key)) is not None]
         if not vals:
             continue
         best = min(v for _, v in vals) if better == "min" else max(v for _, v in vals)
@@ -167,8 +166,9 @@ def make_figures(results: dict[str, Any], fig_dir: Path) -> list[Figure]:
             pts = read_curves(a.get("log"))[key]
             final = value(a, key.removeprefix("eval/")) if key != "loss" else None
             own_ref = key == "eval/kl_to_teacher" and (a.get("kl_reference") or "teacher") != "teacher"
-            own_data = key != "loss" and bool(a.get("curve_data"))
-            notes = ([f"vs {a['kl_reference']}"] if own_ref else []) + ([f"on {a['curve_data']}"] if own_data else [])
+            on_own_data = key != "loss" and bool(a.get("curve_data"))
+            notes = ([f"vs {a['kl_reference']}"] if own_ref else []) + (
+                [f"on {a['curve_data']}"] if on_own_data else [])
             label = a["name"] + (f" ({'; '.join(notes)})" if notes else "")
             if pts:
                 xs, ys = zip(*pts, strict=True)

@@ -112,7 +112,7 @@ class RequestBatcher:
         while self._rows_like(first) < self.max_batch and (left := deadline - time.monotonic()) > 0:
             self._cv.wait(left)
         batch = [self._queue.popleft()]
-        rows, keep = first.rows, deque()
+        rows, keep = first.rows, deque[_Request]()
         while self._queue:
             req = self._queue.popleft()
             if req.key == first.key and rows + req.rows <= self.max_batch:

@@ -220,7 +220,8 @@ def create_app(generator: Any, cfg: ServeConfig, api_key: str | None = None) -> 
         if not prompts:
             raise APIError(400, "prompt is empty")
         outputs = run(prompts, req, req.max_tokens, stop, req.logprobs, raw=True)
-        choices, flat = [], []
+        choices: list[dict[str, Any]] = []
+        flat: list[Completion] = []
         for group in outputs:
             for c in group:
                 choices.append(

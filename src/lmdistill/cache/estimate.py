@@ -60,9 +60,9 @@ def paper_rows(vocab: int, tokens: float, dtype: str, ks: list[int], draws: list
         rows.append(Row(name, b, b * tokens))
     for n in draws:
         d = (measured_distinct or {}).get(n)
-        b = sampled_bytes(d if d is not None else min(n, vocab), n, vocab, vb)
+        sb = sampled_bytes(d if d is not None else min(n, vocab), n, vocab, vb)
         label = f"sampled, n={n} draws" + (f" ({d:.1f} distinct, measured)" if d is not None else "")
-        rows.append(Row(label, b, b * tokens, bound=d is None))
+        rows.append(Row(label, sb, sb * tokens, bound=d is None))
     return rows
 
 

@@ -117,7 +117,7 @@ def shard_seed(seed: int, split: str, index: int) -> int:
 # fingerprints and the header
 
 
-def teacher_fingerprint(model: torch.nn.Module, name_or_path: str) -> dict[str, str]:
+def teacher_fingerprint(model: Any, name_or_path: str) -> dict[str, str]:
     """Model id/path, sha256 of its config (volatile keys dropped) and sha256 of its state dict.
 
     The weights hash runs over the loaded state dict (sorted names, dtype, shape, raw bytes), not over files: it works

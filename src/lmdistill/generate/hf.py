@@ -237,12 +237,12 @@ class HFGenerator:
         chosen = logp.gather(1, torch.tensor(ids, device=logp.device)[:, None])[:, 0].tolist()
         # Embedding matrices are often padded past the tokenizer; those rows are never real tokens.
         vocab = min(len(self.tokenizer), logp.shape[-1])
-        top_vals, top_ids = (logp[:, :vocab].topk(k, dim=-1) if k else (None, None))
+        top_vals, top_ids = logp[:, :vocab].topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
         strings = self.tokenizer.batch_decode([[i] for i in ids])
         top_strings = self.tokenizer.batch_decode([[i] for i in top_ids.flatten().tolist()]) if k else []
         entries = []
         for j, token_id in enumerate(ids):
-            alts = []
+            alts: list[dict[str, Any]] = []
             if k:
                 alt_ids = top_ids[j].tolist()
                 alt_vals = top_vals[j].tolist()

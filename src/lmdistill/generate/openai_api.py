@@ -217,7 +217,7 @@ class OpenAIBackend:
             f"{what} failed after {max_retries + 1} attempts at {self.base_url}; last error: {self._describe(last)}",
             transport=isinstance(last, openai.APIConnectionError),
         )
-        error.attempts, error.last = max_retries + 1, self._describe(last)  # type: ignore[attr-defined]
+        error.attempts, error.last = max_retries + 1, self._describe(last)
         raise error
 
     # ------------------------------------------------------------------ requests
@@ -262,7 +262,8 @@ class OpenAIBackend:
             if sampling.logprobs:
                 common["logprobs"] = True
                 common["top_logprobs"] = sampling.top_logprobs
-            reply = self.client.chat.completions.create(messages=prompt.messages or [], **common)
+            messages: Any = prompt.messages or []  # {role, content} dicts, as the API takes them
+            reply = self.client.chat.completions.create(messages=messages, **common)
             return self._parse_chat(reply, sampling)
         if sampling.logprobs:
             common["logprobs"] = sampling.top_logprobs
@@ -347,9 +348,10 @@ class OpenAIBackend:
         # Some servers ignore n and send one choice: ask again for the rest.
         while len(got) < len(job.samples):
             missing = len(job.samples) - len(got)
-            completions, tries = self._with_retries(
-                lambda m=missing: self._request(job.prompt, sampling, m), f"prompt `{job.prompt.id}`"
-            )
+            def ask(m: int = missing) -> list[Completion]:
+                return self._request(job.prompt, sampling, m)
+
+            completions, tries = self._with_retries(ask, f"prompt `{job.prompt.id}`")
             got.extend(completions[:missing])
             attempts += tries
         return JobResult(job=job, completions=got, seconds=time.perf_counter() - t0, attempts=attempts)
@@ -407,8 +409,8 @@ def _server_message(error: openai.APIStatusError) -> str:
 def _api_error(status: int | None, message: str, transport: bool = False) -> TeacherAPIError:
     """A TeacherAPIError that remembers the HTTP status (None: no reply) and whether the transport failed."""
     error = TeacherAPIError(message)
-    error.status = status  # type: ignore[attr-defined]
-    error.transport = transport  # type: ignore[attr-defined]
+    error.status = status
+    error.transport = transport
     return error
 
 

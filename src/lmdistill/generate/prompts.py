@@ -72,8 +72,8 @@ def _read_rows(cfg: PromptsConfig) -> list[dict[str, Any]]:
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
-            line = path.read_bytes()[: e.start].count(b"\n") + 1
-            raise DataError(f"prompt file `{path}` line {line} is not valid UTF-8 ({e.reason}); re-encode the file "
+            bad_line = path.read_bytes()[: e.start].count(b"\n") + 1
+            raise DataError(f"prompt file `{path}` line {bad_line} is not valid UTF-8 ({e.reason}); re-encode the file "
                             "as UTF-8") from None
         if path.suffix == ".json" and text.lstrip().startswith("["):
             try:

@@ -85,15 +85,18 @@ def _check_logits(student_logits: Tensor, teacher_logits: Tensor) -> None:
             raise LossArgumentError(f"{name} must be a float tensor [..., V], got dtype {t.dtype}")
         if t.dim() < 1:
             raise LossArgumentError(f"{name} must have a vocab dim [..., V], got a 0-d tensor")
-    s, t = tuple(student_logits.shape), tuple(teacher_logits.shape)
-    if s != t:
+    s_shape, t_shape = tuple(student_logits.shape), tuple(teacher_logits.shape)
+    if s_shape != t_shape:
         hint = ""
-        if s[:-1] == t[:-1]:
+        if s_shape[:-1] == t_shape[:-1]:
             hint = (
-                f"; only the vocab dim differs ({s[-1]} vs {t[-1]}): slice both to the shared vocab, "
-                f"e.g. logits[..., :{min(s[-1], t[-1])}] (lmdistill.models compares the tokenizers and does this)"
+                f"; only the vocab dim differs ({s_shape[-1]} vs {t_shape[-1]}): slice both to the shared vocab, "
+                f"e.g. logits[..., :{min(s_shape[-1], t_shape[-1])}] (lmdistill.models compares the tokenizers and "
+                "does this)"
             )
-        raise LossArgumentError(f"student_logits shape {s} and teacher_logits shape {t} must match{hint}")
+        raise LossArgumentError(
+            f"student_logits shape {s_shape} and teacher_logits shape {t_shape} must match{hint}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -393,7 +393,9 @@ def _dense_rows_torch(
         g = ps.sub_(lt.exp_(), alpha=kd_w)
     else:  # p_S * (kd_w * (u - sum p_S u) + ce_w)
         top = ls.argmax(dim=-1, keepdim=True)
-        u.sub_(_shift(plan.kind, plan.beta, ls.gather(1, top), lt.gather(1, top)))
+        shift = _shift(plan.kind, plan.beta, ls.gather(1, top), lt.gather(1, top))
+        assert shift is not None  # every kind but forward KL has one
+        u.sub_(shift)
         del lt
         ps = ls.exp_()
         aggregate = (ps * u).sum(-1, keepdim=True)
@@ -577,6 +579,7 @@ def _tiled_chunk(
             assert v is not None
             value += v
             if aggregate is not None and need_grad:
+                assert u is not None and shift is not None  # kinds with an aggregate have both
                 aggregate += (ls.exp() * u.sub_(shift)).sum(-1)
     if not need_grad:
         return value.sum(), ce_value
@@ -595,6 +598,7 @@ def _tiled_chunk(
         if v is not None:
             value += v
         if u is not None:
+            assert shift is not None
             u.sub_(shift)
         g = _grad_from_terms(kind, ls, lt, u, aggregate)
         # d(T^2 D)/dz_S = T * dD/dz; the CE's logits are z_S * T, so its dz-gradient is already per raw logit
@@ -613,8 +617,8 @@ class _FusedDivergence(torch.autograd.Function):
     def forward(
         ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan
     ) -> tuple[Tensor, Tensor, Tensor]:
-        needs = tuple(ctx.needs_input_grad[:3])
-        kd, ce, grad_h, grad_w, grad_b = _run(plan, hidden, weight, bias, needs)  # type: ignore[arg-type]
+        needs: tuple[bool, bool, bool] = tuple(ctx.needs_input_grad[:3])
+        kd, ce, grad_h, grad_w, grad_b = _run(plan, hidden, weight, bias, needs)
         # kept on ctx rather than save_for_backward: backward scales them in place (no second [V, H] copy)
         ctx.grads = (grad_h, grad_w, grad_b)
         total = kd.clone() if plan.ce_labels is None else plan.kd_weight * kd + plan.ce_weight * ce
@@ -715,9 +719,9 @@ def _fused_sums(
     for name, value in (("student_logit_scale", student_logit_scale), ("teacher_logit_scale", teacher_logit_scale)):
         if not math.isfinite(value) or value == 0:
             raise LossArgumentError(f"{name} must be a finite non-zero number, got {value!r}")
-    for name, value in (("student_softcap", student_softcap), ("teacher_softcap", teacher_softcap)):
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise LossArgumentError(f"{name} must be None or a finite number > 0, got {value!r}")
+    for name, cap in (("student_softcap", student_softcap), ("teacher_softcap", teacher_softcap)):
+        if cap is not None and not (math.isfinite(cap) and cap > 0):
+            raise LossArgumentError(f"{name} must be None or a finite number > 0, got {cap!r}")
     _check_2d_pair("student_hidden", student_hidden, "student_weight", student_weight)
     vocab, width = student_weight.shape
     _check_bias("student_bias", student_bias, vocab)
@@ -832,7 +836,7 @@ class FusedLossSums(NamedTuple):
     total: Tensor  # fp32 scalar alpha * kd + (1 - alpha) * ce, the one to call backward on
     kd: Tensor  # fp32 scalar divergence sum (times T^2) over the valid positions; not differentiable
     ce: Tensor  # fp32 scalar cross-entropy sum over positions with a label; not differentiable
-    count: Tensor  # int64 scalar number of valid positions
+    tokens: Tensor  # int64 scalar number of valid positions
 
 
 def fused_divergence_sum_and_count(
@@ -883,7 +887,7 @@ def fused_divergence_sum_and_count(
         vocab_chunk_size=vocab_chunk_size,
         backend=backend,
     )
-    return sums.total, sums.count
+    return sums.total, sums.tokens
 
 
 def fused_distill_loss_sums(

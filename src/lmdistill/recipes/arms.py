@@ -155,6 +155,7 @@ class ResourceMonitor:
             if sampler:
                 stop.set()
                 sampler.join()
+            mb: float | None
             if cuda:
                 mb = torch.cuda.max_memory_allocated() / 2**20
             elif start_rss is not None:

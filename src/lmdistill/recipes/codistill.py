@@ -195,10 +195,13 @@ def codistill_losses(teacher: nn.Module, student: nn.Module, batch: dict[str, Te
             ce_t = ce_sum_and_count(t_logits, labels)[0]
         s_logits = student(input_ids=ids, attention_mask=attn, use_cache=False).logits[..., :n_vocab]
         ce_s = ce_sum_and_count(s_logits, labels)[0]
-        div = {"kind": loss.kind, "beta": loss.beta, "temperature": loss.temperature, "mask": mask}
+        def div(model_logits: Tensor, target_logits: Tensor) -> Tensor:
+            return divergence_sum_and_count(model_logits, target_logits, loss.kind, beta=loss.beta,
+                                            temperature=loss.temperature, mask=mask)[0]
+
         with contextlib.nullcontext() if a > 0 else torch.no_grad():  # at a = 0 the divergence is only logged
-            kd_s = divergence_sum_and_count(s_logits, t_logits.detach(), **div)[0]
-        kd_t = divergence_sum_and_count(t_logits, s_logits.detach(), **div)[0] if mutual > 0 else None
+            kd_s = div(s_logits, t_logits.detach())
+        kd_t = div(t_logits, s_logits.detach()) if mutual > 0 else None
     # mix(..., n_tokens=1) is the weighted *sum*: the loop divides by the global token count once.
     teacher_parts = {"ce": ce_t} if kd_t is None else {"ce": ce_t, "kd": kd_t}
     teacher_loss = StepLoss(mix(kd_t, ce_t, 1, mutual), teacher_parts)
@@ -224,6 +227,7 @@ class CoTrainer:
                  n_vocab: int, eval_blocks: TokenBlocks | None = None, accelerator: Any | None = None,
                  run_info: dict[str, Any] | None = None) -> None:
         self.cfg, self.train_cfg, self.loss_cfg = cfg, cfg.train, cfg.loss
+        self.resumed_last: dict[str, Any] = {}  # the last logged record of a resumed run
         self.accelerator = acc = accelerator or make_accelerator(cfg.train)
         self.teacher_every = cfg.teacher.update_every
         # The teacher's LR schedule spans its own number of updates, so warmup and decay fit `update_every`.
@@ -294,8 +298,8 @@ class CoTrainer:
         self.weighting.observe(ce_t, ce_s)
         denom = float(n_global) / acc.num_processes  # this rank's share, for per-token averages in the log
         record.update({k: v / denom for k, v in sums.items()})
-        record.update(ce_teacher_global=ce_t, ce_student_global=ce_s, lr_teacher=self.sched_t.get_last_lr()[0],
-                      lr_student=self.sched_s.get_last_lr()[0],
+        record.update(ce_teacher_global=ce_t, ce_student_global=ce_s,
+                      lr_teacher=float(self.sched_t.get_last_lr()[0]), lr_student=float(self.sched_s.get_last_lr()[0]),
                       tokens=float(sum(int(b["attention_mask"].sum()) for b in batches) * acc.num_processes))
         return record
 
@@ -368,7 +372,7 @@ class CoTrainer:
 
     def fit(self) -> CoTrainResult:
         cfg, acc = self.train_cfg, self.accelerator
-        self.resumed_last: dict[str, Any] = {}
+        self.resumed_last = {}
         start = self.resume() if cfg.resume else 0
         # Resumed from the final checkpoint (killed while exporting): the final evaluation was logged and the
         # checkpoint written before, so neither is repeated. No checkpoint at all: a fresh start and a fresh log.

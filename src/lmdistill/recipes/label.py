@@ -18,7 +18,7 @@ from torch import Tensor
 from lmdistill.cache.format import MANIFEST
 from lmdistill.cache.writer import CacheWriter, build_header, teacher_fingerprint
 from lmdistill.config import LabelConfig
-from lmdistill.data import IGNORE, build_splits, check_block_size
+from lmdistill.data import IGNORE, TokenBlocks, build_splits, check_block_size
 from lmdistill.errors import NonFiniteError
 from lmdistill.models import load_teacher, load_tokenizer, shared_vocab_size, tokenizer_fingerprint
 from lmdistill.recipes.common import seed_everything
@@ -75,7 +75,7 @@ def _label(cfg: LabelConfig, dist: _Dist) -> dict[str, Any]:
     n_vocab = shared_vocab_size(tokenizer, tokenizer, teacher)
     check_block_size(cfg.data.block_size, teacher.config)
     data = build_splits(cfg.data, tokenizer)
-    splits = {name: getattr(data, name) for name in cfg.cache.splits}
+    splits: dict[str, TokenBlocks] = {name: getattr(data, name) for name in cfg.cache.splits}
     header = build_header(
         teacher=teacher_fingerprint(teacher, cfg.teacher.name_or_path),
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), vocab=n_vocab,

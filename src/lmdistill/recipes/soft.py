@@ -158,6 +158,7 @@ def run_soft(cfg: SoftConfig) -> dict[str, Any]:
                       eval_fn=eval_fn if len(setup.splits.eval) else None, accelerator=accelerator,
                       run_info={"recipe": "soft"})
     if cfg.teacher_cache is None:
+        assert setup.teacher is not None
         teacher.model = prepare_frozen(accelerator, setup.teacher)
     result = trainer.fit()
     summary: dict[str, Any] = {"recipe": "soft", **info, "steps": result.step, "final_train_loss": result.last_loss,

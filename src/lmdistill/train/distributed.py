@@ -142,10 +142,11 @@ def full_training_state(accelerator: Any, model: nn.Module, optimizer: Any) -> t
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
-    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, inner, options=opts)
+    model_state: dict[str, Any] = get_model_state_dict(model, options=opts)
+    return model_state, get_optimizer_state_dict(model, inner, options=opts)
 
 
-def load_full_training_state(model: nn.Module, optimizer: Any, model_state: dict[str, torch.Tensor],
+def load_full_training_state(model: nn.Module, optimizer: Any, model_state: dict[str, Any],
                              optimizer_state: Any) -> None:
     """FSDP only, called on every rank with the full states read from a checkpoint: each rank keeps its shard."""
     from torch.distributed.checkpoint.state_dict import (

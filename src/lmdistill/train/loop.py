@@ -54,7 +54,8 @@ def make_accelerator(cfg: TrainConfig):
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases and norm weights (1-D parameters)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
@@ -265,7 +266,7 @@ class _null:
         return None
 
 
-def save_student(model: nn.Module, tokenizer: Any, out_dir: str | Path,
+def save_student(model: Any, tokenizer: Any, out_dir: str | Path,
                  state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Save the student so plain transformers can load it (LoRA adapters are merged; the adapter is kept beside it).
 
