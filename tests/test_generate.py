@@ -102,6 +102,29 @@ def test_hf_generate_writes_one_record_per_prompt_and_sample_and_resumes(chat_te
     assert sorted(keys(records)) == [(f"p{i}", s) for i in range(5) for s in range(3)]
 
 
+def test_sampled_completions_do_not_depend_on_batch_size_or_on_resuming(chat_teacher, tmp_path):
+    # with a seed, completion (prompt id, sample i) is a function of those alone, not of its neighbours in a batch
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 5)
+
+    def texts(out: Path) -> dict[tuple[str, int], str]:
+        return {(r["id"], r["sample"]): r["completion"] for r in read_records(out)[0]}
+
+    common = {"sampling.temperature": "1.0", "sampling.max_new_tokens": "8", "sampling.seed": "11"}
+    run_generate(hf_config(chat_teacher, prompts, tmp_path / "b3.jsonl", **common))
+    run_generate(hf_config(chat_teacher, prompts, tmp_path / "b1.jsonl", **{**common, "teacher.batch_size": "1"}))
+    # interrupted after one sample per prompt, then resumed to two
+    resumed = tmp_path / "resumed.jsonl"
+    run_generate(hf_config(chat_teacher, prompts, resumed, **{**common, "sampling.n": "1"}))
+    run_generate(hf_config(chat_teacher, prompts, resumed, **common))
+    reference = texts(tmp_path / "b3.jsonl")
+    assert len(reference) == 10 and len(set(reference.values())) > 1
+    assert texts(tmp_path / "b1.jsonl") == reference
+    assert texts(resumed) == reference
+    other = tmp_path / "seed12.jsonl"
+    run_generate(hf_config(chat_teacher, prompts, other, **{**common, "sampling.seed": "12"}))
+    assert texts(other) != reference
+
+
 def test_resume_refuses_other_sampling_settings(chat_teacher, tmp_path):
     prompts = write_prompts(tmp_path / "prompts.jsonl", 2)
     out = tmp_path / "gen.jsonl"

@@ -83,11 +83,12 @@ def test_different_settings_and_the_size_limit_keep_requests_apart_and_seeds_tra
         assert len({t[0] for t in texts} - {"z"}) == 1  # one kind of request per call
     assert by_text["t0"][0] == ["t0", "t1"] and by_text["t0"][1]["temperature"] == 0.0
     assert sorted(len(texts) for texts, _ in gen.calls if texts[0].startswith("a")) == [1, 4]
-    assert "seeds" not in by_text["a0"][1]  # no seeded request in the batch: transformers samples as usual
-    # seeded requests share a call; each of their texts carries its own seed, derived from the request's
+    assert "row_seeds" not in by_text["a0"][1]  # no seeded request in the batch: transformers samples as usual
+    # seeded requests share a call; each of their rows carries its own seed, derived from the request's
     texts, kw = by_text["s0"]
     assert texts == ["s0", "z0", "s1", "z1"]
-    assert kw["seeds"] == [derive_seed(100, 0), derive_seed(100, 1), derive_seed(101, 0), derive_seed(101, 1)]
+    want = [derive_seed(derive_seed(s, k), 0) for s in (100, 101) for k in (0, 1)]  # n = 1: one row per text
+    assert kw["row_seeds"] == want and len(set(want)) == 4
 
 
 def test_a_failing_request_fails_alone():

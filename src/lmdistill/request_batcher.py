@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmdistill.generate.base import Completion
-from lmdistill.generate.seeded_sampling import derive_seed
+from lmdistill.generate.seeded_sampling import derive_seed, row_seeds
 
 
 @dataclass(frozen=True)
@@ -130,10 +130,10 @@ class RequestBatcher:
         texts = [t for r in batch for t in r.texts]
         kwargs = dataclasses.asdict(batch[0].key)
         if any(r.seed is not None for r in batch):
-            # text k of a request with seed s samples from derive_seed(s, k): a list of prompts in one request
-            # gets distinct streams, and the same request gets the same ones in any batch
-            kwargs["seeds"] = [None if r.seed is None else derive_seed(r.seed, k) for r in batch
-                               for k in range(len(r.texts))]
+            # sample j of text k of a request with seed s draws from derive_seed(derive_seed(s, k), j): a list of
+            # prompts in one request gets distinct streams, and the same request gets the same ones in any batch
+            text_seeds = [None if r.seed is None else derive_seed(r.seed, k) for r in batch for k in range(len(r.texts))]
+            kwargs["row_seeds"] = row_seeds(text_seeds, batch[0].key.n)
         out = self.generator.generate(texts, **kwargs)
         self.stats.calls += 1
         return out

@@ -17,6 +17,7 @@ from lmdistill.config import ModelConfig
 from lmdistill.errors import ConfigError
 from lmdistill.generate.base import Completion, Job, JobResult
 from lmdistill.generate.config import SamplingConfig
+from lmdistill.generate.seeded_sampling import derive_seed, prompt_seed
 
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
@@ -126,7 +127,7 @@ class HFGenerator:
         top_logprobs: int | None = None,
         seed: int | None = None,
         add_special_tokens: bool = False,
-        seeds: Sequence[int | None] | None = None,
+        row_seeds: Sequence[int | None] | None = None,
     ) -> list[list[Completion]]:
         """Sample `n` completions for each prompt text.
 
@@ -138,22 +139,23 @@ class HFGenerator:
                 log-softmax of the raw logits (temperature 1, before top-p), the model's own distribution.
             add_special_tokens: True for raw text (adds BOS where the tokenizer does); chat templates already do.
             seed: seeds the global generator before sampling; a row's tokens then depend on the rows before it.
-            seeds: one seed per text (None: unseeded) instead: each row samples from its own stream, so a seeded
-                text gets the same completions whatever else is in the batch (what `serve` needs to batch
-                requests). Rows run through `RowSeededSampler`, with the same temperature/top-p semantics.
+            row_seeds: one seed per completion (`len(texts) * n`, text-major; None: unseeded) instead: each row
+                samples from its own stream, so a seeded completion is the same whatever else is in the batch (what
+                `serve` needs to batch requests, and what makes `generate` independent of its batch size). Rows
+                run through `RowSeededSampler`, with the same temperature/top-p semantics.
 
         Returns:
             One list of `n` completions per text, in order.
         """
-        if seeds is not None and len(seeds) != len(texts):
-            raise ValueError(f"seeds has {len(seeds)} entries for {len(texts)} texts")
+        if row_seeds is not None and len(row_seeds) != len(texts) * n:
+            raise ValueError(f"row_seeds has {len(row_seeds)} entries for {len(texts)} texts x n={n}")
         if temperature == 0 and n > 1:
             # Greedy decoding gives one answer; HF refuses num_return_sequences > 1 without sampling, APIs repeat it.
             once = self.generate(texts, n=1, temperature=0, max_new_tokens=max_new_tokens, stop=stop,
                                  top_logprobs=top_logprobs, add_special_tokens=add_special_tokens)
             return [[copy.deepcopy(group[0]) for _ in range(n)] for group in once]
         tok = self.tokenizer
-        per_row = temperature > 0 and seeds is not None and any(s is not None for s in seeds)
+        per_row = temperature > 0 and row_seeds is not None and any(s is not None for s in row_seeds)
         # per-row sampling runs generate's greedy step, which takes no num_return_sequences: repeat the prompts
         rows = [t for t in texts for _ in range(n)] if per_row else list(texts)
         enc = tok(rows, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(self.device)
@@ -172,10 +174,10 @@ class HFGenerator:
         if per_row:
             from transformers import LogitsProcessorList
 
-            from lmdistill.generate.seeded_sampling import RowSeededSampler, row_seeds
+            from lmdistill.generate.seeded_sampling import RowSeededSampler
 
-            assert seeds is not None
-            sampler = RowSeededSampler(temperature, top_p, row_seeds(seeds, n), self.device)
+            assert row_seeds is not None
+            sampler = RowSeededSampler(temperature, top_p, row_seeds, self.device)
             kwargs["logits_processor"] = LogitsProcessorList([sampler])
         elif seed is not None:
             torch.manual_seed(seed)
@@ -285,6 +287,10 @@ class HFBackend:
                 else:
                     texts = [job.prompt.text or "" for job in batch]
                 t0 = time.perf_counter()
+                # a completion's randomness is a function of (seed, prompt id, sample index) only: the same file
+                # comes out at any batch size, and a resumed run draws what the interrupted one would have
+                seeds = None if sampling.seed is None else [
+                    derive_seed(prompt_seed(sampling.seed, job.prompt.id), i) for job in batch for i in job.samples]
                 outputs = self.generator.generate(
                     texts,
                     n=n,
@@ -293,8 +299,8 @@ class HFBackend:
                     max_new_tokens=sampling.max_new_tokens,
                     stop=sampling.stop,
                     top_logprobs=sampling.top_logprobs if sampling.logprobs else None,
-                    seed=None if sampling.seed is None else sampling.seed + start,
                     add_special_tokens=self.api == "completions",
+                    row_seeds=seeds,
                 )
                 share = (time.perf_counter() - t0) / len(batch)
                 for job, completions in zip(batch, outputs, strict=True):

@@ -10,6 +10,7 @@ step turns into exactly that token. `generate` must therefore run with `do_sampl
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import torch
@@ -26,6 +27,12 @@ def derive_seed(seed: int, index: int) -> int:
 def row_seeds(text_seeds: Sequence[int | None], n: int) -> list[int | None]:
     """Seeds of the `len(text_seeds) * n` rows of a batch (text-major, as `num_return_sequences` lays them out)."""
     return [None if s is None else derive_seed(s, j) for s in text_seeds for j in range(n)]
+
+
+def prompt_seed(seed: int, prompt_id: str) -> int:
+    """A seed for one prompt under a run's seed, from its id (stable across processes, unlike `hash`)."""
+    digest = hashlib.sha256(prompt_id.encode("utf-8")).digest()
+    return derive_seed(seed, int.from_bytes(digest[:8], "big"))
 
 
 class RowSeededSampler(LogitsProcessor):
