@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,6 +114,17 @@ class MetricSums:
         return out
 
 
+def held_out_batches(blocks: TokenBlocks, batch_size: int, max_batches: int | None,
+                     device: torch.device | str) -> Iterator[dict[str, Tensor]]:
+    """Consecutive batches of `blocks` in order (the same ones for every model scored), at most `max_batches`."""
+    n_batches = math.ceil(len(blocks) / batch_size)
+    if max_batches is not None:
+        n_batches = min(n_batches, max_batches)
+    for b in range(n_batches):
+        idx = list(range(b * batch_size, min((b + 1) * batch_size, len(blocks))))
+        yield {k: v.to(device) for k, v in blocks.batch(idx).items()}
+
+
 @torch.no_grad()
 def evaluate_blocks(student: nn.Module, blocks: TokenBlocks, *, n_vocab: int, batch_size: int = 4,
                     max_batches: int | None = None,
@@ -126,14 +137,9 @@ def evaluate_blocks(student: nn.Module, blocks: TokenBlocks, *, n_vocab: int, ba
     student.eval()
     device = device or next(student.parameters()).device
     sums = MetricSums()
-    n_batches = math.ceil(len(blocks) / batch_size)
-    if max_batches is not None:
-        n_batches = min(n_batches, max_batches)
     t0 = time.perf_counter()
     student_s = 0.0
-    for b in range(n_batches):
-        idx = list(range(b * batch_size, min((b + 1) * batch_size, len(blocks))))
-        batch = {k: v.to(device) for k, v in blocks.batch(idx).items()}
+    for batch in held_out_batches(blocks, batch_size, max_batches, device):
         ts = time.perf_counter()
         logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., :n_vocab]
         student_s += _synced_elapsed(ts, logits)
@@ -172,12 +178,7 @@ def evaluate_models(models: Mapping[str, nn.Module], blocks: TokenBlocks, *, n_v
     sums = {name: MetricSums() for name in models}
     seconds = dict.fromkeys(models, 0.0)
     teacher_sums, teacher_s = MetricSums(), 0.0
-    n_batches = math.ceil(len(blocks) / batch_size)
-    if max_batches is not None:
-        n_batches = min(n_batches, max_batches)
-    for b in range(n_batches):
-        idx = list(range(b * batch_size, min((b + 1) * batch_size, len(blocks))))
-        batch = {k: v.to(device) for k, v in blocks.batch(idx).items()}
+    for batch in held_out_batches(blocks, batch_size, max_batches, device):
         t_logits = None
         if teacher is not None:
             ts = time.perf_counter()

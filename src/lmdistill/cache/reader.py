@@ -12,7 +12,6 @@ Shards are memory-mapped (safetensors ``safe_open``): a batch reads only the row
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -294,7 +293,7 @@ def evaluate_with_cache(student: nn.Module, cached: SparseTeacher, blocks: Token
     the full KL. ``agreement``: the student's top-1 equals the teacher's most probable stored id (for top-k, exactly
     the teacher's top-1).
     """
-    from lmdistill.evaluate import MetricSums
+    from lmdistill.evaluate import MetricSums, held_out_batches
 
     if len(blocks) == 0:
         return {}
@@ -303,12 +302,7 @@ def evaluate_with_cache(student: nn.Module, cached: SparseTeacher, blocks: Token
     device = next(student.parameters()).device
     sums = MetricSums()
     kl, agree = 0.0, 0.0
-    n_batches = math.ceil(len(blocks) / batch_size)
-    if max_batches is not None:
-        n_batches = min(n_batches, max_batches)
-    for b in range(n_batches):
-        idx = list(range(b * batch_size, min((b + 1) * batch_size, len(blocks))))
-        batch = {k: v.to(device) for k, v in blocks.batch(idx).items()}
+    for batch in held_out_batches(blocks, batch_size, max_batches, device):
         logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., :n_vocab]
         labels = batch["labels"]
         sums.add(logits, labels)

@@ -16,6 +16,8 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,27 @@ def _fsync_tree(path: Path) -> None:
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
     fsync_dir(path)
+
+
+@contextmanager
+def atomic_dir(final: Path, what: str) -> Iterator[Path]:
+    """Write a directory all-or-nothing: yields an empty temporary sibling of `final` to fill; when the block ends it
+    is fsynced and renamed over `final` (replacing an older one). On any error it is removed and the error becomes one
+    `write_failure` naming `what`, so a kill or a full disk never leaves a half-written `final` that looks finished.
+    """
+    tmp = final.with_name(f".tmp-{final.name}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        yield tmp
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        fsync_dir(final.parent)
+    except Exception as e:  # noqa: BLE001  (a full disk surfaces as OSError, SafetensorError or RuntimeError)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failure(what, final, e) from None
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -81,10 +104,7 @@ class CheckpointManager:
         engines gather theirs first, see lmdistill.train.distributed)."""
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / f"step-{step:08d}"
-        tmp = self.root / f".tmp-step-{step:08d}"
-        try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
+        with atomic_dir(final, "checkpoint") as tmp:  # written as .tmp-step-N, which _complete skips
             for name, model in models.items():
                 tensors = trainable_state(model) if isinstance(model, nn.Module) else model
                 save_file(tensors, str(tmp / f"model-{name}.safetensors"))
@@ -102,14 +122,6 @@ class CheckpointManager:
                 "extra": extra or {},
             }
             (tmp / "state.json").write_text(json.dumps(state, indent=1))
-            _fsync_tree(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            fsync_dir(self.root)
-        except Exception as e:  # noqa: BLE001  (a full disk surfaces as OSError, SafetensorError or RuntimeError)
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise write_failure("checkpoint", final, e) from None
         self._prune()
         return final
 

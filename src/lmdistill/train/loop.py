@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,8 +20,8 @@ from torch import nn
 
 from lmdistill.config import TrainConfig
 from lmdistill.data import IGNORE, BatchSchedule, TokenBlocks
-from lmdistill.errors import ConfigError, NonFiniteError, write_failure
-from lmdistill.train.checkpoint import CheckpointManager, _fsync_tree, fsync_dir
+from lmdistill.errors import ConfigError, NonFiniteError
+from lmdistill.train.checkpoint import CheckpointManager, atomic_dir
 from lmdistill.train.distributed import deepspeed_defaults, engine, full_training_state, load_full_training_state
 from lmdistill.train.logging import RunLogger, make_progress
 
@@ -277,21 +276,10 @@ def save_student(model: Any, tokenizer: Any, out_dir: str | Path,
     or a full disk mid-write leaves no half-written student that looks finished).
     """
     out = Path(out_dir)
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
+    with atomic_dir(out, "student model") as tmp:
         if hasattr(model, "merge_and_unload"):
             model.save_pretrained(tmp / "adapter")
             model = model.merge_and_unload()
         model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
         tokenizer.save_pretrained(tmp)
-        _fsync_tree(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-        fsync_dir(out.parent)
-    except Exception as e:  # noqa: BLE001  (a full disk surfaces as OSError, SafetensorError or RuntimeError)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise write_failure("student model", out, e) from None
     return out
