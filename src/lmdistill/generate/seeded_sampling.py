@@ -62,9 +62,9 @@ class RowSeededSampler(LogitsProcessor):
         logits = scores.float() / self.temperature
         if self.top_p < 1.0:
             ordered, order = logits.sort(dim=-1, descending=True)
-            cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+            ordered_probs = ordered.softmax(dim=-1)
             # drop a token when the tokens before it already reach top_p (so the first token always stays)
-            drop_sorted = (cumulative - ordered.softmax(dim=-1)) >= self.top_p
+            drop_sorted = (ordered_probs.cumsum(dim=-1) - ordered_probs) >= self.top_p
             drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
             logits = logits.masked_fill(drop, float("-inf"))
         probs = logits.softmax(dim=-1)

@@ -8,14 +8,6 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 
-def _chunk_ce(h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, scale: float,
-              softcap: float | None) -> Tensor:
-    logits = F.linear(h, weight, bias).float() * scale
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    return F.cross_entropy(logits, labels, reduction="sum")
-
-
 def _chunk_ce_multi(h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, scale: float,
                     softcap: float | None, ignore_index: int) -> Tensor:
     """Summed CE of one chunk for each label set: labels [n, S] -> [S] (one projection, one log-softmax)."""
@@ -71,16 +63,6 @@ def chunked_ce_sum_and_count(hidden: Tensor, weight: Tensor, labels: Tensor, *, 
     Only `chunk_size` rows of logits exist at once: each chunk's logits are recomputed in backward (activation
     checkpointing), trading one extra [chunk, H] x [H, V] matmul for never storing [N, V] fp32 logits.
     """
-    h = hidden.reshape(-1, hidden.shape[-1])
-    y = labels.reshape(-1)
-    keep = y != ignore_index
-    h, y = h[keep], y[keep]
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, y.numel(), chunk_size):
-        sl = slice(start, start + chunk_size)
-        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            total = total + checkpoint(_chunk_ce, h[sl], weight, bias, y[sl], logit_scale, softcap,
-                                       use_reentrant=False)
-        else:
-            total = total + _chunk_ce(h[sl], weight, bias, y[sl], logit_scale, softcap)
-    return total, keep.sum()
+    total = chunked_ce_sums(hidden, weight, [labels], bias=bias, logit_scale=logit_scale, softcap=softcap,
+                            ignore_index=ignore_index, chunk_size=chunk_size)[0]
+    return total, (labels != ignore_index).sum()
