@@ -70,7 +70,7 @@ class RequestBatcher:
     """Serialises all access to `generator` through one worker thread, batching compatible requests.
 
     Args:
-        generator: an `HFGenerator` (anything with its `generate(texts, n=..., ..., seed=...)`).
+        generator: an `HFGenerator` (anything with its `generate(texts, n=..., ..., row_seeds=...)`).
         max_batch: most sequences (prompts x n) per call; a single larger request still runs, alone. 1 disables
             cross-request batching.
         wait_s: how long the worker waits for companions after the first request of a batch arrives.

@@ -12,12 +12,13 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+from transformers import LogitsProcessorList
 
 from lmdistill.config import ModelConfig
 from lmdistill.errors import ConfigError
 from lmdistill.generate.base import Completion, Job, JobResult
 from lmdistill.generate.config import SamplingConfig
-from lmdistill.generate.seeded_sampling import derive_seed, prompt_seed
+from lmdistill.generate.seeded_sampling import RowSeededSampler, derive_seed, prompt_seed
 
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
@@ -125,7 +126,6 @@ class HFGenerator:
         max_new_tokens: int = 64,
         stop: Sequence[str] = (),
         top_logprobs: int | None = None,
-        seed: int | None = None,
         add_special_tokens: bool = False,
         row_seeds: Sequence[int | None] | None = None,
     ) -> list[list[Completion]]:
@@ -138,8 +138,7 @@ class HFGenerator:
             top_logprobs: None: no log-probs; k >= 0: per-token log-probs plus the k most likely alternatives. They are
                 log-softmax of the raw logits (temperature 1, before top-p), the model's own distribution.
             add_special_tokens: True for raw text (adds BOS where the tokenizer does); chat templates already do.
-            seed: seeds the global generator before sampling; a row's tokens then depend on the rows before it.
-            row_seeds: one seed per completion (`len(texts) * n`, text-major; None: unseeded) instead: each row
+            row_seeds: one seed per completion (`len(texts) * n`, text-major; None: unseeded): each row
                 samples from its own stream, so a seeded completion is the same whatever else is in the batch (what
                 `serve` needs to batch requests, and what makes `generate` independent of its batch size). Rows
                 run through `RowSeededSampler`, with the same temperature/top-p semantics.
@@ -172,15 +171,9 @@ class HFGenerator:
             config.temperature, config.top_p, config.top_k = None, None, None
         kwargs: dict[str, Any] = {}
         if per_row:
-            from transformers import LogitsProcessorList
-
-            from lmdistill.generate.seeded_sampling import RowSeededSampler
-
             assert row_seeds is not None
             sampler = RowSeededSampler(temperature, top_p, row_seeds, self.device)
             kwargs["logits_processor"] = LogitsProcessorList([sampler])
-        elif seed is not None:
-            torch.manual_seed(seed)
         if stop:
             config.stop_strings = list(stop)
             kwargs["tokenizer"] = tok
