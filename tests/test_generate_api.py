@@ -18,7 +18,7 @@ from fault_server import FaultServer, answer_for
 from lmdistill.config import load_config
 from lmdistill.errors import TeacherAPIError
 from lmdistill.generate import GenerateConfig, run_generate
-from lmdistill.generate.openai_api import RetryPolicy, retry_after_seconds
+from lmdistill.generate.openai_api import OpenAIBackend, RetryPolicy
 from lmdistill.generate.store import read_records
 
 REPO = Path(__file__).resolve().parents[1]
@@ -197,23 +197,42 @@ def test_a_prompt_that_keeps_failing_stops_the_run_and_keeps_what_was_written(tm
     assert_complete(out, prompts, n=1)
 
 
-def _error_with_headers(headers: dict[str, str]) -> Exception:
-    error = Exception("x")
-    error.response = types.SimpleNamespace(headers={k.lower(): v for k, v in headers.items()})
-    return error
-
-
 def test_retry_after_parsing_and_backoff_bounds():
-    import random
-
-    assert retry_after_seconds(_error_with_headers({"Retry-After": "3"})) == 3.0
-    assert retry_after_seconds(_error_with_headers({"retry-after-ms": "250"})) == 0.25
+    """The openai client reads Retry-After (seconds, milliseconds, an HTTP date) and refuses one over two minutes;
+    RetryPolicy waits what was asked (plus jitter) or backs off exponentially within its bounds."""
+    cfg = api_config("http://127.0.0.1:9/v1", Path("p.jsonl"), Path("o.jsonl")).teacher
+    backend = OpenAIBackend(cfg)
+    parse = backend.client._parse_retry_after_header
+    assert parse({"retry-after": "3"}) == 3.0
+    assert parse({"retry-after-ms": "250"}) == 0.25
     future = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
-    assert 25 <= retry_after_seconds(_error_with_headers({"Retry-After": future})) <= 31
-    assert retry_after_seconds(_error_with_headers({})) is None and retry_after_seconds(None) is None
-    policy, rng = RetryPolicy(base_s=1.0, max_s=8.0, max_retry_after_s=10.0), random.Random(0)
+    assert 25 <= parse({"retry-after": future}) <= 31
+    assert parse({}) is None and parse(None) is None
+    assert not backend.client._should_retry(types.SimpleNamespace(status_code=429, headers={"retry-after": "999"}))
+    backend.close()
+    policy = RetryPolicy(base_s=1.0, max_s=8.0, seed=0)
     for attempt in range(6):
         cap = min(8.0, 2.0**attempt)
-        assert all(cap / 2 <= policy.delay(attempt, None, rng) <= cap for _ in range(50))
-    assert 3.0 <= policy.delay(0, _error_with_headers({"Retry-After": "3"}), rng) <= 3.3
-    assert policy.delay(0, _error_with_headers({"Retry-After": "999"}), rng) <= 11.0  # capped
+        assert all(cap / 2 <= policy.delay(attempt) <= cap for _ in range(50))
+    assert 3.0 <= policy.delay(0, 3.0) <= 3.3
+
+
+def test_closing_the_backend_ends_a_retry_wait(tmp_path):
+    """A 429 asking for 30 s: the openai client's retry waits in our hook, which `close()` (an interrupted run) ends."""
+    import threading
+
+    import openai
+
+    from lmdistill.generate.base import Job
+    from lmdistill.generate.prompts import Prompt
+
+    assert callable(getattr(openai.OpenAI, "_sleep_for_retry", None)), "the openai client's retry hook moved"
+    with FaultServer({1: "429"}, retry_after=30) as server:
+        cfg = api_config(server.base_url, tmp_path / "p.jsonl", tmp_path / "o.jsonl")
+        backend = OpenAIBackend(cfg.teacher)
+        job = Job(prompt=Prompt(id="q0", prompt="hi", messages=[{"role": "user", "content": "hi"}]), samples=[0])
+        threading.Timer(0.3, backend.close).start()
+        t0 = time.monotonic()
+        with pytest.raises(TeacherAPIError, match="stopped before prompt `q0` finished"):
+            list(backend.generate([job], cfg.sampling))
+    assert time.monotonic() - t0 < 5

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmdistill.io import write_text
+
 Format = Callable[[float], str]
 _ONE, _INT = "{:,.1f}".format, "{:,.0f}".format
 
@@ -443,9 +445,9 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path
     figures = make_figures(results, out / "figures") if scored_arms(results) else []
     results = {**results, "winners": winners(results), "kd_gain_kept": kd_gain_kept(results)}
     paths = {"markdown": out / "report.md", "html": out / "report.html", "results": out / "results.json"}
-    paths["markdown"].write_text(render_markdown(results, figures), encoding="utf-8")
-    paths["html"].write_text(render_html(results, figures), encoding="utf-8")
-    paths["results"].write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
+    write_text(paths["markdown"], render_markdown(results, figures), "comparison report")
+    write_text(paths["html"], render_html(results, figures), "comparison report")
+    write_text(paths["results"], json.dumps(results, indent=2, default=str), "comparison results")
     return paths
 
 

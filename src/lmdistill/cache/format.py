@@ -1,4 +1,4 @@
-"""The soft-label cache on disk: manifest, shard layout, id packing, value encodings, atomic writes, checksums.
+"""The soft-label cache on disk: manifest, shard layout, id packing, value encodings, checksums.
 
 A cache is a directory (docs/cache_format.md has the full description)::
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,7 +106,7 @@ def decode_values(stored: Tensor, values: str, int8_range: float) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# hashing, atomic files
+# hashing, names
 
 
 def block_digests(input_ids: Tensor, labels: Tensor, attention_mask: Tensor) -> Tensor:
@@ -127,36 +126,6 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name beside `path`, fsync, rename over `path`, fsync the directory.
-
-    A reader (or a resumed run) sees either the old file or the complete new one, never a partial write.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
 def shard_name(split: str, index: int) -> str:

@@ -50,12 +50,11 @@ from lmdistill.cache.format import (
     pack_ids,
     sha256_file,
     shard_name,
-    write_atomic,
-    write_json_atomic,
 )
 from lmdistill.config import CacheConfig
 from lmdistill.data import IGNORE, TokenBlocks
 from lmdistill.errors import CacheError, ConfigError
+from lmdistill.io import write_bytes, write_json
 
 log = logging.getLogger(__name__)
 
@@ -248,8 +247,9 @@ class CacheWriter:
 
     def _write_journal(self) -> None:
         shards = [e.to_json() for e in sorted(self.done.values(), key=lambda e: (e.split, e.index))]
-        write_json_atomic(self.root / journal_name(self.rank, self.world),
-                          {"header": self.header, "rank": self.rank, "world_size": self.world, "shards": shards})
+        write_json(self.root / journal_name(self.rank, self.world),
+                   {"header": self.header, "rank": self.rank, "world_size": self.world, "shards": shards},
+                   "soft-label cache journal", indent=1, sort_keys=True)
 
     def pending(self, split: str) -> list[int]:
         """Indices of this rank's shards of `split` still to label, in order."""
@@ -306,7 +306,7 @@ class CacheWriter:
                            sort_keys=True)
         data = safetensors_save(dict(sorted(tensors.items())), metadata={"lmdistill": about})
         rel = shard_name(split, j)
-        write_atomic(self.root / rel, data)
+        write_bytes(self.root / rel, data, "soft-label cache shard")
         rows_n = int(tensors["row_offsets"][-1])
         entry = ShardEntry(split=split, index=j, file=rel, blocks=(lo, hi), rows=rows_n,
                            ids=int(tensors["ids"].shape[0] if enc["kind"] == "sampled" else rows_n * enc["k"]),
@@ -355,7 +355,7 @@ class CacheWriter:
             raise CacheError(f"cache `{self.root}` lacks shards {missing[:8]} after labelling; rerun `lmdistill label` "
                              "with the same config to label them")
         manifest = Manifest(header=self.header, shards=list(entries.values()), root=self.root)
-        write_json_atomic(self.root / MANIFEST, manifest.to_json())
+        write_json(self.root / MANIFEST, manifest.to_json(), "soft-label cache manifest", indent=1, sort_keys=True)
         for path in [*self.root.glob(JOURNAL_GLOB), *self.root.glob("**/.*.tmp")]:
             path.unlink(missing_ok=True)
         return manifest

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from lmdistill.config import BaseConfig, ModelConfig
+from lmdistill.config import BaseConfig, ModelConfig, SourceConfig
 
 
 class TeacherBackendConfig(BaseConfig):
@@ -41,14 +41,15 @@ class TeacherBackendConfig(BaseConfig):
     concurrency: int = Field(8, ge=1, description="backend=openai: requests in flight at once.")
     timeout_s: float = Field(120.0, gt=0, description="backend=openai: seconds one request may take before a retry.")
     max_retries: int = Field(
-        8, ge=0, description="backend=openai: retries of one prompt on 429/5xx/timeouts/dropped connections/bad replies."
+        8, ge=0, description="backend=openai: retries of one request on 408/409/429/5xx, timeouts, dropped connections "
+        "and malformed replies, all together.",
     )
     backoff_base_s: float = Field(
         1.0, gt=0, description="backend=openai: first retry waits about this long, doubling each time (with jitter)."
     )
-    backoff_max_s: float = Field(60.0, gt=0, description="backend=openai: cap of one backoff wait (Retry-After wins).")
-    max_retry_after_s: float = Field(
-        600.0, gt=0, description="backend=openai: longest server-sent Retry-After that is honoured as is."
+    backoff_max_s: float = Field(
+        60.0, gt=0, description="backend=openai: cap of one backoff wait. A server's Retry-After wins; one over two "
+        "minutes is not waited for (the openai client's rule): the prompt fails, and a rerun resumes.",
     )
 
     @model_validator(mode="after")
@@ -82,7 +83,7 @@ class SamplingConfig(BaseConfig):
         return self
 
 
-class PromptsConfig(BaseConfig):
+class PromptsConfig(SourceConfig):
     """Where prompts come from."""
 
     source: str = Field(
@@ -90,8 +91,6 @@ class PromptsConfig(BaseConfig):
         description="A local .jsonl/.json/.parquet/.csv file, a directory of them, a hub dataset name, or "
         "`embedded:wikipedia-questions` (questions about the offline Wikipedia summaries, extract as reference).",
     )
-    hub_config: str | None = Field(None, description="Hub dataset configuration name.")
-    split: str = Field("train", description="Split to read.")
     prompt_column: str = Field("prompt", description="Column with the prompt text (used when no messages column).")
     messages_column: str = Field("messages", description="Column with a list of {role, content} (wins when present).")
     id_column: str = Field(
@@ -139,7 +138,7 @@ class GenerateConfig(BaseConfig):
         "filtered file is <stem>.filtered.jsonl and the filter report <stem>.summary.json beside it.",
     )
     overwrite: bool = Field(False, description="Delete an existing output file first instead of resuming it.")
-    progress: bool = Field(True, description="Log progress while generating.")
+    progress: bool = Field(True, description="Show a progress bar while generating.")
 
 
 class ServeConfig(BaseConfig):

@@ -16,6 +16,7 @@ from transformers import LogitsProcessorList
 
 from lmdistill.config import ModelConfig
 from lmdistill.errors import ConfigError
+from lmdistill.evaluate import resolve_device
 from lmdistill.generate.base import Completion, Job, JobResult
 from lmdistill.generate.config import SamplingConfig
 from lmdistill.generate.seeded_sampling import RowSeededSampler, derive_seed, prompt_seed
@@ -66,12 +67,6 @@ def _bytes_to_unicode() -> dict[int, str]:
             chars[b] = chr(256 + extra)
             extra += 1
     return chars
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class HFGenerator:

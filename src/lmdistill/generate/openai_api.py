@@ -1,16 +1,17 @@
 """OpenAI-compatible HTTP teacher (hosted APIs, `lmdistill serve`, vLLM's server, Ollama, llama.cpp's server).
 
-Requests run in a thread pool of `concurrency` workers with the official `openai` client. The client's own retries are
-off (`max_retries=0`): ours run instead, so they are the ones tested. A retry follows a 429, a 408/409/5xx, a timeout,
-a dropped connection, or a malformed reply (bad JSON, no choices, no content); it waits `Retry-After` when the server
-sends one, else an exponential backoff with jitter. A malformed reply is logged and never written.
+Requests run in a thread pool of `concurrency` workers with the official `openai` client, whose own retries handle
+HTTP: a 408/409/429/5xx reply, a timeout or a dropped connection is retried after the server's `Retry-After` (the
+client does not retry when that asks for more than two minutes) or else an exponential backoff with jitter
+(`RetryPolicy`, set by teacher.backoff_base_s/backoff_max_s; a closed backend ends the wait). A 200 reply that cannot
+be used (bad JSON, no choices, no content) is retried here, with the same backoff; it is logged and never written.
+teacher.max_retries bounds all retries of one request together.
 
 The API key is read from an env var or a key file named in the config; it is never logged, written, or put in an error.
 """
 
 from __future__ import annotations
 
-import email.utils
 import json
 import logging
 import math
@@ -20,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,8 @@ from lmdistill.generate.prompts import Prompt
 
 log = logging.getLogger(__name__)
 
-RETRYABLE_STATUS = {408, 409, 425, 429}
+# Statuses under 500 that the openai client retries (5xx are all retried); any other error status is final.
+RETRYABLE_STATUS = {408, 409, 429}
 # The reachability check before a run gives up sooner than a prompt does: nothing is lost by failing early.
 PREFLIGHT_RETRIES = 2
 # The log-prob OpenAI returns for tokens it will not score; JSON has no -inf.
@@ -45,57 +47,60 @@ class MalformedReply(Exception):
     """A 200 reply that cannot be used (no choices, no content, wrong shape)."""
 
 
-@dataclass
-class RetryPolicy:
-    """When and how long to wait before retrying one request.
+class _Stopped(Exception):
+    """The backend was closed while a request waited to be retried."""
 
-    Args:
-        max_retries: retries after the first attempt.
-        base_s: the first backoff is in [base_s/2, base_s]; each retry doubles it.
-        max_s: cap of one backoff.
-        max_retry_after_s: cap of a server-sent Retry-After.
+
+class RetryPolicy:
+    """How long to wait before a retry (thread-safe; `seed` seeds the jitter).
+
+    A server-sent Retry-After is waited plus up to 10%, so clients told the same time do not return together.
+    Otherwise "equal jitter": with cap = min(max_s, base_s * 2**retry), half of cap is fixed so the wait really grows
+    and half is random so clients spread out.
     """
 
-    max_retries: int = 8
-    base_s: float = 1.0
-    max_s: float = 60.0
-    max_retry_after_s: float = 600.0
+    def __init__(self, base_s: float = 1.0, max_s: float = 60.0, seed: int | None = None) -> None:
+        self.base_s, self.max_s = base_s, max_s
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
 
-    def delay(self, attempt: int, error: BaseException | None, rng: random.Random) -> float:
-        """Seconds to wait after failed attempt number `attempt` (0-based)."""
-        retry_after = retry_after_seconds(error)
-        if retry_after is not None:
-            # Honour the server, plus a little jitter so clients told the same time do not return together.
-            wait_s = min(retry_after, self.max_retry_after_s)
-            return wait_s + rng.uniform(0, 0.1 * wait_s)
-        # "Equal jitter": half fixed so the wait really grows, half random so clients spread out.
-        cap = min(self.max_s, self.base_s * 2**attempt)
-        return cap / 2 + rng.uniform(0, cap / 2)
+    def delay(self, retry: int, retry_after: float | None = None) -> float:
+        """Seconds to wait before retry number `retry + 1`; `retry_after`: what the server asked for, if anything."""
+        with self._lock:
+            if retry_after is not None and retry_after > 0:
+                return retry_after + self._rng.uniform(0, 0.1 * retry_after)
+            cap = min(self.max_s, self.base_s * 2.0 ** min(retry, 64))
+            return cap / 2 + self._rng.uniform(0, cap / 2)
 
 
-def retry_after_seconds(error: BaseException | None) -> float | None:
-    """The wait a 429/503 asks for: `retry-after-ms`, or `Retry-After` as seconds or an HTTP date; None if absent."""
-    response = getattr(error, "response", None)
-    headers = getattr(response, "headers", None)
-    if headers is None:
-        return None
-    if (ms := headers.get("retry-after-ms")) is not None:
-        try:
-            return max(0.0, float(ms) / 1000)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
+class _Client(openai.OpenAI):
+    """The openai client, waiting between its retries as `policy` says; setting `stop` ends a wait with `_Stopped`."""
+
+    def __init__(self, *, policy: RetryPolicy, stop: threading.Event, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.policy, self.stop = policy, stop
+
+    def copy(self, **kwargs: Any) -> _Client:
+        """`with_options(...)`: a client on the same connections, with the same policy and stop event."""
+        client: _Client = super().copy(**kwargs, _extra_kwargs={"policy": self.policy, "stop": self.stop})
+        return client
+
+    with_options = copy
+
+    def _sleep_for_retry(self, *, retries_taken: int, max_retries: int, options: Any, response: Any) -> None:
+        """The client's wait before each of its retries (`response`: the failed reply; None after no reply)."""
+        headers = response.headers if response is not None else None
+        delay = self.policy.delay(retries_taken, self._parse_retry_after_header(headers))
+        reason = f"HTTP {response.status_code}" if response is not None else "no reply (timeout or dropped connection)"
+        log.warning("%s %s: %s (attempt %d of %d); retrying in %.2fs", options.method.upper(), options.url, reason,
+                    retries_taken + 1, max_retries + 1, delay)
+        if self.stop.wait(delay):
+            raise _Stopped
+
+
+def _tries(request: Any) -> int:
+    """Attempts the openai client made for a request, from the retry count it sends with each try."""
+    return int(request.headers.get("x-stainless-retry-count", 0)) + 1
 
 
 def read_api_key(env_name: str | None, key_file: str | None) -> tuple[str | None, str]:
@@ -128,17 +133,17 @@ class OpenAIBackend:
         self.cfg = cfg
         self.base_url = cfg.base_url.rstrip("/")
         self._key, self._key_source = read_api_key(cfg.api_key_env, cfg.api_key_file)
-        self.client = openai.OpenAI(
+        self.policy = RetryPolicy(cfg.backoff_base_s, cfg.backoff_max_s, seed)
+        self._stop = threading.Event()
+        self.client = _Client(
+            policy=self.policy,
+            stop=self._stop,
             base_url=self.base_url,
             # Local servers take any key; the client insists on one.
             api_key=self._key or "EMPTY",
-            max_retries=0,
+            max_retries=cfg.max_retries,
             timeout=cfg.timeout_s,
         )
-        self.policy = RetryPolicy(cfg.max_retries, cfg.backoff_base_s, cfg.backoff_max_s, cfg.max_retry_after_s)
-        self._rng = random.Random(seed)
-        self._rng_lock = threading.Lock()
-        self._stop = threading.Event()
 
     def teacher_info(self) -> dict[str, Any]:
         return {"backend": "openai", "model": self.cfg.api_model, "base_url": self.base_url, "api": self.cfg.api}
@@ -187,38 +192,49 @@ class OpenAIBackend:
             "Check the sampling settings against what the endpoint supports"
         )
 
-    def _with_retries(self, call: Callable[[], Any], what: str, max_retries: int | None = None) -> tuple[Any, int]:
-        """Run `call` until it succeeds; (its result, attempts). Raises TeacherAPIError when retries run out."""
-        last: BaseException | None = None
-        max_retries = self.policy.max_retries if max_retries is None else max_retries
-        for attempt in range(max_retries + 1):
+    def _failure(self, error: Exception, what: str, attempts: int) -> TeacherAPIError:
+        """The TeacherAPIError for an error that ends `what`: a refusal as it is, anything else with its attempts."""
+        if isinstance(error, openai.APIStatusError) and error.status_code < 500 \
+                and error.status_code not in RETRYABLE_STATUS:
+            return self._fatal(error, what)
+        failure = _api_error(
+            getattr(error, "status_code", None),
+            f"{what} failed after {attempts} attempts at {self.base_url}; last error: {self._describe(error)}",
+            transport=isinstance(error, openai.APIConnectionError),
+        )
+        failure.attempts, failure.last = attempts, self._describe(error)
+        return failure
+
+    def _call(self, send: Callable[[_Client], Any], parse: Callable[[Any], Any], what: str,
+              max_retries: int) -> tuple[Any, int]:
+        """(parse(reply), attempts) for `send(client)`, a `with_raw_response` call. The client retries HTTP errors,
+        timeouts and dropped connections; a malformed reply (parse raises) is retried here, within the same budget.
+
+        Raises:
+            TeacherAPIError: `what` failed for good, or the backend was closed.
+        """
+        attempts = 0
+        while True:
             if self._stop.is_set():
                 raise TeacherAPIError(f"stopped before {what} finished")
+            budget = max_retries - attempts
+            client = self.client if budget == self.client.max_retries else self.client.with_options(max_retries=budget)
             try:
-                return call(), attempt + 1
-            except openai.APIStatusError as e:
-                if e.status_code not in RETRYABLE_STATUS and e.status_code < 500:
-                    raise self._fatal(e, what) from None
-                last = e
-            except (openai.APIConnectionError, MalformedReply, json.JSONDecodeError, pydantic.ValidationError) as e:
-                last = e
-            if attempt == max_retries:
-                break
-            with self._rng_lock:
-                delay = self.policy.delay(attempt, last, self._rng)
-            log.warning(
-                "%s: %s (attempt %d of %d); retrying in %.2fs",
-                what, self._describe(last), attempt + 1, max_retries + 1, delay,
-            )
-            self._stop.wait(delay)
-        assert last is not None
-        error = _api_error(
-            getattr(last, "status_code", None),
-            f"{what} failed after {max_retries + 1} attempts at {self.base_url}; last error: {self._describe(last)}",
-            transport=isinstance(last, openai.APIConnectionError),
-        )
-        error.attempts, error.last = max_retries + 1, self._describe(last)
-        raise error
+                raw = send(client)
+            except _Stopped:
+                raise TeacherAPIError(f"stopped before {what} finished") from None
+            except openai.APIError as e:
+                raise self._failure(e, what, attempts + _tries(e.request)) from None
+            attempts += _tries(raw.http_request)
+            try:
+                return parse(raw.parse()), attempts
+            except (MalformedReply, json.JSONDecodeError, pydantic.ValidationError) as e:
+                if attempts > max_retries:
+                    raise self._failure(e, what, attempts) from None
+                delay = self.policy.delay(attempts - 1)
+                log.warning("%s: %s (attempt %d of %d); retrying in %.2fs",
+                            what, self._describe(e), attempts, max_retries + 1, delay)
+                self._stop.wait(delay)
 
     # ------------------------------------------------------------------ requests
 
@@ -229,9 +245,8 @@ class OpenAIBackend:
         servers answer under any name.
         """
         try:
-            models, _ = self._with_retries(
-                lambda: self.client.models.list(), "listing models", min(self.policy.max_retries, PREFLIGHT_RETRIES)
-            )
+            models, _ = self._call(lambda client: client.models.with_raw_response.list(), lambda reply: reply,
+                                   "listing models", min(self.cfg.max_retries, PREFLIGHT_RETRIES))
         except TeacherAPIError as e:
             if getattr(e, "status", None) == 404:
                 return
@@ -246,7 +261,7 @@ class OpenAIBackend:
             log.warning("teacher endpoint %s does not list model `%s` (it lists: %s)",
                         self.base_url, self.cfg.api_model, ", ".join(names[:10]))
 
-    def _request(self, prompt: Prompt, sampling: SamplingConfig, n: int) -> list[Completion]:
+    def _send(self, client: _Client, prompt: Prompt, sampling: SamplingConfig, n: int) -> Any:
         common: dict[str, Any] = {
             "model": self.cfg.api_model,
             "n": n,
@@ -263,12 +278,10 @@ class OpenAIBackend:
                 common["logprobs"] = True
                 common["top_logprobs"] = sampling.top_logprobs
             messages: Any = prompt.messages or []  # {role, content} dicts, as the API takes them
-            reply = self.client.chat.completions.create(messages=messages, **common)
-            return self._parse_chat(reply, sampling)
+            return client.chat.completions.with_raw_response.create(messages=messages, **common)
         if sampling.logprobs:
             common["logprobs"] = sampling.top_logprobs
-        reply = self.client.completions.create(prompt=prompt.text or "", **common)
-        return self._parse_text(reply, sampling)
+        return client.completions.with_raw_response.create(prompt=prompt.text or "", **common)
 
     def _no_logprobs(self) -> TeacherAPIError:
         return TeacherAPIError(
@@ -345,13 +358,12 @@ class OpenAIBackend:
     def _run_job(self, job: Job, sampling: SamplingConfig) -> JobResult:
         got: list[Completion] = []
         attempts, t0 = 0, time.perf_counter()
+        parse = partial(self._parse_chat if self.cfg.api == "chat" else self._parse_text, sampling=sampling)
         # Some servers ignore n and send one choice: ask again for the rest.
         while len(got) < len(job.samples):
             missing = len(job.samples) - len(got)
-            def ask(m: int = missing) -> list[Completion]:
-                return self._request(job.prompt, sampling, m)
-
-            completions, tries = self._with_retries(ask, f"prompt `{job.prompt.id}`")
+            send = partial(self._send, prompt=job.prompt, sampling=sampling, n=missing)
+            completions, tries = self._call(send, parse, f"prompt `{job.prompt.id}`", self.cfg.max_retries)
             got.extend(completions[:missing])
             attempts += tries
         return JobResult(job=job, completions=got, seconds=time.perf_counter() - t0, attempts=attempts)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,8 @@ from lmdistill.generate.config import GenerateConfig, TeacherBackendConfig
 from lmdistill.generate.filters import filter_records
 from lmdistill.generate.prompts import Prompt, load_prompts
 from lmdistill.generate.store import JsonlStore, read_records
+from lmdistill.io import write_json, write_text
+from lmdistill.train.logging import make_progress
 
 log = logging.getLogger(__name__)
 
@@ -108,20 +109,6 @@ def _jobs(prompts: list[Prompt], done: set[tuple[str, int]], n: int) -> list[Job
     return jobs
 
 
-def _progress(cfg: GenerateConfig, message: str) -> None:
-    if cfg.progress:
-        print(f"generate: {message}", file=sys.stderr, flush=True)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def run_generate(cfg: GenerateConfig, backend: Backend | None = None) -> dict[str, Any]:
     """Generate the missing completions, then filter. Returns the summary that is also written to <stem>.summary.json.
 
@@ -143,27 +130,27 @@ def run_generate(cfg: GenerateConfig, backend: Backend | None = None) -> dict[st
         done = {(str(r.get("id")), int(r.get("sample", 0))) for r in existing}
         jobs = _jobs(prompts, done, n)
         todo = sum(len(j.samples) for j in jobs)
-        _progress(cfg, f"{len(prompts)} prompts x {n} samples: {len(prompts) * n - todo} in `{raw_path}` already, "
-                  f"{todo} to generate")
+        if cfg.progress:
+            print(f"generate: {len(prompts)} prompts x {n} samples: {len(prompts) * n - todo} in `{raw_path}` already, "
+                  f"{todo} to generate", file=sys.stderr, flush=True)
         generated, t0 = 0, time.perf_counter()
         if jobs:
             backend = backend or make_backend(cfg.teacher, seed=cfg.sampling.seed)
             teacher, sampling = backend.teacher_info(), sampling_record(cfg.sampling)
             _check_resumable(existing, teacher, sampling, raw_path)
-            last_log = t0
             try:
-                for result in backend.generate(jobs, cfg.sampling):
-                    store.append(
-                        [
-                            make_record(result.job.prompt, sample, completion, result, teacher, sampling)
-                            for sample, completion in zip(result.job.samples, result.completions, strict=True)
-                        ]
-                    )
-                    generated += len(result.completions)
-                    now = time.perf_counter()
-                    if now - last_log > 5 or generated == todo:
-                        _progress(cfg, f"{generated}/{todo} samples ({generated / (now - t0):.2f} samples/s)")
-                        last_log = now
+                with make_progress(cfg.progress) as progress:
+                    task = progress.add_task("generate", total=todo, stats="")
+                    for result in backend.generate(jobs, cfg.sampling):
+                        store.append(
+                            [
+                                make_record(result.job.prompt, sample, completion, result, teacher, sampling)
+                                for sample, completion in zip(result.job.samples, result.completions, strict=True)
+                            ]
+                        )
+                        generated += len(result.completions)
+                        per_s = generated / max(time.perf_counter() - t0, 1e-9)
+                        progress.update(task, advance=len(result.completions), stats=f"{per_s:.2f} samples/s")
             except TeacherAPIError as e:
                 raise TeacherAPIError(
                     f"{e}\n{generated} new samples were written to `{raw_path}` before this; rerun the same command "
@@ -177,7 +164,7 @@ def run_generate(cfg: GenerateConfig, backend: Backend | None = None) -> dict[st
     order = {p.id: i for i, p in enumerate(prompts)}
     records.sort(key=lambda r: (order.get(str(r.get("id")), len(order)), int(r.get("sample", 0))))
     kept, report = filter_records(records, cfg.filters)
-    _write_atomic(filtered_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+    write_text(filtered_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), "filtered samples")
     missing = len(_jobs(prompts, {(str(r.get("id")), int(r.get("sample", 0))) for r in records}, n))
     summary = {
         "output": str(raw_path),
@@ -191,7 +178,7 @@ def run_generate(cfg: GenerateConfig, backend: Backend | None = None) -> dict[st
         "samples_per_second": round(generated / seconds, 3) if generated and seconds > 0 else None,
         "filters": report.as_dict(),
     }
-    _write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
+    write_json(summary_path, summary, "generate summary")
     rate = f" ({summary['samples_per_second']} samples/s)" if generated else ""
     print(f"generate: {generated} new samples in {seconds:.1f}s{rate}; {len(records)} in `{raw_path}`")
     for line in report.lines():

@@ -8,14 +8,14 @@ reported rather than silently dropped.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 from pathlib import Path
 from typing import IO, Any
 
-from lmdistill.errors import ConfigError, DataError
+from lmdistill.errors import DataError
+from lmdistill.io import open_locked
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +33,7 @@ class JsonlStore:
 
     def open(self, overwrite: bool = False) -> list[dict[str, Any]]:
         """Lock the file for appending and return the complete records already in it (after dropping a torn tail)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "ab+")  # noqa: SIM115  (kept open for the life of the store)
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.close()
-            raise ConfigError(
-                f"`{self.path}` is being written by another process (another `lmdistill generate`?); wait for it, or "
-                "choose another output"
-            ) from None
-        self._fh = fh
+        self._fh = fh = open_locked(self.path, "another `lmdistill generate`")
         if overwrite:
             fh.truncate(0)
             os.fsync(fh.fileno())

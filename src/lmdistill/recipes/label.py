@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import set_seed
 from torch import Tensor
 
 from lmdistill.cache.format import MANIFEST
@@ -21,54 +23,16 @@ from lmdistill.config import LabelConfig
 from lmdistill.data import IGNORE, TokenBlocks, build_splits, check_block_size
 from lmdistill.errors import NonFiniteError
 from lmdistill.models import load_teacher, load_tokenizer, shared_vocab_size, tokenizer_fingerprint
-from lmdistill.recipes.common import seed_everything
 from lmdistill.teachers import check_finite
 from lmdistill.train.logging import make_progress
 
 
-class _Dist:
-    """Rank and world size from torchrun/accelerate's environment; a gloo/nccl group only for the barriers."""
-
-    def __init__(self) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.group = False
-        if self.world > 1:
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-                self.group = True
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device(f"cuda:{self.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-
-
 def run_label(cfg: LabelConfig) -> dict[str, Any]:
     """Label the configured splits into cfg.cache.output_dir; returns a summary (tokens, seconds, bytes)."""
-    dist = _Dist()
-    try:
-        return _label(cfg, dist)
-    finally:
-        dist.close()
-
-
-def _label(cfg: LabelConfig, dist: _Dist) -> dict[str, Any]:
-    seed_everything(cfg.cache.seed)
+    # Under plain `torchrun` without a GPU, accelerate sets up a (gloo) process group only when told to use the CPU.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    state = PartialState(cpu=world > 1 and not torch.cuda.is_available())
+    set_seed(cfg.cache.seed)
     tokenizer = load_tokenizer(cfg.teacher.name_or_path, revision=cfg.teacher.revision,
                                trust_remote_code=cfg.teacher.trust_remote_code)
     teacher = load_teacher(cfg.teacher)
@@ -81,13 +45,13 @@ def _label(cfg: LabelConfig, dist: _Dist) -> dict[str, Any]:
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), vocab=n_vocab,
         data_params=cfg.data.model_dump(mode="json"), splits=splits, cfg=cfg.cache,
     )
-    teacher.to(dist.device)
-    writer = CacheWriter(cfg.cache.output_dir, header, rank=dist.rank, world_size=dist.world)
-    dist.barrier()  # every rank has checked the existing cache before any rank writes a shard
+    teacher.to(state.device)
+    writer = CacheWriter(cfg.cache.output_dir, header, rank=state.process_index, world_size=state.num_processes)
+    state.wait_for_everyone()  # every rank has checked the existing cache before any rank writes a shard
 
     def logits_fn(batch: dict[str, Tensor]) -> Tensor:
-        mask = batch["attention_mask"].to(dist.device)
-        out = teacher(input_ids=batch["input_ids"].to(dist.device), attention_mask=mask, use_cache=False)
+        mask = batch["attention_mask"].to(state.device)
+        out = teacher(input_ids=batch["input_ids"].to(state.device), attention_mask=mask, use_cache=False)
         logits = out.logits[..., :n_vocab]
         check_finite(logits, "logits", mask)  # a NaN would be encoded into the cache and poison every student
         return logits
@@ -95,7 +59,7 @@ def _label(cfg: LabelConfig, dist: _Dist) -> dict[str, Any]:
     S = cfg.cache.shard_blocks
     todo = sum(int((splits[s].labels[j * S : (j + 1) * S] != IGNORE).sum()) for s in splits for j in writer.pending(s))
     t0, tokens, done = time.perf_counter(), 0, 0
-    with make_progress(cfg.progress and dist.rank == 0) as progress:
+    with make_progress(cfg.progress and state.is_main_process) as progress:
         task = progress.add_task("label", total=max(todo, 1), stats="")
 
         def advance(n: int) -> None:
@@ -110,15 +74,15 @@ def _label(cfg: LabelConfig, dist: _Dist) -> dict[str, Any]:
                 raise NonFiniteError(f"labelling split `{name}`: {e}. Shards finished before this one are kept; no "
                                      "manifest was written, so the cache cannot be used as it is") from None
     seconds = time.perf_counter() - t0
-    dist.barrier()  # all shards are on disk before the merge
-    summary: dict[str, Any] = {"cache_dir": str(Path(cfg.cache.output_dir)), "rank": dist.rank,
-                               "world_size": dist.world, "labelled_tokens": tokens, "seconds": seconds,
+    state.wait_for_everyone()  # all shards are on disk before the merge
+    summary: dict[str, Any] = {"cache_dir": str(Path(cfg.cache.output_dir)), "rank": state.process_index,
+                               "world_size": state.num_processes, "labelled_tokens": tokens, "seconds": seconds,
                                "tokens_per_s": tokens / max(seconds, 1e-9)}
-    if dist.rank == 0:
+    if state.is_main_process:
         manifest = writer.merge()
         summary["bytes"] = sum(s.bytes for s in manifest.shards)
         summary["target_tokens"] = sum(manifest.split(s)["target_tokens"] for s in splits)
         summary["bytes_per_token"] = summary["bytes"] / max(summary["target_tokens"], 1)
         summary["manifest"] = str(Path(cfg.cache.output_dir) / MANIFEST)
-    dist.barrier()
+    state.wait_for_everyone()
     return summary

@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,47 +23,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmdistill import __version__
-from lmdistill.errors import CheckpointError, write_failure
+from lmdistill.errors import CheckpointError
+from lmdistill.io import atomic_dir
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    for f in path.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    fsync_dir(path)
-
-
-@contextmanager
-def atomic_dir(final: Path, what: str) -> Iterator[Path]:
-    """Write a directory all-or-nothing: yields an empty temporary sibling of `final` to fill; when the block ends it
-    is fsynced and renamed over `final` (replacing an older one). On any error it is removed and the error becomes one
-    `write_failure` naming `what`, so a kill or a full disk never leaves a half-written `final` that looks finished.
-    """
-    tmp = final.with_name(f".tmp-{final.name}")
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        yield tmp
-        _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        fsync_dir(final.parent)
-    except Exception as e:  # noqa: BLE001  (a full disk surfaces as OSError, SafetensorError or RuntimeError)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise write_failure(what, final, e) from None
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from lmdistill.errors import write_failure
+from lmdistill.io import write_text
 
 
 class RunLogger:
@@ -26,7 +27,7 @@ class RunLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             keep = [ln for ln in self.path.read_text().splitlines() if _step_of(ln) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+            write_text(self.path, "".join(ln + "\n" for ln in keep), "training log")
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         try:
