@@ -7,7 +7,8 @@ Each row is one loss computed forward + backward (gradients w.r.t. the student's
 the hidden states of both models:
 
 - ``naive``: ``divergence(hs @ Ws.T, ht @ Wt.T)``, the reference on full ``[N, V]`` logits (teacher under no_grad).
-- ``ours``: :func:`lmdistill.losses.fused_divergence` (Triton on CUDA when installed, else the torch chunk loop).
+- ``ours``: :func:`lmdistill.losses.fused_loss` with the torch chunk loop (``backend="torch"``, what ``auto`` runs).
+- ``ours_triton``: the same with ``backend="triton"`` (CUDA with the ``triton`` package only).
 - ``trl``: ``trl.kernels.chunked_divergence.ChunkedDivergenceFunction`` (CUDA only, if importable).
 - ``liger``: ``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss`` with the hard loss off (if importable).
 
@@ -21,6 +22,7 @@ projection, its two gradient matmuls, teacher projection) at the bf16 GEMM rate 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import inspect
 import json
 import math
@@ -35,8 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _measure import cpu_peak_bytes, cuda_peak_bytes, fmt_table, in_fresh_process, median_seconds  # noqa: E402
 
-from lmdistill.losses import divergence  # noqa: E402
-from lmdistill.losses.fused import fused_divergence  # noqa: E402
+from lmdistill.losses import Head, divergence, fused_loss  # noqa: E402
 
 BETA = {"forward_kl": 0.0, "jsd": 0.5}  # how TRL and Liger (generalized JSD) express each kind
 
@@ -71,14 +72,17 @@ def variants(x: dict, kind: str, chunk_size: int | None) -> dict[str, Callable[[
         loss.backward()
         return loss.detach()
 
-    def ours() -> torch.Tensor:
+    def ours(backend: str = "torch") -> torch.Tensor:
         clear()
-        loss = fused_divergence(x["hs"], x["ws"], teacher_hidden=x["ht"], teacher_weight=x["wt"], kind=kind,
-                                beta=0.5, chunk_size=chunk_size)  # fmt: skip
+        sums = fused_loss(x["hs"], Head(x["ws"]), teacher_hidden=x["ht"], teacher_head=Head(x["wt"]), kind=kind,
+                          beta=0.5, chunk_size=chunk_size, backend=backend)  # fmt: skip
+        loss = sums.total / sums.tokens  # the mean, as naive's
         loss.backward()
         return loss.detach()
 
     out = {"naive": naive, "ours": ours}
+    if x["hs"].device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        out["ours_triton"] = lambda: ours("triton")
     trl = _trl_variant(x, kind, clear)
     if trl is not None:
         out["trl"] = trl

@@ -8,8 +8,8 @@ step, zero_grad. Variants:
 
 - ``sft``: the student's own causal-LM loss (``model(ids, labels=ids)``), the baseline of the table.
 - ``kd_naive``: teacher logits under no_grad, student logits, :func:`lmdistill.losses.divergence` (forward KL).
-- ``kd_fused``: the decoders' last hidden states only, then :func:`fused_divergence_from_models` (forward KL): no
-  ``[B, T, V]`` logits anywhere.
+- ``kd_fused``: the decoders' last hidden states only, then :func:`lmdistill.losses.fused_loss` (forward KL) on
+  the models' heads: no ``[B, T, V]`` logits anywhere.
 
 Reported: median step time over ``--reps`` timed steps (variants interleaved step by step, after a warm-up step
 each), tokens/s (``B * T`` per step), and the peak memory of a step. On CUDA that is ``max_memory_allocated``:
@@ -35,8 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _measure import _status_kib, fmt_table, in_fresh_process, median_seconds  # noqa: E402
 
-from lmdistill.losses import divergence  # noqa: E402
-from lmdistill.losses.fused import fused_divergence_from_models, last_hidden_states  # noqa: E402
+from lmdistill.losses import Head, divergence, fused_loss  # noqa: E402
 
 VARIANTS = ("sft", "kd_naive", "kd_fused")
 
@@ -68,6 +67,16 @@ def build(shape: dict, which: str, dtype: torch.dtype, device: str, seed: int) -
     return Qwen2ForCausalLM(config).to(device=device, dtype=dtype)
 
 
+def last_hidden(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The decoder's ``[B, T, H]`` output, without the lm_head's ``[B, T, V]`` logits."""
+    return model.get_decoder()(input_ids=ids).last_hidden_state
+
+
+def head(model: torch.nn.Module, n_vocab: int) -> Head:
+    """The (tied) lm_head rows of the real vocab; Qwen2 heads have no bias, scale or softcap."""
+    return Head(model.get_output_embeddings().weight[:n_vocab])
+
+
 def make_steps(shape: dict, device: str, dtype: torch.dtype, names: tuple[str, ...], compile_models: bool) -> dict:
     """name -> a function that runs one full optimizer step."""
     teacher = build(shape, "teacher", dtype, device, seed=1).eval().requires_grad_(False)
@@ -93,10 +102,11 @@ def make_steps(shape: dict, device: str, dtype: torch.dtype, names: tuple[str, .
                     t_logits = teacher(input_ids=ids).logits[:, :-1, :n_vocab]
                 s_logits = student(input_ids=ids).logits[:, :-1, :n_vocab]
                 return divergence(s_logits, t_logits, "forward_kl")
-            h_s = last_hidden_states(student, ids)[:, :-1]
+            h_s = last_hidden(student, ids)[:, :-1]
             with torch.no_grad():
-                h_t = last_hidden_states(teacher, ids)[:, :-1]
-            return fused_divergence_from_models(student, h_s, teacher, h_t, n_vocab=n_vocab, reduction="mean")
+                h_t = last_hidden(teacher, ids)[:, :-1]
+            sums = fused_loss(h_s, head(student, n_vocab), teacher_hidden=h_t, teacher_head=head(teacher, n_vocab))
+            return sums.total / sums.tokens
 
         def step(loss_fn: Callable[[], torch.Tensor] = loss_fn, opt: torch.optim.Optimizer = opt) -> None:
             loss_fn().backward()

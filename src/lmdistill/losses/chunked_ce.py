@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+
+from lmdistill.losses.head import Head
 
 
 def _chunk_ce_multi(h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, scale: float,
                     softcap: float | None, ignore_index: int) -> Tensor:
     """Summed CE of one chunk for each label set: labels [n, S] -> [S] (one projection, one log-softmax)."""
-    logits = F.linear(h, weight, bias).float() * scale
+    logits = torch.nn.functional.linear(h, weight, bias).float() * scale
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     logp = torch.log_softmax(logits, dim=-1)
@@ -20,8 +21,7 @@ def _chunk_ce_multi(h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tens
     return -(picked * counted).sum(0)
 
 
-def chunked_ce_sums(hidden: Tensor, weight: Tensor, label_sets: list[Tensor], *, bias: Tensor | None = None,
-                    logit_scale: float = 1.0, softcap: float | None = None, ignore_index: int = -100,
+def chunked_ce_sums(hidden: Tensor, head: Head, label_sets: list[Tensor], *, ignore_index: int = -100,
                     chunk_size: int = 1024) -> Tensor:
     """Summed cross-entropy against several label sets over the same positions, projecting the hidden states once.
 
@@ -30,39 +30,38 @@ def chunked_ce_sums(hidden: Tensor, weight: Tensor, label_sets: list[Tensor], *,
     recompute and gradients) twice.
 
     Args:
-        hidden: [..., H]. weight: [V, H]. label_sets: S tensors shaped like `hidden` without H, `ignore_index`
-            where a set has no target.
+        hidden: [..., H]. head: the output layer (weight [V, H], rows = the shared real vocab). label_sets: S tensors
+            shaped like `hidden` without H, `ignore_index` where a set has no target.
 
     Returns:
-        [S] fp32 sums (differentiable), one per label set.
+        [S] fp32 sums (differentiable w.r.t. `hidden` and the head's weight and bias), one per label set.
     """
     h = hidden.reshape(-1, hidden.shape[-1])
     y = torch.stack([labels.reshape(-1) for labels in label_sets], dim=-1)  # [N, S]
     keep = (y != ignore_index).any(-1)
     h, y = h[keep], y[keep]
+    args = (head.weight, head.bias)
     total = hidden.new_zeros((len(label_sets),), dtype=torch.float32)
     for start in range(0, y.shape[0], chunk_size):
         sl = slice(start, start + chunk_size)
-        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            total = total + checkpoint(_chunk_ce_multi, h[sl], weight, bias, y[sl], logit_scale, softcap,
-                                       ignore_index, use_reentrant=False)
+        if torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad):
+            total = total + checkpoint(_chunk_ce_multi, h[sl], *args, y[sl], head.scale, head.softcap, ignore_index,
+                                       use_reentrant=False)
         else:
-            total = total + _chunk_ce_multi(h[sl], weight, bias, y[sl], logit_scale, softcap, ignore_index)
+            total = total + _chunk_ce_multi(h[sl], *args, y[sl], head.scale, head.softcap, ignore_index)
     return total
 
 
-def chunked_ce_sum_and_count(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
-                             logit_scale: float = 1.0, softcap: float | None = None, ignore_index: int = -100,
+def chunked_ce_sum_and_count(hidden: Tensor, head: Head, labels: Tensor, *, ignore_index: int = -100,
                              chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
     """Sum of token cross-entropies over labelled positions and their number.
 
     Args:
-        hidden: [..., H] final hidden states. weight: [V, H] output layer (rows = the shared real vocab).
+        hidden: [..., H] final hidden states. head: the output layer (weight [V, H], rows = the shared real vocab).
         labels: [...] target ids, `ignore_index` where nothing is learned.
 
     Only `chunk_size` rows of logits exist at once: each chunk's logits are recomputed in backward (activation
     checkpointing), trading one extra [chunk, H] x [H, V] matmul for never storing [N, V] fp32 logits.
     """
-    total = chunked_ce_sums(hidden, weight, [labels], bias=bias, logit_scale=logit_scale, softcap=softcap,
-                            ignore_index=ignore_index, chunk_size=chunk_size)[0]
+    total = chunked_ce_sums(hidden, head, [labels], ignore_index=ignore_index, chunk_size=chunk_size)[0]
     return total, (labels != ignore_index).sum()

@@ -199,27 +199,6 @@ def _per_row(
     return per_row, count, mask
 
 
-def divergence_sum_and_count(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    kind: str = "forward_kl",
-    *,
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    mask: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Sum of the per-position divergence over valid positions, and the number of valid positions.
-
-    The form the trainer wants: sum the first over micro-batches (and ranks), divide once by the global token count.
-    Arguments and conventions as :func:`divergence`.
-
-    Returns:
-        ``(sum, count)``: fp32 scalar (times ``temperature ** 2``), int64 scalar.
-    """
-    per_row, count, _ = _per_row(student_logits, teacher_logits, kind, beta, temperature, mask)
-    return per_row.sum(), count
-
-
 def divergence(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -271,3 +250,13 @@ def divergence(
     check_hparams(beta, temperature, reduction)
     per_row, count, mask = _per_row(student_logits, teacher_logits, kind, beta, temperature, mask)
     return reduce(per_row, count, reduction, mask, student_logits.shape[:-1])
+
+
+def check_alpha(alpha: float) -> None:
+    """Refuse an ``alpha`` outside ``[0, 1]`` with the bad value in the message."""
+    try:
+        ok = 0.0 <= float(alpha) <= 1.0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or isinstance(alpha, bool):
+        raise LossArgumentError(f"alpha must be in [0, 1], got {alpha}")

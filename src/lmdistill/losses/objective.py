@@ -1,31 +1,29 @@
-"""The arithmetic every recipe shares: cross-entropy as (sum, count), and the soft/hard mix.
+"""The objective every recipe shares: cross-entropy as (sum, count), the soft/hard mix, and `distill_loss`, the one
+function that turns a model's outputs and any teacher's targets into `alpha * KD + (1 - alpha) * CE`.
 
 Recipes accumulate *sums* over micro-batches (and ranks) and divide once by the global number of valid tokens, so
-the loss of a padded or accumulated batch equals the loss of the same tokens in one batch. Both helpers below keep
-that shape; a recipe's loss is then one visible line::
+the loss of a padded or accumulated batch equals the loss of the same tokens in one batch. Everything below keeps
+that shape::
 
     loss = mix(kd_sum, ce_sum, n_tokens, alpha)
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmdistill.losses.divergences import LossArgumentError
+from lmdistill.losses.chunked_ce import chunked_ce_sum_and_count
+from lmdistill.losses.divergences import LossArgumentError, check_alpha, divergence
+from lmdistill.losses.fused import fused_loss
+from lmdistill.losses.head import Hidden
+from lmdistill.losses.sparse import SparseTargets, sparse_divergence
 
 IGNORE_INDEX = -100
-
-
-def check_alpha(alpha: float) -> None:
-    """Refuse an ``alpha`` outside ``[0, 1]`` with the bad value in the message."""
-    try:
-        ok = 0.0 <= float(alpha) <= 1.0
-    except (TypeError, ValueError):
-        ok = False
-    if not ok or isinstance(alpha, bool):
-        raise LossArgumentError(f"alpha must be in [0, 1], got {alpha}")
 
 
 def ce_sum_and_count(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, Tensor]:
@@ -62,7 +60,7 @@ def mix(kd_sum: Tensor | None, ce_sum: Tensor | None, n_tokens: Tensor | int, al
     """``(alpha * kd_sum + (1 - alpha) * ce_sum) / n_tokens``: the one place soft and hard terms are combined.
 
     Args:
-        kd_sum: summed divergence over the batch's valid tokens (see ``divergence_sum_and_count``); may be None only
+        kd_sum: summed divergence over the batch's valid tokens (``divergence(..., reduction="sum")``); may be None only
             when ``alpha == 0`` (pure CE).
         ce_sum: summed cross-entropy (see :func:`ce_sum_and_count`); may be None only when ``alpha == 1``.
         n_tokens: the number of valid tokens the sums run over, global across accumulation steps and ranks; clamped
@@ -92,3 +90,60 @@ def mix(kd_sum: Tensor | None, ce_sum: Tensor | None, n_tokens: Tensor | int, al
     total = terms[0] if len(terms) == 1 else terms[0] + terms[1]
     n = torch.as_tensor(n_tokens, device=total.device).clamp_min(1).to(total.dtype)
     return total / n
+
+
+@dataclass
+class StepLoss:
+    """What a recipe's loss function returns for one trained model and one micro-batch.
+
+    loss_sum: the objective summed over this micro-batch's target tokens (scalar with graph).
+    parts: other sums over the same tokens, for logging (e.g. {"kd": ..., "ce": ...}).
+    """
+
+    loss_sum: Tensor
+    parts: dict[str, Tensor] = field(default_factory=dict)
+
+
+Targets = Hidden | Tensor | SparseTargets  # a teacher's hidden states + head, its [B, T, V] logits, or sparse
+
+
+def distill_loss(out: Hidden | Tensor, targets: Targets | None, labels: Tensor, alpha: float, loss: Any) -> StepLoss:
+    """alpha * D(model || targets) + (1 - alpha) * CE(model, labels), summed over the target tokens.
+
+    Args:
+        out: the model's `model_outputs`: hidden states + head (the fused loss projects them chunk by chunk, with
+            the CE in the same pass, so the lm_head runs once for both terms) or [B, T, V] logits (reference path).
+        targets: any teacher's targets for the same positions; None: CE alone (parts: ce).
+        labels: [B, T], IGNORE_INDEX where nothing is learned.
+        alpha: weight of the divergence; at 0 it is computed for the log only, with no gradient work.
+        loss: the divergence settings (`lmdistill.config.DivergenceConfig`: kind, beta, temperature, backend).
+    """
+    if targets is None or alpha == 0:
+        ce = (chunked_ce_sum_and_count(out.hidden, out.head, labels) if isinstance(out, Hidden)
+              else ce_sum_and_count(out, labels))[0]
+        if targets is None:
+            return StepLoss(ce, {"ce": ce})
+        with torch.no_grad():
+            kd = distill_loss(out, targets, labels, 1.0, loss).parts["kd"]
+        return StepLoss(ce, {"ce": ce, "kd": kd})
+    mask = labels != IGNORE_INDEX
+    if isinstance(out, Hidden):
+        dense = targets if isinstance(targets, Hidden) else None
+        sums = fused_loss(
+            out.hidden, out.head, teacher_hidden=None if dense is None else dense.hidden,
+            teacher_head=None if dense is None else dense.head,
+            sparse=targets if isinstance(targets, SparseTargets) else None, labels=labels, alpha=alpha,
+            kind=loss.kind, beta=loss.beta, temperature=loss.temperature, mask=mask, backend=loss.backend,
+        )
+        return StepLoss(sums.total, {"kd": sums.kd, "ce": sums.ce})
+    if isinstance(targets, SparseTargets):
+        kd = sparse_divergence(
+            out, targets.ids, targets.logprobs, loss.kind, tail_logprob=targets.tail_logprob,
+            target_weights=targets.weights, estimator=targets.estimator, beta=loss.beta,
+            temperature=loss.temperature, mask=mask, reduction="sum")
+    else:
+        t_logits = targets.logits() if isinstance(targets, Hidden) else targets
+        kd = divergence(out, t_logits, loss.kind, beta=loss.beta, temperature=loss.temperature, mask=mask,
+                        reduction="sum")
+    ce = ce_sum_and_count(out, labels)[0]
+    return StepLoss(mix(kd, ce, 1, alpha), {"kd": kd, "ce": ce})

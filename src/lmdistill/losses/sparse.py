@@ -47,6 +47,8 @@ ignored; ids must otherwise be distinct within a position.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -63,6 +65,26 @@ from lmdistill.losses.divergences import (
 
 ESTIMATORS = ("topk", "sampled")
 
+
+@dataclass(frozen=True)
+class SparseTargets:
+    """Teacher targets from a soft-label cache or an API, in the shape :func:`sparse_divergence` takes.
+
+    Attributes:
+        ids: ``[..., K]`` int64 token ids (the same leading shape as the student's positions); ``-1`` marks an absent
+            entry.
+        logprobs: ``[..., K]`` teacher log-probabilities of ``ids``.
+        tail_logprob: ``[...]`` log of the teacher mass outside ``ids`` (top-k with a tail bucket), or None.
+        weights: ``[..., K]`` importance weights of sampled ids (``estimator="sampled"``), or None.
+        estimator: ``"topk"`` or ``"sampled"``.
+    """
+
+    ids: Tensor
+    logprobs: Tensor
+    tail_logprob: Tensor | None = None
+    weights: Tensor | None = None
+    estimator: str = "topk"
+
 # stands in for an absent entry inside a log-sum-exp: exp() of it is 0 beside any real log-prob, and unlike -inf it
 # never makes a 0 * inf in the backward pass of a row with no valid entry
 _ABSENT = -1.0e30
@@ -75,7 +97,7 @@ def _renormalize(logprobs: Tensor, valid: Tensor) -> Tensor:
     return torch.where(valid, out, torch.full_like(out, LOGPROB_FLOOR))
 
 
-def _validate(
+def _per_row(
     student_logits: Tensor,
     target_ids: Tensor,
     target_logprobs: Tensor,
@@ -83,7 +105,10 @@ def _validate(
     tail_logprob: Tensor | None,
     target_weights: Tensor | None,
     estimator: str,
-) -> None:
+    beta: float,
+    temperature: float,
+    mask: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
     check_kind(kind)
     if estimator not in ESTIMATORS:
         raise LossArgumentError(f"unknown estimator {estimator!r}; choose one of: {', '.join(ESTIMATORS)}")
@@ -141,21 +166,6 @@ def _validate(
         raise LossArgumentError(
             f"target_weights shape {tuple(target_weights.shape)} must equal target_ids shape {tuple(target_ids.shape)}"
         )
-
-
-def _per_row(
-    student_logits: Tensor,
-    target_ids: Tensor,
-    target_logprobs: Tensor,
-    kind: str,
-    tail_logprob: Tensor | None,
-    target_weights: Tensor | None,
-    estimator: str,
-    beta: float,
-    temperature: float,
-    mask: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    _validate(student_logits, target_ids, target_logprobs, kind, tail_logprob, target_weights, estimator)
     check_hparams(beta, temperature, "mean")
     positions_shape = student_logits.shape[:-1]
     mask = check_mask(mask, positions_shape, what="student_logits")
@@ -214,33 +224,6 @@ def _per_row(
         else:
             per_row = divergence_from_logprobs(_renormalize(ls_k, valid), _renormalize(lp, valid), kind, beta)
     return per_row * (temperature**2), count, mask
-
-
-def sparse_divergence_sum_and_count(
-    student_logits: Tensor,
-    target_ids: Tensor,
-    target_logprobs: Tensor,
-    kind: str = "forward_kl",
-    *,
-    tail_logprob: Tensor | None = None,
-    target_weights: Tensor | None = None,
-    estimator: str = "topk",
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    mask: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Sum of the per-position sparse divergence over valid positions, and the number of valid positions.
-
-    Arguments and conventions as :func:`sparse_divergence`.
-
-    Returns:
-        ``(sum, count)``: fp32 scalar (times ``temperature ** 2``), int64 scalar.
-    """
-    per_row, count, _ = _per_row(
-        student_logits, target_ids, target_logprobs, kind, tail_logprob, target_weights, estimator, beta,
-        temperature, mask,
-    )  # fmt: skip
-    return per_row.sum(), count
 
 
 def sparse_divergence(

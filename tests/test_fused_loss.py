@@ -1,31 +1,33 @@
-"""The fused, chunked divergence equals the reference on materialised logits: values and gradients.
+"""`fused_loss`, the chunked loss from hidden states and heads, equals the reference on materialised logits.
 
-The reference is :func:`lmdistill.losses.divergence` (and ``sparse_divergence``) on the projected logits; both
-compute in fp32, so the tolerances below are fp32 round-off (bf16 inputs get bf16 tolerances). Every test draws its
-own inputs from a seed derived from its name, so no two tests share data and a failure reproduces.
+The reference is :func:`lmdistill.losses.divergence` (and ``sparse_divergence``, and ``cross_entropy`` for the
+folded CE) on the projected logits; both compute in fp32, so the tolerances below are fp32 round-off (bf16 inputs get
+bf16 tolerances). Values *and* gradients are compared. Every test draws its own inputs from a seed derived from its
+name, so no two tests share data and a failure reproduces.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import zlib
 
 import pytest
 import torch
 
-from lmdistill.losses import KINDS, divergence, sparse_divergence
-from lmdistill.losses.divergences import divergence_from_logprobs
-from lmdistill.losses.fused import (
+from lmdistill.losses import (
+    KINDS,
+    FusedLossSums,
+    Head,
+    LossArgumentError,
     SparseTargets,
-    fused_distill_loss_sums,
-    fused_divergence,
-    fused_divergence_from_models,
-    fused_divergence_sum_and_count,
-    last_hidden_states,
-    lm_head_spec,
+    divergence,
+    fused_loss,
+    sparse_divergence,
 )
+from lmdistill.losses.divergences import divergence_from_logprobs
 
-V = 101  # prime: never a multiple of a token chunk or a vocab tile
+V = 101  # prime: never a multiple of a token chunk
 HS, HT = 16, 24  # student and teacher widths differ
 
 
@@ -47,6 +49,16 @@ def _inputs(g: torch.Generator, n: int = 45, dtype: torch.dtype = torch.float32,
         "bt": rnd(V, scale=0.5) if bias else None,
         "mask": torch.rand(n, generator=g) > 0.25,
     }
+
+
+def _teacher(x: dict, ht: torch.Tensor | None = None, **head: float) -> dict:
+    """The teacher keywords of fused_loss for these inputs."""
+    return {"teacher_hidden": x["ht"] if ht is None else ht, "teacher_head": Head(x["wt"], x["bt"], **head)}
+
+
+def _mean(sums: FusedLossSums) -> torch.Tensor:
+    """Mean over the valid positions (all masked -> 0), to hold the loss to a mean-reduced reference."""
+    return sums.total / sums.tokens.clamp_min(1).to(sums.total.dtype)
 
 
 def _logits(h, w, b=None, scale=1.0, softcap=None):
@@ -72,16 +84,16 @@ def _assert_close(got, want, rtol=2e-5, atol=2e-6):
 # dense teacher
 
 
-@pytest.mark.parametrize("vocab_chunk", [None, 32], ids=["rows", "tiles"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_dense_value_and_grads_match_reference(request, kind, vocab_chunk):
+def test_dense_value_and_grads_match_reference(request, kind):
     x = _inputs(_gen(request))
     kw = dict(kind=kind, beta=0.3, temperature=2.0, mask=x["mask"])
     ref = divergence(_logits(x["hs"], x["ws"], x["bs"]), _logits(x["ht"], x["wt"], x["bt"]), **kw)
-    got = fused_divergence(
-        x["hs"], x["ws"], student_bias=x["bs"], teacher_hidden=x["ht"], teacher_weight=x["wt"],
-        teacher_bias=x["bt"], chunk_size=7, vocab_chunk_size=vocab_chunk, backend="torch", **kw,
-    )  # fmt: skip
+    sums = fused_loss(x["hs"], Head(x["ws"], x["bs"]), chunk_size=7, backend="torch", **_teacher(x), **kw)
+    # without labels the total is the divergence alone and the CE is 0
+    assert torch.equal(sums.total.detach(), sums.kd) and sums.ce.item() == 0.0
+    assert sums.tokens.item() == int(x["mask"].sum())
+    got = _mean(sums)
     torch.testing.assert_close(got, ref, rtol=2e-5, atol=1e-6)
     params = [x["hs"], x["ws"], x["bs"]]
     _assert_close(_grads(got, params), _grads(ref, params))
@@ -95,29 +107,25 @@ def test_dense_value_and_grads_match_reference(request, kind, vocab_chunk):
 def test_beta_endpoints_match_reference(request, kind, beta):
     x = _inputs(_gen(request), bias=False)
     ref = divergence(_logits(x["hs"], x["ws"]), _logits(x["ht"], x["wt"]), kind, beta=beta)
-    got = fused_divergence(x["hs"], x["ws"], teacher_hidden=x["ht"], teacher_weight=x["wt"], kind=kind, beta=beta)
+    got = _mean(fused_loss(x["hs"], Head(x["ws"]), kind=kind, beta=beta, **_teacher(x)))
     torch.testing.assert_close(got, ref, rtol=2e-5, atol=1e-6)
     _assert_close(_grads(got, [x["hs"], x["ws"]]), _grads(ref, [x["hs"], x["ws"]]))
 
 
-@pytest.mark.parametrize("vocab_chunk", [None, 16], ids=["rows", "tiles"])
 @pytest.mark.parametrize("kind", ["forward_kl", "jsd", "tvd"])
-def test_logit_scale_and_softcap_on_both_sides(request, kind, vocab_chunk):
+def test_logit_scale_and_softcap_on_both_sides(request, kind):
     x = _inputs(_gen(request))
     s_logits = _logits(x["hs"], x["ws"], x["bs"], scale=1.7, softcap=3.0)
     t_logits = _logits(x["ht"], x["wt"], x["bt"], scale=0.5, softcap=2.0)
     ref = divergence(s_logits, t_logits, kind, temperature=0.7, mask=x["mask"])
-    got = fused_divergence(
-        x["hs"], x["ws"], student_bias=x["bs"], teacher_hidden=x["ht"], teacher_weight=x["wt"],
-        teacher_bias=x["bt"], student_logit_scale=1.7, teacher_logit_scale=0.5, student_softcap=3.0,
-        teacher_softcap=2.0, kind=kind, temperature=0.7, mask=x["mask"], chunk_size=9, vocab_chunk_size=vocab_chunk,
-    )  # fmt: skip
+    got = _mean(fused_loss(x["hs"], Head(x["ws"], x["bs"], scale=1.7, softcap=3.0), kind=kind, temperature=0.7,
+                           mask=x["mask"], chunk_size=9, **_teacher(x, scale=0.5, softcap=2.0)))  # fmt: skip
     torch.testing.assert_close(got, ref, rtol=2e-5, atol=1e-6)
     params = [x["hs"], x["ws"], x["bs"]]
     _assert_close(_grads(got, params), _grads(ref, params))
 
 
-def test_batched_hidden_and_mask_and_sum_reduction(request):
+def test_batched_hidden_and_mask_give_sums(request):
     g = _gen(request)
     b, t = 3, 11
     hs = torch.randn(b, t, HS, generator=g, requires_grad=True)
@@ -125,41 +133,38 @@ def test_batched_hidden_and_mask_and_sum_reduction(request):
     ht, wt = torch.randn(b, t, HT, generator=g), torch.randn(V, HT, generator=g)
     mask = torch.rand(b, t, generator=g) > 0.4
     ref = divergence(hs @ ws.t(), ht @ wt.t(), "reverse_kl", mask=mask, reduction="sum")
-    total, count = fused_divergence_sum_and_count(hs, ws, teacher_hidden=ht, teacher_weight=wt, kind="reverse_kl",
-                                                  mask=mask, chunk_size=4)  # fmt: skip
+    total, _, _, count = fused_loss(hs, Head(ws), teacher_hidden=ht, teacher_head=Head(wt), kind="reverse_kl",
+                                    mask=mask, chunk_size=4)  # fmt: skip
     assert count.item() == mask.sum().item()
     torch.testing.assert_close(total, ref, rtol=2e-5, atol=1e-5)
     grads = _grads(total, [hs, ws])
     _assert_close(grads, _grads(ref, [hs, ws]))
     assert grads[0][~mask].abs().max() == 0  # masked positions get exactly no gradient
-    mean = fused_divergence(hs, ws, teacher_hidden=ht, teacher_weight=wt, kind="reverse_kl", mask=mask)
-    torch.testing.assert_close(mean * count, total.detach(), rtol=1e-6, atol=1e-6)
 
 
 def test_all_masked_is_zero_with_zero_grads(request):
     x = _inputs(_gen(request))
-    mask = torch.zeros_like(x["mask"])
-    got = fused_divergence(x["hs"], x["ws"], teacher_hidden=x["ht"], teacher_weight=x["wt"], mask=mask)
-    assert got.item() == 0.0
-    gh, gw = _grads(got, [x["hs"], x["ws"]])
+    sums = fused_loss(x["hs"], Head(x["ws"]), mask=torch.zeros_like(x["mask"]), **_teacher(x))
+    assert sums.total.item() == 0.0 and sums.tokens.item() == 0
+    gh, gw = _grads(sums.total, [x["hs"], x["ws"]])
     assert gh.abs().max() == 0 and gw.abs().max() == 0
 
 
 def test_backward_scales_by_incoming_gradient_and_no_grad_skips_it(request):
     x = _inputs(_gen(request), bias=False)
-    kw = dict(teacher_hidden=x["ht"], teacher_weight=x["wt"], kind="jsd")
-    g1 = _grads(fused_divergence(x["hs"], x["ws"], **kw), [x["hs"], x["ws"]])
-    g3 = _grads(3.0 * fused_divergence(x["hs"], x["ws"], **kw), [x["hs"], x["ws"]])
+    kw = dict(kind="jsd", **_teacher(x))
+    g1 = _grads(fused_loss(x["hs"], Head(x["ws"]), **kw).total, [x["hs"], x["ws"]])
+    g3 = _grads(3.0 * fused_loss(x["hs"], Head(x["ws"]), **kw).total, [x["hs"], x["ws"]])
     _assert_close(g3, [3.0 * g for g in g1])
     with torch.no_grad():
-        value = fused_divergence(x["hs"], x["ws"], **kw)
+        value = fused_loss(x["hs"], Head(x["ws"]), **kw).total
     assert not value.requires_grad
-    torch.testing.assert_close(value, fused_divergence(x["hs"], x["ws"], **kw).detach())
+    torch.testing.assert_close(value, fused_loss(x["hs"], Head(x["ws"]), **kw).total.detach())
 
 
 def test_second_backward_is_refused_with_a_clear_message(request):
     x = _inputs(_gen(request), bias=False)
-    loss = fused_divergence(x["hs"], x["ws"], teacher_hidden=x["ht"], teacher_weight=x["wt"])
+    loss = fused_loss(x["hs"], Head(x["ws"]), **_teacher(x)).total
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         loss.backward()
@@ -168,19 +173,17 @@ def test_second_backward_is_refused_with_a_clear_message(request):
 def test_only_the_weight_requires_grad(request):
     x = _inputs(_gen(request), bias=False)
     hs = x["hs"].detach()
-    got = fused_divergence(hs, x["ws"], teacher_hidden=x["ht"], teacher_weight=x["wt"], kind="skew_forward_kl")
+    got = _mean(fused_loss(hs, Head(x["ws"]), kind="skew_forward_kl", **_teacher(x)))
     ref = divergence(_logits(hs, x["ws"]), _logits(x["ht"], x["wt"]), "skew_forward_kl")
     _assert_close(_grads(got, [x["ws"]]), _grads(ref, [x["ws"]]))
 
 
-@pytest.mark.parametrize("vocab_chunk", [None, 32], ids=["rows", "tiles"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_extreme_logits_stay_finite_and_exact(request, kind, vocab_chunk):
+def test_extreme_logits_stay_finite_and_exact(request, kind):
     x = _inputs(_gen(request), bias=False)
     hs = (x["hs"].detach() * 3e3).requires_grad_()  # logits of order 1e4: every softmax is one-hot
     ht = x["ht"] * -3e3
-    got = fused_divergence(hs, x["ws"], teacher_hidden=ht, teacher_weight=x["wt"], kind=kind, beta=0.5,
-                           vocab_chunk_size=vocab_chunk)  # fmt: skip
+    got = _mean(fused_loss(hs, Head(x["ws"]), kind=kind, beta=0.5, **_teacher(x, ht=ht)))
     grads = _grads(got, [hs, x["ws"]])
     assert torch.isfinite(got) and all(torch.isfinite(g).all() for g in grads)
     ref = divergence(_logits(hs, x["ws"]), _logits(ht, x["wt"]), kind, beta=0.5)
@@ -198,9 +201,9 @@ def test_extreme_logits_stay_finite_and_exact(request, kind, vocab_chunk):
 @pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
 def test_bf16_inputs_within_bf16_tolerance(request, kind):
     x = _inputs(_gen(request), n=64, dtype=torch.bfloat16, bias=False)
-    got = fused_divergence(x["hs"], x["ws"], teacher_hidden=x["ht"], teacher_weight=x["wt"], kind=kind,
-                           chunk_size=16)  # fmt: skip
-    assert got.dtype == torch.float32
+    sums = fused_loss(x["hs"], Head(x["ws"]), kind=kind, chunk_size=16, **_teacher(x))
+    assert sums.total.dtype == torch.float32 and sums.kd.dtype == torch.float32
+    got = _mean(sums)
     # the reference on the bf16 projections the fused path also computes (bf16 matmul, fp32 softmax)
     ref = divergence(x["hs"] @ x["ws"].t(), x["ht"] @ x["wt"].t(), kind)
     torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
@@ -211,27 +214,68 @@ def test_bf16_inputs_within_bf16_tolerance(request, kind):
 
 def test_chunk_sizes_do_not_change_the_result(request):
     x = _inputs(_gen(request), bias=False)
-    kw = dict(teacher_hidden=x["ht"], teacher_weight=x["wt"], kind="tvd", mask=x["mask"])
-    base = fused_divergence(x["hs"], x["ws"], **kw)
-    for chunk, tile in [(1, None), (5, 7), (1000, 1000), (23, 3)]:
-        got = fused_divergence(x["hs"], x["ws"], chunk_size=chunk, vocab_chunk_size=tile, **kw)
+    kw = dict(kind="tvd", mask=x["mask"], **_teacher(x))
+    base = fused_loss(x["hs"], Head(x["ws"]), **kw).total
+    for chunk in [1, 5, 1000, 23]:
+        got = fused_loss(x["hs"], Head(x["ws"]), chunk_size=chunk, **kw).total
         torch.testing.assert_close(got, base, rtol=1e-5, atol=1e-6)
 
 
 def test_errors_name_the_problem(request):
     x = _inputs(_gen(request), bias=False)
-    with pytest.raises(ValueError, match="teacher_hidden width 24 does not match teacher_weight"):
-        fused_divergence(x["hs"], x["ws"], teacher_hidden=x["ht"], teacher_weight=x["ws"])
+    hs, head, teacher = x["hs"], Head(x["ws"]), _teacher(x)
+    with pytest.raises(ValueError, match="teacher_hidden width 24 does not match teacher_head.weight"):
+        fused_loss(hs, head, teacher_hidden=x["ht"], teacher_head=head)
     with pytest.raises(ValueError, match="exactly one target"):
-        fused_divergence(x["hs"], x["ws"])
+        fused_loss(hs, head)
+    with pytest.raises(ValueError, match="teacher_hidden and teacher_head together"):
+        fused_loss(hs, head, teacher_hidden=x["ht"])
     with pytest.raises(ValueError, match="shared real vocab"):
-        fused_divergence(x["hs"], x["ws"], teacher_hidden=x["ht"], teacher_weight=x["wt"][:50])
-    with pytest.raises(ValueError, match="reduction"):
-        fused_divergence(x["hs"], x["ws"], teacher_hidden=x["ht"], teacher_weight=x["wt"], reduction="none")
+        fused_loss(hs, head, teacher_hidden=x["ht"], teacher_head=Head(x["wt"][:50]))
+    with pytest.raises(ValueError, match="teacher_hidden positions"):
+        fused_loss(hs, head, teacher_hidden=x["ht"][:40], teacher_head=teacher["teacher_head"])
     with pytest.raises(ValueError, match="unknown divergence kind"):
-        fused_divergence(x["hs"], x["ws"], teacher_hidden=x["ht"], teacher_weight=x["wt"], kind="kl")
+        fused_loss(hs, head, kind="kl", **teacher)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        fused_loss(hs, head, temperature=0.0, **teacher)
+    with pytest.raises(ValueError, match="beta must be in"):
+        fused_loss(hs, head, beta=1.5, **teacher)
     with pytest.raises(ValueError, match="chunk_size"):
-        fused_divergence(x["hs"], x["ws"], teacher_hidden=x["ht"], teacher_weight=x["wt"], chunk_size=0)
+        fused_loss(hs, head, chunk_size=0, **teacher)
+    with pytest.raises(ValueError, match="unknown backend"):
+        fused_loss(hs, head, backend="cuda", **teacher)
+    with pytest.raises(ValueError, match="mask shape"):
+        fused_loss(hs, head, mask=x["mask"][:40], **teacher)
+    with pytest.raises(ValueError, match="student_head must be a lmdistill.losses.Head"):
+        fused_loss(hs, x["ws"], **teacher)  # the pre-Head calling convention: a weight tensor
+    with pytest.raises(ValueError, match="student_head.bias must be"):
+        fused_loss(hs, Head(x["ws"], torch.zeros(V + 1)), **teacher)
+    with pytest.raises(ValueError, match="student_head.scale must be a finite non-zero"):
+        fused_loss(hs, Head(x["ws"], scale=0.0), **teacher)
+    with pytest.raises(ValueError, match="teacher_head.softcap must be None or a finite number > 0"):
+        fused_loss(hs, head, teacher_hidden=x["ht"], teacher_head=Head(x["wt"], softcap=-1.0))
+    with pytest.raises(ValueError, match="labels is None"):  # a CE weight without labels would be silently dropped
+        fused_loss(hs, head, alpha=0.5, **teacher)
+
+
+def test_auto_backend_is_the_torch_path_and_triton_is_opt_in(request, monkeypatch):
+    from lmdistill.losses.fused import function
+
+    x = _inputs(_gen(request), bias=False)
+    calls = []
+    torch_rows = function.dense_rows_torch
+    monkeypatch.setattr(function, "dense_rows_torch", lambda *a, **k: calls.append(1) or torch_rows(*a, **k))
+    fused_loss(x["hs"], Head(x["ws"]), backend="auto", **_teacher(x))
+    assert calls  # the torch row arithmetic ran
+    # auto stays on torch even where the kernel could run; "triton" asks for it
+    monkeypatch.setattr(function, "_triton_available", lambda: True)
+    cuda = torch.device("cuda")
+    assert function.resolve_backend("auto", cuda, dense=True) == "torch"
+    assert function.resolve_backend("triton", cuda, dense=True) == "triton"
+    with pytest.raises(LossArgumentError, match="dense teacher"):
+        function.resolve_backend("triton", cuda, dense=False)
+    with pytest.raises(LossArgumentError, match="backend='triton' needs CUDA tensors"):
+        fused_loss(x["hs"], Head(x["ws"]), backend="triton", **_teacher(x))  # CPU tensors
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -266,8 +310,8 @@ def _check_sparse(x: dict, targets: SparseTargets, kind: str, **kw) -> None:
         tail_logprob=targets.tail_logprob, target_weights=targets.weights, estimator=targets.estimator,
         mask=x["mask"], **kw,
     )  # fmt: skip
-    got = fused_divergence(x["hs"], x["ws"], student_bias=x["bs"], sparse_targets=targets, student_logit_scale=1.3,
-                           student_softcap=4.0, kind=kind, mask=x["mask"], chunk_size=6, **kw)  # fmt: skip
+    got = _mean(fused_loss(x["hs"], Head(x["ws"], x["bs"], scale=1.3, softcap=4.0), sparse=targets, kind=kind,
+                           mask=x["mask"], chunk_size=6, **kw))  # fmt: skip
     torch.testing.assert_close(got, ref, rtol=2e-5, atol=1e-6)
     params = [x["hs"], x["ws"], x["bs"]]
     _assert_close(_grads(got, params), _grads(ref, params))
@@ -294,15 +338,17 @@ def test_sparse_batched_shapes_and_errors(request):
     flat = _topk_targets(g, 15, k=4, tail=True, absent=False)
     targets = SparseTargets(ids=flat.ids.view(3, 5, 4), logprobs=flat.logprobs.view(3, 5, 4),
                             tail_logprob=flat.tail_logprob.view(3, 5))  # fmt: skip
-    got = fused_divergence(hs, ws, sparse_targets=targets, reduction="sum")
+    got = fused_loss(hs, Head(ws), sparse=targets).total
     ref = sparse_divergence(hs @ ws.t(), targets.ids, targets.logprobs, tail_logprob=targets.tail_logprob,
                             reduction="sum")  # fmt: skip
     torch.testing.assert_close(got, ref, rtol=2e-5, atol=1e-5)
     _assert_close(_grads(got, [hs]), _grads(ref, [hs]))
     with pytest.raises(ValueError, match="exactly one target"):
-        fused_divergence(hs, ws, sparse_targets=targets, teacher_hidden=hs.detach(), teacher_weight=ws)
+        fused_loss(hs, Head(ws), sparse=targets, teacher_hidden=hs.detach(), teacher_head=Head(ws))
     with pytest.raises(ValueError, match="student_hidden positions"):
-        fused_divergence(hs[:, :4], ws, sparse_targets=targets)
+        fused_loss(hs[:, :4], Head(ws), sparse=targets)
+    with pytest.raises(LossArgumentError, match="dense teacher"):
+        fused_loss(hs, Head(ws), sparse=targets, backend="triton")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -321,9 +367,8 @@ def _ce_reference(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
 
 @pytest.mark.parametrize("alpha", [0.0, 0.35, 1.0])
 @pytest.mark.parametrize("temperature", [1.0, 1.7], ids=["T1", "T1.7"])
-@pytest.mark.parametrize("vocab_chunk", [None, 32], ids=["rows", "tiles"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_folded_ce_matches_divergence_plus_cross_entropy(request, kind, vocab_chunk, temperature, alpha):
+def test_folded_ce_matches_divergence_plus_cross_entropy(request, kind, temperature, alpha):
     g = _gen(request)
     x = _inputs(g)
     labels = _labels(g, 45)
@@ -331,12 +376,9 @@ def test_folded_ce_matches_divergence_plus_cross_entropy(request, kind, vocab_ch
     t_logits = _logits(x["ht"], x["wt"], x["bt"])
     kd_ref = divergence(s_logits, t_logits, kind, beta=0.3, temperature=temperature, mask=x["mask"], reduction="sum")
     ce_ref = _ce_reference(s_logits, labels, x["mask"])
-    got = fused_distill_loss_sums(
-        x["hs"], x["ws"], teacher_hidden=x["ht"], teacher_weight=x["wt"], student_bias=x["bs"],
-        teacher_bias=x["bt"], student_logit_scale=1.2, student_softcap=6.0, kind=kind, beta=0.3,
-        temperature=temperature, mask=x["mask"], chunk_size=7, vocab_chunk_size=vocab_chunk, labels=labels,
-        alpha=alpha,
-    )  # fmt: skip
+    got = fused_loss(x["hs"], Head(x["ws"], x["bs"], scale=1.2, softcap=6.0), kind=kind, beta=0.3,
+                     temperature=temperature, mask=x["mask"], chunk_size=7, labels=labels, alpha=alpha,
+                     **_teacher(x))  # fmt: skip
     torch.testing.assert_close(got.kd, kd_ref.detach(), rtol=2e-5, atol=1e-5)
     torch.testing.assert_close(got.ce, ce_ref.detach(), rtol=2e-5, atol=1e-5)  # computed even at alpha = 1
     assert got.tokens.item() == int(x["mask"].sum())
@@ -357,8 +399,8 @@ def test_folded_ce_with_sparse_targets(request, kind):
     kd_ref = sparse_divergence(s_logits, targets.ids, targets.logprobs, kind, tail_logprob=targets.tail_logprob,
                                temperature=1.5, mask=x["mask"], reduction="sum")  # fmt: skip
     want = 0.6 * kd_ref + 0.4 * _ce_reference(s_logits, labels, x["mask"])
-    got = fused_distill_loss_sums(x["hs"], x["ws"], student_bias=x["bs"], sparse_targets=targets, kind=kind,
-                                  temperature=1.5, mask=x["mask"], chunk_size=6, labels=labels, alpha=0.6)  # fmt: skip
+    got = fused_loss(x["hs"], Head(x["ws"], x["bs"]), sparse=targets, kind=kind, temperature=1.5, mask=x["mask"],
+                     chunk_size=6, labels=labels, alpha=0.6)  # fmt: skip
     torch.testing.assert_close(got.total, want, rtol=2e-5, atol=1e-5)
     params = [x["hs"], x["ws"], x["bs"]]
     _assert_close(_grads(got.total, params), _grads(want, params))
@@ -369,8 +411,8 @@ def test_folded_ce_when_the_divergence_is_identically_zero(request):
     g = _gen(request)
     x = _inputs(g)
     labels = _labels(g, 45)
-    got = fused_distill_loss_sums(x["hs"], x["ws"], teacher_hidden=x["ht"], teacher_weight=x["wt"],
-                                  kind="skew_forward_kl", beta=1.0, labels=labels, alpha=0.5, chunk_size=10)
+    got = fused_loss(x["hs"], Head(x["ws"]), kind="skew_forward_kl", beta=1.0, labels=labels, alpha=0.5,
+                     chunk_size=10, teacher_hidden=x["ht"], teacher_head=Head(x["wt"]))  # fmt: skip
     want = 0.5 * torch.nn.functional.cross_entropy(_logits(x["hs"], x["ws"]), labels, reduction="sum")
     assert got.kd.item() == 0.0
     torch.testing.assert_close(got.total, want, rtol=2e-5, atol=1e-5)
@@ -381,25 +423,25 @@ def test_folded_ce_defaults_its_mask_to_the_labelled_positions_and_checks_its_ar
     g = _gen(request)
     x = _inputs(g)
     labels = _labels(g, 45).view(5, 9)
-    hs = x["hs"].view(5, 9, HS)
-    kw = {"teacher_hidden": x["ht"].view(5, 9, HT), "teacher_weight": x["wt"]}
-    got = fused_distill_loss_sums(hs, x["ws"], labels=labels, alpha=0.5, **kw)
+    hs, head = x["hs"].view(5, 9, HS), Head(x["ws"])
+    kw = {"teacher_hidden": x["ht"].view(5, 9, HT), "teacher_head": Head(x["wt"])}
+    got = fused_loss(hs, head, labels=labels, alpha=0.5, **kw)
     labelled = labels != -100
     ref_kd = divergence(_logits(hs, x["ws"]), _logits(kw["teacher_hidden"], x["wt"]), mask=labelled, reduction="sum")
     torch.testing.assert_close(got.kd, ref_kd.detach(), rtol=2e-5, atol=1e-5)
     assert got.tokens.item() == int(labelled.sum())
     with pytest.raises(ValueError, match="labels shape"):
-        fused_distill_loss_sums(hs, x["ws"], labels=labels[:, :4], alpha=0.5, **kw)
+        fused_loss(hs, head, labels=labels[:, :4], alpha=0.5, **kw)
     with pytest.raises(ValueError, match="outside the vocab"):
-        fused_distill_loss_sums(hs, x["ws"], labels=labels.clamp_min(0) + V - 1, alpha=0.5, **kw)
+        fused_loss(hs, head, labels=labels.clamp_min(0) + V - 1, alpha=0.5, **kw)
     with pytest.raises(ValueError, match="integer tensor"):
-        fused_distill_loss_sums(hs, x["ws"], labels=labels.float(), alpha=0.5, **kw)
+        fused_loss(hs, head, labels=labels.float(), alpha=0.5, **kw)
     with pytest.raises(ValueError, match="alpha must be in"):
-        fused_distill_loss_sums(hs, x["ws"], labels=labels, alpha=1.5, **kw)
+        fused_loss(hs, head, labels=labels, alpha=1.5, **kw)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Hugging Face models: lm_head from the model, tied embeddings, padded vocab rows
+# a Hugging Face model's head: tied embeddings, padded vocab rows, gradients through the decoder
 
 
 def _qwen2(vocab: int, hidden: int, tied: bool, seed: int):
@@ -411,7 +453,7 @@ def _qwen2(vocab: int, hidden: int, tied: bool, seed: int):
     return Qwen2ForCausalLM(config).eval()
 
 
-def test_from_models_matches_reference_on_model_logits(request):
+def test_model_heads_match_reference_on_model_logits(request):
     g = _gen(request)
     n_vocab = 90  # both embedding matrices are padded past the real vocab, by different amounts
     student = _qwen2(96, HS, tied=True, seed=int(torch.randint(0, 2**31, (1,), generator=g)))
@@ -426,27 +468,15 @@ def test_from_models_matches_reference_on_model_logits(request):
     params = [p for p in student.parameters() if p.requires_grad]
     ref_grads = _grads(ref, params)
 
-    h_s = last_hidden_states(student, ids)
+    h_s = student.model(ids).last_hidden_state
     with torch.no_grad():
-        h_t = last_hidden_states(teacher, ids)
-    got = fused_divergence_from_models(student, h_s, teacher, h_t, n_vocab=n_vocab, kind="jsd", beta=0.5,
-                                       temperature=1.5, mask=mask, chunk_size=5)  # fmt: skip
+        h_t = teacher.model(ids).last_hidden_state
+    got = fused_loss(h_s, Head(student.get_output_embeddings().weight[:n_vocab]), teacher_hidden=h_t,
+                     teacher_head=Head(teacher.get_output_embeddings().weight[:n_vocab]), kind="jsd", beta=0.5,
+                     temperature=1.5, mask=mask, chunk_size=5).total  # fmt: skip
     torch.testing.assert_close(got, ref, rtol=2e-5, atol=1e-5)
     # every student parameter, the tied embedding (lm_head rows past n_vocab: zero) and the decoder included
     _assert_close(_grads(got, params), ref_grads, rtol=1e-4, atol=1e-5)
-
-
-def test_lm_head_spec_reads_softcap_scale_and_refuses_short_heads():
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    config = Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                          num_attention_heads=2, num_key_value_heads=1, head_dim=8, final_logit_softcapping=30.0)  # fmt: skip
-    model = Gemma2ForCausalLM(config)
-    spec = lm_head_spec(model, 60)
-    assert spec.softcap == 30.0 and spec.logit_scale == 1.0 and spec.weight.shape == (60, 16)
-    assert spec.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()  # tied: the same storage
-    with pytest.raises(ValueError, match="fewer than n_vocab=65"):
-        lm_head_spec(model, 65)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -454,8 +484,6 @@ def test_lm_head_spec_reads_softcap_scale_and_refuses_short_heads():
 
 
 def _has_triton() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("triton") is not None
 
 
@@ -466,27 +494,32 @@ def _has_triton() -> bool:
 @pytest.mark.parametrize("softcap", [None, 4.0], ids=["plain", "softcap"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_triton_kernel_under_interpreter_matches_torch_rows(request, kind, softcap, monkeypatch):
-    from lmdistill.losses import fused, fused_triton
+    from lmdistill.losses.fused import rows
+    from lmdistill.losses.fused import triton as kernel
+    from lmdistill.losses.fused.plan import Plan
 
-    monkeypatch.setattr(fused_triton, "BLOCK", 64)  # several blocks per row, the last one partial
+    monkeypatch.setattr(kernel, "BLOCK", 64)  # several blocks per row, the last one partial
     g = _gen(request)
-    teacher = fused._Head(weight=torch.empty(0), bias=None, scale=0.7, softcap=3.0)
-    plan = fused._Plan(rows=None, student_scale=1.3, student_softcap=softcap, teacher=teacher, teacher_hidden=None,
-                       sparse=None, kind=fused._effective_kind(kind, 0.3), beta=0.3, temperature=1.5, chunk_size=8,
-                       vocab_chunk_size=V, backend="triton")  # fmt: skip
+    teacher = Head(weight=torch.empty(0), bias=None, scale=0.7, softcap=3.0)
+    plan = Plan(rows=None, student_scale=1.3, student_softcap=softcap, teacher=teacher, teacher_hidden=None,
+                sparse=None, kind=rows.effective_kind(kind, 0.3), beta=0.3, temperature=1.5, chunk_size=8,
+                backend="triton")  # fmt: skip
     ys, yt = torch.randn(6, V, generator=g) * 3, torch.randn(6, V, generator=g) * 3
-    want_v, _, want_g = fused._dense_rows_torch(plan, [ys.clone(), yt.clone()], need_grad=True)
-    got_v, got_g = fused_triton.dense_rows_triton(plan, ys.clone(), yt.clone(), need_grad=True)
+    want_v, _, want_g = rows.dense_rows_torch(plan, [ys.clone(), yt.clone()], need_grad=True)
+    got_v, got_g = kernel.dense_rows_triton(plan, ys.clone(), yt.clone(), need_grad=True)
     torch.testing.assert_close(got_v, want_v, rtol=1e-5, atol=1e-5)
     _assert_close([got_g], [want_g])
-    value_only, none = fused_triton.dense_rows_triton(plan, ys.clone(), yt.clone(), need_grad=False)
+    value_only, none = kernel.dense_rows_triton(plan, ys.clone(), yt.clone(), need_grad=False)
     assert none is None
     torch.testing.assert_close(value_only, want_v, rtol=1e-5, atol=1e-5)
 
 
+_BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not _has_triton(), reason="needs triton"))]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("backend", _BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_cuda_matches_reference(request, kind, dtype, backend):
@@ -503,9 +536,8 @@ def test_cuda_matches_reference(request, kind, dtype, backend):
     ref = divergence(
         _logits(hs, ws, bs, scale=1.2, softcap=20.0), _logits(ht, wt, scale=0.9, softcap=25.0), **kw
     )  # fmt: skip
-    got = fused_divergence(hs, ws, student_bias=bs, teacher_hidden=ht, teacher_weight=wt, student_logit_scale=1.2,
-                           teacher_logit_scale=0.9, student_softcap=20.0, teacher_softcap=25.0, chunk_size=128,
-                           backend=backend, **kw)  # fmt: skip
+    got = _mean(fused_loss(hs, Head(ws, bs, scale=1.2, softcap=20.0), teacher_hidden=ht,
+                           teacher_head=Head(wt, scale=0.9, softcap=25.0), chunk_size=128, backend=backend, **kw))
     # bf16: the reference rounds the biased, scaled, capped logits to bf16 at each step, the fused path only the
     # matmul output, so they differ by bf16 round-off of the logits
     fp32 = dtype == torch.float32
@@ -516,11 +548,11 @@ def test_cuda_matches_reference(request, kind, dtype, backend):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("backend", _BACKENDS)
 @pytest.mark.parametrize("temperature", [1.0, 1.5], ids=["T1", "T1.5"])
 @pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
 def test_cuda_folded_ce_matches_reference(request, kind, temperature, backend):
-    # with backend="auto" the divergence runs in the Triton kernel and the CE reads the projection before it does
+    # with backend="triton" the divergence runs in the Triton kernel and the CE reads the projection before it does
     g = _gen(request)
     n, vocab, width = 300, 5003, 64
 
@@ -534,7 +566,7 @@ def test_cuda_folded_ce_matches_reference(request, kind, temperature, backend):
     want = 0.7 * divergence(s_logits, _logits(ht, wt), kind, beta=0.3, temperature=temperature,
                             mask=labels != -100, reduction="sum")
     want = want + 0.3 * torch.nn.functional.cross_entropy(s_logits, labels, reduction="sum")
-    got = fused_distill_loss_sums(hs, ws, teacher_hidden=ht, teacher_weight=wt, kind=kind, beta=0.3,
-                                  temperature=temperature, labels=labels, alpha=0.7, chunk_size=128, backend=backend)
+    got = fused_loss(hs, Head(ws), teacher_hidden=ht, teacher_head=Head(wt), kind=kind, beta=0.3,
+                     temperature=temperature, labels=labels, alpha=0.7, chunk_size=128, backend=backend)
     torch.testing.assert_close(got.total, want, rtol=2e-5, atol=1e-4)
     _assert_close(_grads(got.total, [hs, ws]), _grads(want, [hs, ws]))

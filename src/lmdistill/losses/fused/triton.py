@@ -1,36 +1,31 @@
-"""Triton kernel for the element-wise part of :func:`lmdistill.losses.fused_divergence` on CUDA.
+"""Triton kernel for the element-wise part of a dense chunk of :func:`lmdistill.losses.fused_loss` on CUDA.
 
-The projections and the gradient matmuls stay in cuBLAS (``lmdistill.losses.fused._run``); this kernel replaces
-the dozen torch element-wise ops per ``[chunk, V]`` tile with one program per token row that streams the row three
-times (less for forward KL) and writes the gradient over the student's logits in place:
+The projections and the gradient matmuls stay in cuBLAS (the chunk loop in :mod:`lmdistill.losses.fused.function`);
+this kernel replaces the dozen torch element-wise ops per ``[chunk, V]`` block with one program per token row that
+streams the row three times (less for forward KL) and writes the gradient over the student's logits in place:
 
 1. online log-sum-exp of both sides, and the teacher's logit at the student's argmax (for the shift below);
 2. the per-row value and the aggregate ``sum_v p_S u`` that the gradient ``p_S (u - sum p_S u)`` needs (kinds other
    than forward KL), with ``u`` shifted by its value at the student's argmax as in the torch path;
 3. ``dD/dy_S`` (temperature, softcap and logit scale chained in), stored over ``ys``.
 
-Same arithmetic, same order of reasoning as the torch path (``_terms``, ``_shift``, ``_grad_from_terms`` in
-:mod:`lmdistill.losses.fused`); the test suite checks it against the reference on CUDA (``pytest -m gpu``) and, on
+Same arithmetic, same order of reasoning as the torch path (``terms``, ``shift`` and ``dense_rows_torch`` in
+:mod:`lmdistill.losses.fused.rows`); the test suite checks it against that path on CUDA (``pytest -m gpu``) and, on
 any machine with the ``triton`` package, through Triton's CPU interpreter (``TRITON_INTERPRET=1``).
 
-Status: written and checked with the interpreter only; it has not yet run on a GPU (no GPU was available when it
-was written). ``backend="torch"`` avoids it; ``benchmarks/fused_loss.py`` on a CUDA machine measures it.
-
-Imported lazily: importing :mod:`lmdistill.losses` never imports ``triton``.
+Imported lazily, only with ``backend="triton"``: importing :mod:`lmdistill.losses` never imports ``triton``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from lmdistill.losses.fused import _Plan
+from lmdistill.losses.fused.plan import Plan
 
 KIND_IDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "skew_forward_kl": 3, "skew_reverse_kl": 4, "tvd": 5}
 BLOCK = 2048
@@ -58,7 +53,7 @@ def _logaddexp(a, b):
 
 @triton.jit
 def _value_and_u(ls, lt, beta, log_b, log1m_b, KIND: tl.constexpr):
-    """Per-element divergence term and u = dD/dp_S (u unused for forward KL), as ``_terms`` in fused.py."""
+    """Per-element divergence term and u = dD/dp_S (u unused for forward KL), as ``terms`` in rows.py."""
     ps = tl.exp(ls)
     pt = tl.exp(lt)
     if KIND == 0:
@@ -181,13 +176,8 @@ def _fused_rows_kernel(
     tl.store(value_ptr + row, value)
 
 
-def available() -> bool:
-    """True when the kernel can run here: CUDA is available (``triton`` imported, or this module would not load)."""
-    return torch.cuda.is_available()
-
-
-def dense_rows_triton(plan: _Plan, ys: Tensor, yt: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
-    """Same contract as ``fused._dense_rows_torch``: ``(sum of D over the rows, dD/dy_S [n, V] or None)``.
+def dense_rows_triton(plan: Plan, ys: Tensor, yt: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """As ``rows.dense_rows_torch`` without the CE: ``(sum of D over the rows, dD/dy_S [n, V] or None)``.
 
     ``ys`` is overwritten with the gradient (in its own dtype) when ``need_grad``.
     """
