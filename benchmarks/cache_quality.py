@@ -15,7 +15,7 @@ differ only in their targets):
   sampled n   RS-KD: forward KL estimated from n teacher draws per position (distinct ids + counts)
 
 Each cache is written by the real writer (lmdistill.cache.CacheWriter) and read by the real reader (CachedTeacher),
-and the student's loss is recipes.soft.cached_step_loss, the function `lmdistill soft --teacher_cache` runs.
+and the student's loss is recipes.soft.soft_step_loss, the function `lmdistill soft --teacher_cache` runs.
 
 Reported per arm: bytes per target token on disk, labelling throughput (the teacher forward, measured once, plus
 that arm's encoding and writing), and on a fixed held-out set (blocks of held-out documents) the student's KL to the
@@ -50,22 +50,20 @@ from lmdistill.config import CacheConfig, DataConfig, LossConfig, ModelConfig, T
 from lmdistill.data import TokenBlocks, build_splits  # noqa: E402
 from lmdistill.evaluate import evaluate_blocks  # noqa: E402
 from lmdistill.losses.chunked_ce import chunked_ce_sum_and_count  # noqa: E402
-from lmdistill.models import decoder_hidden, lm_head_of, load_teacher, load_tokenizer, prune_layers  # noqa: E402
-from lmdistill.recipes.soft import cached_step_loss, soft_step_loss  # noqa: E402
-from lmdistill.teachers import HiddenTargets, project_logits  # noqa: E402
-from lmdistill.train.loop import StepLoss, Trainer  # noqa: E402
+from lmdistill.models import decoder_hidden, lm_head, load_teacher, load_tokenizer, prune_layers  # noqa: E402
+from lmdistill.recipes.soft import soft_step_loss  # noqa: E402
+from lmdistill.teachers import Hidden  # noqa: E402
+from lmdistill.train.loop import StepLoss, Trained, Trainer  # noqa: E402
 
 KEEP_LAYERS = [0, 6, 12, 18, 24, 29]
 
 
 class ReplayTeacher:
-    """The teacher's final hidden states for a fixed set of blocks, computed once; serves `hidden` and `logits`
+    """The teacher's final hidden states for a fixed set of blocks, computed once; serves `targets` and `logits`
     exactly as lmdistill.teachers.HFTeacher would for those blocks."""
 
     def __init__(self, model: nn.Module, blocks: TokenBlocks, n_vocab: int, batch_size: int) -> None:
-        weight, bias, scale, softcap = lm_head_of(model)
-        self.weight, self.bias = weight[:n_vocab].detach(), None if bias is None else bias[:n_vocab].detach()
-        self.scale, self.softcap = scale, softcap
+        self.head = lm_head(model, n_vocab).detached()
         parts = []
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -76,11 +74,11 @@ class ReplayTeacher:
         self.hidden_states = torch.cat(parts)
         self.tokens = int(blocks.attention_mask.sum())
 
-    def hidden(self, batch: dict[str, Tensor]) -> HiddenTargets:
-        return HiddenTargets(self.hidden_states[batch["index"]], self.weight, self.bias, self.scale, self.softcap)
+    def targets(self, batch: dict[str, Tensor]) -> Hidden:
+        return Hidden(self.hidden_states[batch["index"]], self.head)
 
     def logits(self, batch: dict[str, Tensor]) -> Tensor:
-        return project_logits(self.hidden(batch))
+        return self.targets(batch).logits()
 
 
 def subset(blocks: TokenBlocks, n: int) -> TokenBlocks:
@@ -91,9 +89,7 @@ def subset(blocks: TokenBlocks, n: int) -> TokenBlocks:
 
 def ce_step_loss(model: nn.Module, batch: dict[str, Tensor], n_vocab: int) -> StepLoss:
     h = decoder_hidden(model, batch["input_ids"], batch["attention_mask"])
-    weight, bias, scale, softcap = lm_head_of(model)
-    ce = chunked_ce_sum_and_count(h, weight[:n_vocab], batch["labels"], bias=bias, logit_scale=scale,
-                                  softcap=softcap)[0]
+    ce = chunked_ce_sum_and_count(h, lm_head(model, n_vocab), batch["labels"])[0]
     return StepLoss(ce, {"ce": ce})
 
 
@@ -105,17 +101,14 @@ def train_and_eval(name: str, student0: nn.Module, train: TokenBlocks, held: Tok
     cfg = TrainConfig(output_dir=str(workdir / name), max_steps=args.steps, micro_batch_size=args.micro_batch,
                       lr=args.lr, warmup_steps=max(1, args.steps // 10), eval_every=0, save_every=0, progress=False,
                       seed=0)
-    trainer: Trainer | None = None
-
-    def fn(batch: dict[str, Tensor]) -> StepLoss:
-        assert trainer is not None
-        return loss_fn(trainer.model, batch)
+    def fn(models: dict[str, nn.Module], batch: dict[str, Tensor], step: Any) -> dict[str, StepLoss]:
+        return {"student": loss_fn(models["student"], batch)}
 
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, model=model, data=train, loss_fn=fn)
+    trainer = Trainer(cfg, models={"student": Trained(model)}, data=train, loss_fn=fn)
     trainer.fit()
     seconds = time.perf_counter() - t0
-    metrics = evaluate_blocks(trainer.unwrapped, held, n_vocab=n_vocab, batch_size=8,
+    metrics = evaluate_blocks(trainer.unwrapped["student"], held, n_vocab=n_vocab, batch_size=8,
                               teacher_logits_fn=teacher.logits)
     metrics["train_seconds"] = seconds
     print(f"  {name:<22} KL {metrics['kl_to_teacher']:.4f}  ppl {metrics['perplexity']:8.2f}  "
@@ -196,7 +189,7 @@ def main() -> None:
                                           lambda m, b: ce_step_loss(m, b, n_vocab), args, work, n_vocab),
                          "bytes_per_token": 0.0}
         results["online"] = {**train_and_eval("online", student0, train, held_ix, eval_teacher,
-                                              lambda m, b: soft_step_loss(m, teacher, b, kd, n_vocab), args, work,
+                                              lambda m, b: soft_step_loss(m, b, teacher.targets(b), kd, n_vocab), args, work,
                                               n_vocab),
                              "bytes_per_token": float(dense_bytes),
                              "label_tokens_per_s": teacher.tokens / teacher.seconds}
@@ -219,7 +212,7 @@ def main() -> None:
             info = write_cache(root, train, teacher, n_vocab, **cache)
             cached = CachedTeacher(root, "train", blocks=train, temperature=1.0, kind="forward_kl")
             metrics = train_and_eval(name, student0, train, held_ix, eval_teacher,
-                                     lambda m, b, c=cached: cached_step_loss(m, c, b, kd, n_vocab), args, work,
+                                     lambda m, b, c=cached: soft_step_loss(m, b, c.targets(b), kd, n_vocab), args, work,
                                      n_vocab)
             results[name] = {**metrics, **info}
     finally:

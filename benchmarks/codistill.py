@@ -37,13 +37,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from lmdistill.config import CodistillConfig, CodistillWeightConfig, DataConfig, load_config  # noqa: E402
-from lmdistill.data import TokenBlocks, build_splits, load_raw_dataset, split_documents  # noqa: E402
+from lmdistill.data import TokenBlocks, load_raw_dataset, split_documents  # noqa: E402
 from lmdistill.evaluate import evaluate_blocks  # noqa: E402
 from lmdistill.losses import ce_sum_and_count  # noqa: E402
 from lmdistill.models import count_parameters  # noqa: E402
-from lmdistill.recipes.codistill import CoTrainer, build_models  # noqa: E402
+from lmdistill.recipes.codistill import codistill_recipe  # noqa: E402
+from lmdistill.recipes.common import build_co_setup  # noqa: E402
 from lmdistill.train.logging import read_log  # noqa: E402
-from lmdistill.train.loop import StepLoss, Trainer  # noqa: E402
+from lmdistill.train.loop import StepLoss, Trained, Trainer  # noqa: E402
 
 ARMS = {
     "b": ("constant a=0.5", {"schedule": "constant", "value": 0.5}),
@@ -102,20 +103,17 @@ def _timed(fn: Any) -> tuple[Any, float, float]:
 
 def run_solo(cfg: CodistillConfig, which: str, data: TokenBlocks, out: Path) -> tuple[torch.nn.Module, float, float]:
     """One model alone on CE with the core loop (same init, batches, optimizer and schedule as in co-distillation)."""
-    setup = build_models(cfg)
+    setup = build_co_setup(cfg)
     model = setup.teacher if which == "teacher" else setup.student
     lr = (cfg.teacher.lr if which == "teacher" else cfg.student.lr) or cfg.train.lr
     train_cfg = cfg.train.model_copy(update={"output_dir": str(out), "lr": lr})
-    trainer: Trainer | None = None
+    def ce(models: dict[str, torch.nn.Module], batch: dict[str, torch.Tensor], step: Any) -> dict[str, StepLoss]:
+        logits = models[which](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return {which: StepLoss(ce_sum_and_count(logits[..., : setup.n_vocab], batch["labels"])[0])}
 
-    def ce(batch: dict[str, torch.Tensor]) -> StepLoss:
-        assert trainer is not None
-        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return StepLoss(ce_sum_and_count(logits[..., : setup.n_vocab], batch["labels"])[0])
-
-    trainer = Trainer(train_cfg, model=model, data=data, loss_fn=ce)
+    trainer = Trainer(train_cfg, models={which: Trained(model)}, data=data, loss_fn=ce)
     _, wall, cpu = _timed(trainer.fit)
-    return trainer.unwrapped, wall, cpu
+    return trainer.unwrapped[which], wall, cpu
 
 
 def run_co(cfg: CodistillConfig, weight: dict[str, Any], data: TokenBlocks, out: Path, ramp_end: int,
@@ -124,12 +122,11 @@ def run_co(cfg: CodistillConfig, weight: dict[str, Any], data: TokenBlocks, out:
         weight = {**weight, "end_step": ramp_end}
     loss = cfg.loss.model_copy(update={"weight": CodistillWeightConfig.model_validate(weight)})
     cfg = cfg.model_copy(update={"loss": loss, "train": cfg.train.model_copy(update={"output_dir": str(out)})})
-    setup = build_models(cfg)
-    trainer = CoTrainer(cfg, teacher=setup.teacher, student=setup.student, data=data, n_vocab=setup.n_vocab)
+    r = codistill_recipe(cfg)
+    trainer = Trainer(cfg.train, models=r.models, data=data, loss_fn=r.loss, state=r.state, on_step=r.on_step)
     _, wall, cpu = _timed(trainer.fit)
     a = [r["a"] for r in read_log(out / "log.jsonl") if "a" in r]
-    teacher, student = trainer.unwrapped()
-    return teacher, student, wall, cpu, a
+    return trainer.unwrapped["teacher"], trainer.unwrapped["student"], wall, cpu, a
 
 
 def held_out(model: torch.nn.Module, blocks: TokenBlocks, n_vocab: int) -> float:
@@ -161,8 +158,9 @@ def main() -> None:
     data_cfg = DataConfig(source="embedded:wikipedia", block_size=args.block_size, eval_documents=args.eval_documents)
     tok_dir = train_tokenizer(args.out / f"tokenizer-{args.vocab}", data_cfg, args.vocab)
     cfg = base_config(args, tok_dir)
-    setup = build_models(cfg)
-    splits = build_splits(cfg.data, setup.tokenizer)
+    setup = build_co_setup(cfg)
+    splits = setup.splits
+    assert splits is not None
     n_vocab = setup.n_vocab
     n_t, n_s = count_parameters(setup.teacher), count_parameters(setup.student)
     tokens = args.steps * args.batch * args.block_size

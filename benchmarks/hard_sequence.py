@@ -145,8 +145,7 @@ def evaluate_before_after(student_dir: str, keep_layers: list[int], held: list[d
     tokenizer = load_tokenizer(EMBEDDED_TEACHER)
     teacher = load_teacher(ModelConfig(name_or_path=EMBEDDED_TEACHER))
     # the same construction `hard` used (pruning copies teacher layers, so it is deterministic)
-    before = build_student(StudentConfig(init="prune", keep_layers=keep_layers), teacher, teacher.config,
-                           len(tokenizer))
+    before = build_student(StudentConfig(init="prune", keep_layers=keep_layers), tokenizer, teacher=teacher)
     after = load_causal_lm(student_dir)
     n_vocab = shared_vocab_size(tokenizer, tokenizer, teacher, after)
     blocks = chat_blocks(held, DataConfig(stage="chat", block_size=block), tokenizer)

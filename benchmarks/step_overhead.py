@@ -20,10 +20,10 @@ import time
 
 import torch
 
-from lmdistill.config import DataConfig, LossConfig, ModelConfig, StudentConfig, TrainConfig
-from lmdistill.losses import ce_sum_and_count, fused_divergence_sum_and_count
+from lmdistill.config import DataConfig, LossConfig, ModelConfig, SoftConfig, StudentConfig, TrainConfig
+from lmdistill.losses import ce_sum_and_count, fused_loss
 from lmdistill.losses.chunked_ce import chunked_ce_sum_and_count
-from lmdistill.models import decoder_hidden, lm_head_of
+from lmdistill.models import decoder_hidden, lm_head
 from lmdistill.recipes.common import build_setup
 from lmdistill.recipes.soft import soft_step_loss
 from lmdistill.teachers import HFTeacher
@@ -42,12 +42,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    setup = build_setup(
-        ModelConfig(name_or_path=args.teacher),
-        StudentConfig(init="prune", keep_layers=[int(i) for i in args.keep_layers.split(",")]),
-        DataConfig(block_size=args.block, max_documents=400, eval_documents=0),
-        TrainConfig(),
-    )
+    setup = build_setup(SoftConfig(
+        teacher=ModelConfig(name_or_path=args.teacher),
+        student=StudentConfig(init="prune", keep_layers=[int(i) for i in args.keep_layers.split(",")]),
+        data=DataConfig(block_size=args.block, max_documents=400, eval_documents=0),
+    ), teacher=True)
+    assert setup.splits is not None
     assert setup.teacher is not None
     teacher = HFTeacher(setup.teacher.to(device), setup.n_vocab)
     student = setup.student.to(device)
@@ -68,22 +68,18 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
 
     def kd_step(b: dict[str, torch.Tensor], fused: bool) -> None:
-        out = soft_step_loss(student, teacher, b, LossConfig(alpha=0.9, fused=fused), setup.n_vocab)
+        targets = teacher.targets(b) if fused else teacher.logits(b)
+        out = soft_step_loss(student, b, targets, LossConfig(alpha=0.9, fused=fused), setup.n_vocab)
         (out.loss_sum / (b["labels"] != -100).sum()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     def kd_step_two_projections(b: dict[str, torch.Tensor]) -> None:
         h = decoder_hidden(student, b["input_ids"], b["attention_mask"])
-        weight, bias, scale, softcap = lm_head_of(student)
-        weight, bias = weight[: setup.n_vocab], None if bias is None else bias[: setup.n_vocab]
-        t = teacher.hidden(b)
-        kd, n = fused_divergence_sum_and_count(
-            h, weight, teacher_hidden=t.hidden, teacher_weight=t.weight, student_bias=bias, teacher_bias=t.bias,
-            student_logit_scale=scale, teacher_logit_scale=t.logit_scale, student_softcap=softcap,
-            teacher_softcap=t.softcap, mask=b["labels"] != -100,
-        )
-        ce, _ = chunked_ce_sum_and_count(h, weight, b["labels"], bias=bias, logit_scale=scale, softcap=softcap)
+        head = lm_head(student, setup.n_vocab)
+        t = teacher.targets(b)
+        kd, _, _, n = fused_loss(h, head, teacher_hidden=t.hidden, teacher_head=t.head, mask=b["labels"] != -100)
+        ce, _ = chunked_ce_sum_and_count(h, head, b["labels"])
         ((0.9 * kd + 0.1 * ce) / n).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

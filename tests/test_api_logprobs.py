@@ -20,7 +20,7 @@ from lmdistill.api_targets import InBatchTeacher, build_api_targets, load_api_sp
 from lmdistill.config import DataConfig, LossConfig, SoftConfig, load_config
 from lmdistill.data import IGNORE
 from lmdistill.errors import ConfigError, DataError
-from lmdistill.recipes.soft import cached_step_loss, run_soft
+from lmdistill.recipes.soft import run_soft, soft_step_loss
 
 TOP_K = 5
 REPO = Path(__file__).resolve().parents[1]
@@ -193,7 +193,8 @@ def test_fused_and_reference_sparse_losses_agree(records, student_dir, tokenizer
     out = {}
     for fused in (True, False):
         student.zero_grad()
-        loss = cached_step_loss(student, InBatchTeacher(), batch, LossConfig(alpha=0.7, fused=fused), len(tokenizer))
+        loss = soft_step_loss(student, batch, InBatchTeacher().targets(batch), LossConfig(alpha=0.7, fused=fused),
+                              len(tokenizer))
         loss.loss_sum.backward()
         out[fused] = (loss.loss_sum.detach(), [p.grad.clone() for p in student.parameters()])
     torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-5)

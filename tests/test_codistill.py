@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from lmdistill.config import CodistillConfig, load_config
-from lmdistill.data import build_splits
-from lmdistill.recipes.codistill import CoTrainer, build_models, codistill_losses, run_codistill
+from lmdistill.recipes.codistill import codistill_losses, codistill_recipe, run_codistill
+from lmdistill.recipes.common import build_co_setup
 from lmdistill.train.logging import read_log
+from lmdistill.train.loop import StepLoss, Trained, Trainer
 
 TEACHER_ARCH = "{model_type: llama, hidden_size: 48, intermediate_size: 96, num_hidden_layers: 2}"
 STUDENT_ARCH = "{hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1}"
@@ -48,11 +49,11 @@ def _cfg(tokenizer_dir: Path, data: Path, out: Path, **extra: str) -> CodistillC
     return load_config(CodistillConfig, None, _overrides(tokenizer_dir, data, out, **extra))
 
 
-def _trainer(cfg: CodistillConfig) -> CoTrainer:
-    setup = build_models(cfg)
-    splits = build_splits(cfg.data, setup.tokenizer)
-    return CoTrainer(cfg, teacher=setup.teacher, student=setup.student, data=splits.train, n_vocab=setup.n_vocab,
-                     eval_blocks=splits.eval)
+def _trainer(cfg: CodistillConfig) -> Trainer:
+    """The co-distillation recipe on the one loop, stepped by hand."""
+    r = codistill_recipe(cfg)
+    return Trainer(cfg.train, models=r.models, data=r.data, loss_fn=r.loss, eval_fn=r.evaluate, state=r.state,
+                   on_step=r.on_step)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -62,8 +63,8 @@ def _trainer(cfg: CodistillConfig) -> CoTrainer:
 @pytest.mark.parametrize("fused", [False, True])
 def test_teacher_gradients_never_see_the_students_kd_term_unless_mutual(tokenizer_dir, text_file, tmp_path, fused):
     cfg = _cfg(tokenizer_dir, text_file, tmp_path, **{"loss.fused": str(fused).lower(), "loss.kind": "jsd"})
-    setup = build_models(cfg)
-    batch = build_splits(cfg.data, setup.tokenizer).train.batch([0, 1, 2])
+    setup = build_co_setup(cfg)
+    batch = setup.splits.train.batch([0, 1, 2])
     teacher, student = setup.teacher, setup.student
 
     def teacher_grads(a: float, mutual: float) -> dict[str, torch.Tensor]:
@@ -93,25 +94,23 @@ def test_teacher_gradients_never_see_the_students_kd_term_unless_mutual(tokenize
 
 def test_teacher_trains_exactly_as_alone_without_mutual(tokenizer_dir, text_file, tmp_path):
     """Loop level: the co-trained teacher ends bitwise where a CE-only teacher on the same batches ends."""
-    from lmdistill.train.loop import StepLoss, Trainer
-
     cfg = _cfg(tokenizer_dir, text_file, tmp_path / "co", **{"train.max_steps": "4", "train.grad_accum": "2"})
     co = _trainer(cfg)
     for step in range(4):
         co.train_step(step)
-    setup = build_models(cfg)  # same seeds: the same initial teacher
-    data = build_splits(cfg.data, setup.tokenizer).train
+    setup = build_co_setup(cfg)  # same seeds: the same initial teacher
+    data = setup.splits.train
     solo_train = cfg.train.model_copy(update={"output_dir": str(tmp_path / "solo")})
 
-    def ce(batch):
-        logits = solo.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return StepLoss(torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(),
-                                                          reduction="sum"))
+    def ce(models, batch, step):
+        logits = models["teacher"](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return {"teacher": StepLoss(torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(),
+                                                                      reduction="sum"))}
 
-    solo = Trainer(solo_train, model=setup.teacher, data=data, loss_fn=ce)
+    solo = Trainer(solo_train, models={"teacher": Trained(setup.teacher)}, data=data, loss_fn=ce)
     solo.fit()
-    co_teacher, _ = co.unwrapped()
-    for (n, p), q in zip(co_teacher.named_parameters(), solo.unwrapped.parameters(), strict=True):
+    co_teacher = co.unwrapped["teacher"]
+    for (n, p), q in zip(co_teacher.named_parameters(), solo.unwrapped["teacher"].parameters(), strict=True):
         assert torch.equal(p, q), n
 
 
@@ -119,7 +118,7 @@ def test_teacher_update_every_k_steps(tokenizer_dir, text_file, tmp_path):
     cfg = _cfg(tokenizer_dir, text_file, tmp_path, **{"teacher.update_every": "2", "train.max_steps": "4",
                                                       "train.max_grad_norm": "null"})
     tr = _trainer(cfg)
-    teacher, student = tr.unwrapped()
+    teacher, student = tr.unwrapped["teacher"], tr.unwrapped["student"]
 
     def snap(m):
         return [p.detach().clone() for p in m.parameters()]
@@ -129,12 +128,11 @@ def test_teacher_update_every_k_steps(tokenizer_dir, text_file, tmp_path):
     t1, s1 = snap(teacher), snap(student)
     rec1 = tr.train_step(1)
     t2, s2 = snap(teacher), snap(student)
-    assert rec0["teacher_updated"] == 1.0 and rec1["teacher_updated"] == 0.0
     assert rec0["grad_norm_teacher"] > 0 and "grad_norm_teacher" not in rec1  # unclipped norms are still logged
     assert any(not torch.equal(a, b) for a, b in zip(t0, t1, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(t1, t2, strict=True))
     assert any(not torch.equal(a, b) for a, b in zip(s1, s2, strict=True))
-    assert tr.sched_t.last_epoch == 1 and tr.sched_s.last_epoch == 2
+    assert tr.schedulers["teacher"].last_epoch == 1 and tr.schedulers["student"].last_epoch == 2
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -211,7 +209,7 @@ def test_dynamic_weight_grows_with_the_teacher_and_falls_when_it_is_made_worse(t
     a = [tr.train_step(step)["a"] for step in range(10)]
     assert a[0] == 0.0 and a[-1] == pytest.approx(0.8), a
     assert a[-1] > a[1]
-    teacher, _ = tr.unwrapped()
+    teacher = tr.unwrapped["teacher"]
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in teacher.parameters():
@@ -227,7 +225,7 @@ def test_teacher_can_start_from_a_checkpoint(tokenizer, tokenizer_dir, text_file
     saved = make_model(tmp_path / "ckpt", tokenizer, hidden=24, layers=1, seed=5)
     cfg = _cfg(tokenizer_dir, text_file, tmp_path / "run", **{
         "teacher.init": "pretrained", "teacher.name_or_path": str(tmp_path / "ckpt")})
-    teacher = build_models(cfg).teacher
+    teacher = build_co_setup(cfg).teacher
     assert teacher.config.hidden_size == 24
     for (n, p), q in zip(teacher.named_parameters(), saved.parameters(), strict=True):
         assert torch.equal(p, q), n

@@ -143,19 +143,19 @@ def test_student_from_arch_and_lora(teacher_dir, tokenizer):
     teacher = load_causal_lm(str(teacher_dir))
     student = build_student(StudentConfig(init="config", arch={"hidden_size": 16, "num_hidden_layers": 1,
                                                                "intermediate_size": 32}),
-                            None, teacher.config, len(tokenizer))
+                            tokenizer, teacher_config=teacher.config)
     assert student.config.hidden_size == 16 and student.config.vocab_size == len(tokenizer)
     lora = apply_lora(student, LoraConfig(enabled=True, r=4, target_modules=["q_proj", "v_proj"]))
     trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     with pytest.raises(ConfigError, match=r"\['wq'\] do not exist.*q_proj"):
         apply_lora(build_student(StudentConfig(init="config", arch={"hidden_size": 16, "num_hidden_layers": 1}),
-                                 None, teacher.config, len(tokenizer)),
+                                 tokenizer, teacher_config=teacher.config),
                    LoraConfig(enabled=True, target_modules=["wq"]))
     # a misspelt field would be stored by transformers and silently ignored: the student would not be what was asked
     with pytest.raises(ConfigError, match=r"student.arch has field\(s\) \['hiden_size'\].*hidden_size"):
-        build_student(StudentConfig(init="config", arch={"hiden_size": 16, "num_hidden_layers": 1}), None,
-                      teacher.config, len(tokenizer))
+        build_student(StudentConfig(init="config", arch={"hiden_size": 16, "num_hidden_layers": 1}), tokenizer,
+                      teacher_config=teacher.config)
 
 
 def test_tokenizer_fingerprint_tracks_the_vocab(tokenizer_dir, tmp_path):

@@ -69,7 +69,7 @@ PROBE = textwrap.dedent(
             counts["log_writes"] += 1
         return orig_log(self, step, record)
     RunLogger.log = log
-    common.save_student = counting("students_saved", common.save_student)  # the end of every run: finish_run
+    common.save_model = counting("students_saved", common.save_model)  # the end of every run: finish_run
     common.write_summary = counting("summaries", common.write_summary)
 
     runs, current = [], []

@@ -14,7 +14,8 @@ from conftest import SUBJECTS, soft_overrides
 from lmdistill.config import HardConfig, load_config
 from lmdistill.data import IGNORE, pack_text
 from lmdistill.errors import ConfigError
-from lmdistill.recipes.hard import _setup, cached_top1, hard_step_loss, run_hard, teacher_argmax
+from lmdistill.recipes.common import build_setup
+from lmdistill.recipes.hard import cached_top1, hard_step_loss, run_hard, teacher_argmax
 from lmdistill.teachers import HFTeacher
 from lmdistill.train.logging import read_log
 
@@ -63,7 +64,7 @@ def test_token_labels_are_the_teacher_argmax_and_the_loss_uses_them(teacher_dir,
     batch["labels"][2, 10:] = IGNORE
     mask = batch["labels"] != IGNORE
 
-    labels = teacher_argmax(HFTeacher(teacher, n_vocab).hidden(batch), mask, chunk_size=7)  # several chunks
+    labels = teacher_argmax(HFTeacher(teacher, n_vocab).targets(batch), mask, chunk_size=7)  # several chunks
     with torch.no_grad():
         ref_logits = teacher(input_ids=batch["input_ids"]).logits[..., :n_vocab]
     ref = ref_logits.argmax(-1)
@@ -119,7 +120,7 @@ def test_token_mode_from_a_k1_cache_matches_the_teacher_and_needs_no_teacher(tea
     # No teacher at that path: the run must take every label from the cache.
     cfg = hard_config(tmp_path / "no-teacher", student_dir, text_file, tmp_path / "run", **data, **{
         "teacher_cache": str(tmp_path / "cache"), "train.max_steps": "20", "train.eval_batches": "3"})
-    setup = _setup(cfg, load_teacher=False)
+    setup = build_setup(cfg, teacher=False)
     splits = {"train": setup.splits.train, "eval": setup.splits.eval}
     n = len(tokenizer)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
@@ -163,7 +164,7 @@ def test_sequence_mode_learns_only_completion_tokens(completions, teacher_dir, s
     records = [json.loads(line) for line in completions.read_text().splitlines()]
     assert len(records) >= 30 and all(r["messages"][-1]["role"] == "assistant" for r in records)
     cfg = hard_config(teacher_dir, student_dir, completions, tmp_path / "run", **sequence_args(completions))
-    setup = _setup(cfg, load_teacher=False)
+    setup = build_setup(cfg, teacher=False)
     assert setup.teacher is None  # sequence mode never needs the teacher model
     ends = {r["completion"] + "<|im_end|>\n" for r in records}
     prompts = {r["prompt"] for r in records}

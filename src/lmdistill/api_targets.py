@@ -39,7 +39,7 @@ from lmdistill.config import DataConfig
 from lmdistill.data import IGNORE, TokenBlocks, chat_blocks, conversation, render_chat
 from lmdistill.errors import DataError
 from lmdistill.losses import LOGPROB_FLOOR
-from lmdistill.losses.fused import SparseTargets
+from lmdistill.losses.sparse import SparseTargets
 
 log = logging.getLogger(__name__)
 

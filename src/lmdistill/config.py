@@ -6,6 +6,7 @@ the file. An unknown or invalid field is refused with one message naming it and 
 
 from __future__ import annotations
 
+import re
 import types
 import typing
 from pathlib import Path
@@ -18,6 +19,7 @@ from lmdistill.errors import ConfigError
 
 DivergenceKind = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
 Precision = Literal["fp32", "bf16", "fp16"]
+FusedBackend = Literal["auto", "torch", "triton"]
 
 
 class BaseConfig(BaseModel):
@@ -78,8 +80,8 @@ class StudentConfig(BaseConfig):
         return self
 
 
-class DataConfig(BaseConfig):
-    """Where text comes from and how it becomes fixed-length blocks."""
+class SourceConfig(BaseConfig):
+    """A dataset: a local file or directory, a hub dataset, or an embedded one."""
 
     source: str = Field(
         "embedded:wikipedia",
@@ -88,6 +90,11 @@ class DataConfig(BaseConfig):
     )
     hub_config: str | None = Field(None, description="Hub dataset configuration name.")
     split: str = Field("train", description="Split to read.")
+
+
+class DataConfig(SourceConfig):
+    """Where text comes from and how it becomes fixed-length blocks."""
+
     stage: Literal["pretrain", "chat"] = Field(
         "pretrain",
         description="`pretrain`: raw text, tokenised and packed into blocks; `chat`: conversations rendered with the "
@@ -113,19 +120,30 @@ class DataConfig(BaseConfig):
     )
 
 
-class LossConfig(BaseConfig):
+class DivergenceConfig(BaseConfig):
+    """The divergence between two models' distributions, and how it is computed."""
+
     kind: DivergenceKind = Field("forward_kl", description="Divergence between teacher and student distributions.")
     beta: float = Field(
         0.5, ge=0.0, le=1.0, description="jsd: interpolation (0 = forward KL, 1 = reverse KL); skew_*: the skew."
     )
     temperature: float = Field(1.0, gt=0.0, description="Softens both distributions; the loss is multiplied by T^2.")
-    alpha: float = Field(
-        0.9, ge=0.0, le=1.0, description="Total loss = alpha * divergence + (1 - alpha) * cross-entropy."
-    )
     fused: bool = Field(
         True,
         description="Use the chunked fused divergence (never materialises [tokens, vocab] logits of both models); "
         "false forces the reference path.",
+    )
+    backend: FusedBackend = Field(
+        "auto",
+        description="Kernel of the fused loss: `torch` (chunked torch ops, any device), `triton` (opt-in, CUDA: the "
+        "element-wise part in a Triton kernel), `auto` (torch until the Triton kernel has passed the GPU checks in "
+        "benchmarks/gpu/).",
+    )
+
+
+class LossConfig(DivergenceConfig):
+    alpha: float = Field(
+        0.9, ge=0.0, le=1.0, description="Total loss = alpha * divergence + (1 - alpha) * cross-entropy."
     )
 
 
@@ -217,11 +235,11 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -271,7 +289,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         data, source = loaded, str(p)
     if overrides:
         extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
-        data = _deep_merge(data, extra)
+        data = deep_merge(data, extra)
         source += " + command-line overrides"
     try:
         return cls.model_validate(data)
@@ -283,14 +301,19 @@ def dump_config(cfg: BaseModel, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
-class SoftConfig(BaseConfig):
-    """`lmdistill soft`: soft-label distillation with an online teacher (or a soft-label cache)."""
+class StudentRunConfig(BaseConfig):
+    """What every run that trains a student from a teacher names: the teacher, the student, the data, the training."""
 
     teacher: ModelConfig = Field(default_factory=ModelConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
     data: DataConfig = Field(default_factory=DataConfig)
-    loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+class SoftConfig(StudentRunConfig):
+    """`lmdistill soft`: soft-label distillation with an online teacher (or a soft-label cache)."""
+
+    loss: LossConfig = Field(default_factory=LossConfig)
     teacher_cache: str | None = Field(
         None,
         description="A soft-label cache directory written by `lmdistill label`: train from its sparse targets with no "
@@ -355,7 +378,7 @@ class HardLossConfig(BaseConfig):
     )
 
 
-class HardConfig(BaseConfig):
+class HardConfig(StudentRunConfig):
     """`lmdistill hard`: hard-label distillation on the teacher's argmax tokens (token) or its text (sequence)."""
 
     mode: Literal["token", "sequence"] = Field(
@@ -365,9 +388,6 @@ class HardConfig(BaseConfig):
         "`sequence`: supervised fine-tuning on teacher completions (a `lmdistill generate` JSONL, data.stage=chat, "
         "loss on the completion only; no teacher model is needed).",
     )
-    teacher: ModelConfig = Field(default_factory=ModelConfig)
-    student: StudentConfig = Field(default_factory=StudentConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
     loss: HardLossConfig = Field(default_factory=HardLossConfig)
     teacher_cache: str | None = Field(
         None,
@@ -474,14 +494,9 @@ class CodistillWeightConfig(BaseConfig):
         return self
 
 
-class CodistillLossConfig(BaseConfig):
+class CodistillLossConfig(DivergenceConfig):
     """Student: a(t)*divergence(student, teacher.detach()) + (1-a(t))*CE; teacher: (1-mutual)*CE + mutual*KD."""
 
-    kind: DivergenceKind = Field("forward_kl", description="Divergence between teacher and student distributions.")
-    beta: float = Field(
-        0.5, ge=0.0, le=1.0, description="jsd: interpolation (0 = forward KL, 1 = reverse KL); skew_*: the skew."
-    )
-    temperature: float = Field(1.0, gt=0.0, description="Softens both distributions; the loss is multiplied by T^2.")
     fused: bool = Field(
         False,
         description="Chunked fused losses from hidden states (never materialise [tokens, vocab] logits); worth it for "
@@ -583,4 +598,89 @@ class EstimateConfig(BaseConfig):
             raise ValueError("give --vocab and --tokens (a corpus on paper), or --cache DIR (a real cache)")
         if any(v < 1 for v in self.k) or any(v < 1 for v in self.draws):
             raise ValueError(f"k and draws must be positive integers, got k={self.k}, draws={self.draws}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# comparisons (`lmdistill compare`, `lmdistill demo`)
+
+
+class GenerationOptions(BaseConfig):
+    """Prompts and sampling for the side-by-side generations of teacher and students."""
+
+    prompts: list[str] = Field(
+        default_factory=list,
+        description="Prompt texts (chat data: user messages, rendered with the chat template). Empty: the first "
+        "`prompt_tokens` tokens of the first `n_prompts` held-out blocks (chat blocks: their prompt part).",
+    )
+    n_prompts: int = Field(3, ge=0, description="Prompts taken from the held-out blocks when `prompts` is empty.")
+    prompt_tokens: int = Field(16, ge=1, description="Tokens of a held-out block used as its prompt (raw text).")
+    max_new_tokens: int = Field(32, ge=1, description="Tokens generated per prompt.")
+    temperature: float = Field(0.8, gt=0.0, description="Temperature of the sampled generation (greedy is also shown).")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus mass of the sampled generation.")
+    seed: int = Field(0, description="Seed of the sampled generation; the same for every model.")
+
+
+class ArmSpec(BaseConfig):
+    """One arm of a comparison: a registered kind, a name for the report, and overrides of that kind's config."""
+
+    name: str = Field(description="Row name in the report (letters, digits, `_`, `-`, `.`).")
+    kind: str = Field(description="One of the registered arm kinds: " + ", ".join(
+        ["ce", "soft", "cached_topk", "cached_sampled", "hard_token", "hard_sequence", "codistill"]) + ".")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Fields of the arm's training config, dotted or nested (e.g. {loss.kind: reverse_kl}). Data, "
+        "student, teacher, step budget and seed are shared by all arms and cannot be overridden here.",
+    )
+    prepare: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Fields of the arm's preparation step (the `label` config of cached arms, the `generate` config of "
+        "hard_sequence), dotted or nested.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", value) or value == "teacher":
+            raise ValueError(f"arm names are letters, digits, `_`, `-`, `.` and not `teacher` (used for the "
+                             f"reference row), got {value!r}")
+        return value
+
+
+def default_arms() -> list[ArmSpec]:
+    return [
+        ArmSpec(name="ce", kind="ce"),
+        ArmSpec(name="soft", kind="soft"),
+        ArmSpec(name="cached_topk", kind="cached_topk"),
+        ArmSpec(name="cached_sampled", kind="cached_sampled"),
+        ArmSpec(name="hard_token", kind="hard_token"),
+        ArmSpec(name="hard_sequence", kind="hard_sequence"),
+        ArmSpec(name="codistill", kind="codistill"),
+    ]
+
+
+class CompareConfig(StudentRunConfig):
+    """`lmdistill compare`: run several arms on the same data, student init, steps and seed; write a report."""
+
+    title: str = Field("lmdistill: distillation methods compared", description="Heading of the report.")
+    loss: LossConfig = Field(default_factory=LossConfig, description="The divergence of the soft-label arms.")
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(output_dir="runs/compare"),
+        description="Shared by every arm; arm i writes to <output_dir>/arms/<name>. Held-out metrics use "
+        "micro_batch_size x eval_batches blocks, during training (learning curves) and in the final scoring.",
+    )
+    generation: GenerationOptions = Field(default_factory=GenerationOptions)
+    arms: list[ArmSpec] = Field(default_factory=default_arms, description="The arms, run in this order.")
+    fail_fast: bool = Field(
+        False, description="Stop at the first arm that fails (default: record the failure in the report and go on)."
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> CompareConfig:
+        names = [a.name for a in self.arms]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"arm names must be unique; repeated: {dupes}")
+        if not self.arms:
+            raise ValueError("compare needs at least one arm")
         return self

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from lmdistill.config import BaseConfig, DataConfig, ModelConfig
+from lmdistill.config import BaseConfig, DataConfig, GenerationOptions, ModelConfig
 from lmdistill.data import IGNORE, TokenBlocks
+from lmdistill.io import write_json
 
 ECE_BINS = 15
 
@@ -204,22 +205,6 @@ def evaluate_models(models: Mapping[str, nn.Module], blocks: TokenBlocks, *, n_v
 
 # ---------------------------------------------------------------------------------------------------------------------
 # generations side by side
-
-
-class GenerationOptions(BaseConfig):
-    """Prompts and sampling for the side-by-side generations of teacher and students."""
-
-    prompts: list[str] = Field(
-        default_factory=list,
-        description="Prompt texts (chat data: user messages, rendered with the chat template). Empty: the first "
-        "`prompt_tokens` tokens of the first `n_prompts` held-out blocks (chat blocks: their prompt part).",
-    )
-    n_prompts: int = Field(3, ge=0, description="Prompts taken from the held-out blocks when `prompts` is empty.")
-    prompt_tokens: int = Field(16, ge=1, description="Tokens of a held-out block used as its prompt (raw text).")
-    max_new_tokens: int = Field(32, ge=1, description="Tokens generated per prompt.")
-    temperature: float = Field(0.8, gt=0.0, description="Temperature of the sampled generation (greedy is also shown).")
-    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus mass of the sampled generation.")
-    seed: int = Field(0, description="Seed of the sampled generation; the same for every model.")
 
 
 def prompts_from_blocks(blocks: TokenBlocks, n: int, prompt_tokens: int) -> list[Tensor]:
@@ -438,8 +423,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.lm_eval:
         result["lm_eval"] = run_lm_eval(student, tok, cfg.lm_eval, limit=cfg.lm_eval_limit, batch_size=cfg.batch_size)
     out = Path(cfg.output) if cfg.output else _default_output(cfg.student.name_or_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_json(out, result, "evaluation result")
     result["output"] = str(out)
     return result
 

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from lmdistill.assets import EMBEDDED_TEACHER, teacher_dir
-from lmdistill.config import LoraConfig, ModelConfig, Precision, StudentConfig
+from lmdistill.config import CoModelConfig, LoraConfig, ModelConfig, Precision, StudentConfig
 from lmdistill.errors import ConfigError, ModelLoadError, VocabMismatchError
+from lmdistill.losses.head import Head
 
 log = logging.getLogger(__name__)
 
@@ -178,21 +179,32 @@ def _decoder_layers(model: Any) -> nn.ModuleList:
     return layers
 
 
-def model_from_arch(arch: dict[str, Any], base_config: Any, n_vocab: int) -> nn.Module:
-    """A randomly initialised causal LM: `arch` fields on top of `base_config` (the teacher's), vocab from the tokenizer."""
+def model_from_arch(arch: dict[str, Any], base_config: Any, tokenizer: Any, what: str = "student") -> nn.Module:
+    """A randomly initialised causal LM from transformers config fields `arch`.
+
+    With `base_config` (the teacher's) the fields replace those of that config; without one `arch` names the whole
+    architecture (`model_type` included) and the special-token ids come from `tokenizer`. The vocab size is the
+    tokenizer's unless set.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    fields = base_config.to_dict()
-    fields.update(arch)
-    model_type = fields.pop("model_type")
-    fields.setdefault("vocab_size", n_vocab)
+    fields = base_config.to_dict() if base_config is not None else {}
     for key in ("architectures", "_name_or_path", "transformers_version", "dtype", "torch_dtype"):
         fields.pop(key, None)
+    fields.update(arch)
+    model_type = fields.pop("model_type")
+    fields.setdefault("vocab_size", len(tokenizer))
+    if base_config is None:
+        eos = tokenizer.eos_token_id
+        fields.setdefault("eos_token_id", eos)
+        fields.setdefault("bos_token_id", tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos)
+        fields.setdefault("pad_token_id", tokenizer.pad_token_id)
     try:
         config = AutoConfig.for_model(model_type, **fields)
-    except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"student.arch is not a valid `{model_type}` config: {e}") from None
-    check_arch_fields(config, {k: v for k, v in arch.items() if k != "model_type"}, "student")
+    except Exception as e:  # noqa: BLE001  (transformers raises several kinds for a bad field)
+        raise ConfigError(f"{what}.arch is not a valid `{model_type}` config: {e}") from None
+    check_arch_fields(config, {k: v for k, v in (fields if base_config is None else arch).items()
+                               if k != "model_type"}, what)
     return AutoModelForCausalLM.from_config(config)
 
 
@@ -232,24 +244,28 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     return get_peft_model(model, peft_cfg)
 
 
-def build_student(cfg: StudentConfig, teacher: nn.Module | None, teacher_config: Any, n_vocab: int,
-                  seed: int = 0) -> nn.Module:
-    """The student as the config asks: pretrained checkpoint, random init from `arch`, or pruned from the teacher."""
+def build_student(cfg: StudentConfig | CoModelConfig, tokenizer: Any, *, teacher: nn.Module | None = None,
+                  teacher_config: Any = None, seed: int = 0, what: str = "student") -> nn.Module:
+    """A trainable model as `cfg` asks: a pretrained checkpoint, random init from `arch` (on top of the teacher's config
+    when there is one), or pruned from the teacher's layers; then its dtype, and LoRA adapters when configured.
+
+    Every recipe builds its student here (co-distillation its co-trained teacher too, from a `CoModelConfig`).
+    """
     torch.manual_seed(seed)
     if cfg.init == "pretrained":
         model = load_causal_lm(
             ModelConfig(name_or_path=cfg.name_or_path or "", dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
         )
     elif cfg.init == "config":
-        model = model_from_arch(cfg.arch, teacher_config, n_vocab)
+        model = model_from_arch(cfg.arch, teacher_config, tokenizer, what)
     else:
-        if teacher is None:
+        if teacher is None or not isinstance(cfg, StudentConfig):
             raise ConfigError("student.init=prune needs the teacher model; with a teacher cache use init=pretrained")
         model = prune_layers(teacher, cfg.keep_layers)
     model = model.to(DTYPES[cfg.dtype])
     model.requires_grad_(True)
     model.train()
-    if cfg.lora.enabled:
+    if isinstance(cfg, StudentConfig) and cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
     return model
 
@@ -270,12 +286,37 @@ def decoder_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     return out.hidden_states[-1]
 
 
-def lm_head_of(model: Any) -> tuple[torch.Tensor, torch.Tensor | None, float, float | None]:
-    """(weight [V_rows, H], bias or None, logit scale, final softcap or None) of a causal LM's output layer."""
+def lm_head(model: Any, n_vocab: int) -> Head:
+    """A causal LM's output layer (tied or not) as a `Head`, sliced to the first `n_vocab` rows: the only way any code
+    reads an lm_head, for the student and the teacher.
+
+    Embedding matrices are often padded past the tokenizer (Qwen2.5: 151,936 rows for 151,665 tokens); only the first
+    `n_vocab` rows are real tokens. The logit post-processing is the model's own: Cohere's `logit_scale` multiplies
+    the linear output, Granite's `logits_scaling` divides it, Gemma 2's `final_logit_softcapping` caps it.
+
+    Raises:
+        ConfigError: the model has no output layer, its lm_head carries a (LoRA) adapter whose delta the fused losses
+            would ignore, or it has fewer than `n_vocab` rows.
+    """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base = getattr(base, "module", base)
-    head = base.get_output_embeddings()
-    cfg = base.config
+    base = getattr(base, "module", base)  # DDP
+    head = base.get_output_embeddings() if callable(getattr(base, "get_output_embeddings", None)) else None
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise ConfigError(f"{type(base).__name__} has no lm_head (get_output_embeddings() returned {head!r}); "
+                          "lmdistill distils *ForCausalLM models")
+    if hasattr(head, "base_layer"):
+        raise ConfigError(
+            "the lm_head carries an adapter (LoRA on lm_head): the fused losses read its base weight and would ignore "
+            "the adapter. Leave lm_head out of student.lora.target_modules, or set --loss.fused false"
+        )
+    if head.weight.shape[0] < n_vocab:
+        raise VocabMismatchError(f"{type(base).__name__} scores {head.weight.shape[0]} tokens, fewer than the shared "
+                                 f"vocabulary of {n_vocab}; resize its embeddings to its tokenizer")
+    cfg = base.config.get_text_config() if callable(getattr(base.config, "get_text_config", None)) else base.config
     scale = float(getattr(cfg, "logit_scale", None) or 1.0)
+    if getattr(cfg, "logits_scaling", None):
+        scale = 1.0 / float(cfg.logits_scaling)
     softcap = getattr(cfg, "final_logit_softcapping", None)
-    return head.weight, getattr(head, "bias", None), scale, (float(softcap) if softcap else None)
+    bias = getattr(head, "bias", None)
+    return Head(head.weight[:n_vocab], None if bias is None else bias[:n_vocab], scale,
+                float(softcap) if softcap else None)

@@ -1,22 +1,22 @@
 """Where distillation targets come from, separate from how they are scored (lmdistill.losses).
 
-A teacher turns a batch into targets: dense logits [B, T, V] or the hidden states + output layer that produce them
-(online, `HFTeacher`), or sparse top-k / sampled targets (any `SparseTeacher`: a soft-label cache,
+A teacher turns a batch into targets: the hidden states + `Head` that produce its logits (online, `HFTeacher`;
+its [B, T, V] logits on the reference path), or sparse top-k / sampled targets (any `SparseTeacher`: a soft-label cache,
 `lmdistill.cache.reader.CachedTeacher`, or API log-probs riding in the batch, `lmdistill.api_targets.InBatchTeacher`).
 The student's loss takes whichever the teacher gives.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
 from lmdistill.errors import NonFiniteError
-from lmdistill.losses.fused import SparseTargets
-from lmdistill.models import decoder_hidden, lm_head_of
+from lmdistill.losses.head import Hidden
+from lmdistill.losses.sparse import SparseTargets
+from lmdistill.models import decoder_hidden, lm_head
 
 
 class SparseTeacher(Protocol):
@@ -27,46 +27,37 @@ class SparseTeacher(Protocol):
         ...
 
 
-@dataclass
-class HiddenTargets:
-    """What the fused loss needs from an online teacher: hidden [B, T, H_t] and the output layer, rows = shared vocab."""
-
-    hidden: Tensor
-    weight: Tensor
-    bias: Tensor | None
-    logit_scale: float
-    softcap: float | None
-
-
-def project_logits(t: HiddenTargets) -> Tensor:
-    """[B, T, V] logits from hidden states, exactly as the model's own head computes them."""
-    logits = torch.nn.functional.linear(t.hidden, t.weight, t.bias) * t.logit_scale
-    if t.softcap is not None:
-        logits = t.softcap * torch.tanh(logits / t.softcap)
-    return logits
+def model_outputs(model: nn.Module, batch: dict[str, Tensor], n_vocab: int, fused: bool) -> Hidden | Tensor:
+    """What a loss takes from `model` on `batch`: its hidden states and head (fused losses, no [B, T, V] logits), or
+    its [B, T, V] logits from its own forward (the reference path, and the one that works where weights are shards)."""
+    if fused:
+        return Hidden(decoder_hidden(model, batch["input_ids"], batch.get("attention_mask")), lm_head(model, n_vocab))
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+    return out.logits[..., :n_vocab]
 
 
 class HFTeacher:
-    """A frozen Hugging Face causal LM running online in the training step."""
+    """A frozen Hugging Face causal LM running online in the training step.
+
+    `model` is replaced by its engine-placed copy (device, FSDP shards, ZeRO-3 engine) once the student is prepared.
+    """
 
     def __init__(self, model: nn.Module, n_vocab: int) -> None:
         self.model = model
         self.n_vocab = n_vocab
 
     @torch.no_grad()
-    def hidden(self, batch: dict[str, Tensor]) -> HiddenTargets:
-        h = decoder_hidden(self.model, batch["input_ids"], batch.get("attention_mask"))
-        check_finite(h, "hidden states", batch.get("attention_mask"))
-        weight, bias, scale, softcap = lm_head_of(self.model)
-        return HiddenTargets(
-            hidden=h, weight=weight[: self.n_vocab], bias=None if bias is None else bias[: self.n_vocab],
-            logit_scale=scale, softcap=softcap,
-        )
+    def targets(self, batch: dict[str, Tensor]) -> Hidden:
+        out = model_outputs(self.model, batch, self.n_vocab, fused=True)
+        assert isinstance(out, Hidden)
+        check_finite(out.hidden, "hidden states", batch.get("attention_mask"))
+        return out
 
     @torch.no_grad()
     def logits(self, batch: dict[str, Tensor]) -> Tensor:
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
-        logits = out.logits[..., : self.n_vocab]
+        """[B, T, V] logits from the model's own forward (the path that works where its weights are shards)."""
+        logits = model_outputs(self.model, batch, self.n_vocab, fused=False)
+        assert isinstance(logits, Tensor)
         check_finite(logits, "logits", batch.get("attention_mask"))
         return logits
 

@@ -31,8 +31,8 @@ from lmdistill.cache.format import (
 )
 from lmdistill.data import IGNORE, TokenBlocks
 from lmdistill.errors import CacheError
-from lmdistill.losses import sparse_divergence_sum_and_count
-from lmdistill.losses.fused import SparseTargets
+from lmdistill.losses import sparse_divergence
+from lmdistill.losses.sparse import SparseTargets
 from lmdistill.teachers import SparseTeacher
 
 _TEMPERATURE_TOL = 1e-6
@@ -308,9 +308,9 @@ def evaluate_with_cache(student: nn.Module, cached: SparseTeacher, blocks: Token
         sums.add(logits, labels)
         t = cached.targets(batch)
         mask = labels != IGNORE
-        kl += float(sparse_divergence_sum_and_count(
+        kl += float(sparse_divergence(
             logits, t.ids, t.logprobs, "forward_kl", tail_logprob=t.tail_logprob, target_weights=t.weights,
-            estimator=t.estimator, mask=mask)[0])
+            estimator=t.estimator, mask=mask, reduction="sum"))
         best = t.logprobs.masked_fill(t.ids < 0, float("-inf")).argmax(-1, keepdim=True)
         teacher_top1 = t.ids.gather(-1, best).squeeze(-1)
         agree += float(((logits.argmax(-1) == teacher_top1) & mask).sum())

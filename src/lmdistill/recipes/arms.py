@@ -24,63 +24,38 @@ import gc
 import importlib
 import math
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from pydantic import BaseModel, Field, ValidationError, field_validator
-from torch import Tensor
+from pydantic import BaseModel, ValidationError
 
-from lmdistill.config import BaseConfig, SoftConfig, format_validation_error
+from lmdistill.cache.estimate import describe_encoding, measure_cache
+from lmdistill.config import (
+    ArmSpec,
+    CodistillConfig,
+    CompareConfig,
+    HardConfig,
+    LabelConfig,
+    SoftConfig,
+    deep_merge,
+    format_validation_error,
+)
 from lmdistill.errors import ConfigError, LmdistillError
-
-if TYPE_CHECKING:
-    from lmdistill.recipes.compare import CompareConfig
-
-
-class ArmSpec(BaseConfig):
-    """One arm of a comparison: a registered kind, a name for the report, and overrides of that kind's config."""
-
-    name: str = Field(description="Row name in the report (letters, digits, `_`, `-`, `.`).")
-    kind: str = Field(description="One of the registered arm kinds: " + ", ".join(
-        ["ce", "soft", "cached_topk", "cached_sampled", "hard_token", "hard_sequence", "codistill"]) + ".")
-    overrides: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Fields of the arm's training config, dotted or nested (e.g. {loss.kind: reverse_kl}). Data, "
-        "student, teacher, step budget and seed are shared by all arms and cannot be overridden here.",
-    )
-    prepare: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Fields of the arm's preparation step (the `label` config of cached arms, the `generate` config of "
-        "hard_sequence), dotted or nested.",
-    )
-
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", value) or value == "teacher":
-            raise ValueError(f"arm names are letters, digits, `_`, `-`, `.` and not `teacher` (used for the "
-                             f"reference row), got {value!r}")
-        return value
-
-
-def default_arms() -> list[ArmSpec]:
-    return [
-        ArmSpec(name="ce", kind="ce"),
-        ArmSpec(name="soft", kind="soft"),
-        ArmSpec(name="cached_topk", kind="cached_topk"),
-        ArmSpec(name="cached_sampled", kind="cached_sampled"),
-        ArmSpec(name="hard_token", kind="hard_token"),
-        ArmSpec(name="hard_sequence", kind="hard_sequence"),
-        ArmSpec(name="codistill", kind="codistill"),
-    ]
-
+from lmdistill.generate import GenerateConfig, run_generate
+from lmdistill.generate.run import output_paths
+from lmdistill.generate.store import read_records
+from lmdistill.models import load_tokenizer
+from lmdistill.recipes.codistill import run_codistill
+from lmdistill.recipes.common import build_setup, save_model
+from lmdistill.recipes.hard import run_hard
+from lmdistill.recipes.label import run_label
+from lmdistill.recipes.soft import run_soft
 
 # ---------------------------------------------------------------------------------------------------------------------
 # resources: wall-clock and peak memory of one phase of an arm
@@ -247,18 +222,10 @@ def nest(overrides: dict[str, Any]) -> dict[str, Any]:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
-            node[parts[-1]] = _merge(node[parts[-1]], nest(value))
+            node[parts[-1]] = deep_merge(node[parts[-1]], nest(value))
         else:
             node[parts[-1]] = nest(value) if isinstance(value, dict) else value
     return out
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in extra.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
-            else value
-    return merged
 
 
 def _flat_keys(d: dict[str, Any], prefix: str = "") -> list[str]:
@@ -283,7 +250,7 @@ def recipe_config(cls: type[BaseModel], base: dict[str, Any], spec: ArmSpec, *, 
     """`cls` validated from the shared pieces `base` with the arm's overrides (or prepare fields) on top."""
     extra = nest(spec.overrides if what == "overrides" else spec.prepare)
     try:
-        return cls.model_validate(_merge(base, extra))
+        return cls.model_validate(deep_merge(base, extra))
     except ValidationError as e:
         raise ConfigError(format_validation_error(cls, e, f"arm `{spec.name}` ({spec.kind}) {what}")) from None
 
@@ -313,80 +280,16 @@ def id_bytes(n_vocab: int) -> float:
 # arm kinds available in the core: the CE baseline and online soft KD
 
 
-def run_ce_baseline(cfg: SoftConfig) -> dict[str, Any]:
-    """The student trained on ground-truth cross-entropy alone, the baseline every distillation arm must beat.
-
-    The teacher is loaded only to score held-out KL and agreement during evaluation; no teacher forward runs in a
-    training step, so the arm's wall-clock is the cost of plain training.
-    """
-    from lmdistill.evaluate import evaluate_blocks
-    from lmdistill.losses.chunked_ce import chunked_ce_sum_and_count
-    from lmdistill.models import decoder_hidden, lm_head_of
-    from lmdistill.recipes.common import build_setup, describe, write_summary
-    from lmdistill.teachers import HFTeacher
-    from lmdistill.train.loop import StepLoss, Trainer, make_accelerator, save_student
-
-    accelerator = make_accelerator(cfg.train)
-    setup = build_setup(cfg.teacher, cfg.student, cfg.data, cfg.train)
-    assert setup.teacher is not None
-    teacher = HFTeacher(setup.teacher.to(accelerator.device), setup.n_vocab)
-    info = describe(setup)
-    trainer: Trainer | None = None
-
-    def loss_fn(batch: dict[str, Tensor]) -> StepLoss:
-        assert trainer is not None
-        h = decoder_hidden(trainer.model, batch["input_ids"], batch["attention_mask"])
-        weight, bias, scale, softcap = lm_head_of(trainer.model)
-        ce, _ = chunked_ce_sum_and_count(h, weight[: setup.n_vocab], batch["labels"],
-                                         bias=None if bias is None else bias[: setup.n_vocab], logit_scale=scale,
-                                         softcap=softcap)
-        return StepLoss(ce, {"ce": ce})
-
-    def eval_fn(step: int) -> dict[str, float]:
-        assert trainer is not None
-        return evaluate_blocks(trainer.unwrapped, setup.splits.eval, n_vocab=setup.n_vocab,
-                               batch_size=cfg.train.micro_batch_size, max_batches=cfg.train.eval_batches,
-                               teacher_logits_fn=teacher.logits)
-
-    trainer = Trainer(cfg.train, model=setup.student, data=setup.splits.train, loss_fn=loss_fn,
-                      eval_fn=eval_fn if len(setup.splits.eval) else None, accelerator=accelerator,
-                      run_info={"recipe": "ce"})
-    result = trainer.fit()
-    summary: dict[str, Any] = {"recipe": "ce", **info, "steps": result.step, "final_train_loss": result.last_loss,
-                               "train_tokens_per_s": result.tokens_per_s}
-    if accelerator.is_main_process:
-        summary["student_dir"] = str(save_student(trainer.unwrapped, setup.tokenizer,
-                                                  Path(cfg.train.output_dir) / "student"))
-        summary["log"] = str(Path(cfg.train.output_dir) / "log.jsonl")
-        evals = eval_rows(cfg.train.output_dir)
-        if evals:
-            summary["eval_first"], summary["eval_last"] = evals[0], evals[-1]
-        write_summary(cfg.train.output_dir, cfg, summary)
-    accelerator.wait_for_everyone()
-    return summary
-
-
-def eval_rows(output_dir: str | Path) -> list[dict[str, Any]]:
-    """The held-out evaluations in a run's log.jsonl, `eval/` prefix removed, with their step."""
-    from lmdistill.train.logging import read_log
-
-    path = Path(output_dir) / "log.jsonl"
-    if not path.exists():
-        return []
-    return [{k.removeprefix("eval/"): v for k, v in r.items() if k.startswith("eval/") or k == "step"}
-            for r in read_log(path) if any(k.startswith("eval/") for k in r)]
-
-
 def _ce_arm(ctx: ArmContext) -> ArmOutcome:
-    cfg = recipe_config(SoftConfig, _shared(ctx), ctx.spec)
+    # `hard` at alpha = 0 computes no teacher label: the ground truth alone, the baseline every method must beat. The
+    # teacher only scores held-out KL and agreement, so the arm's wall-clock is the cost of plain training.
+    cfg = recipe_config(HardConfig, {**_shared(ctx, loss=False), "mode": "token", "loss": {"alpha": 0.0}}, ctx.spec)
     with ctx.monitor.phase("train"):
-        summary = run_ce_baseline(cfg)
+        summary = run_hard(cfg)
     return ArmOutcome(summary, 0.0, "no teacher data: ground-truth tokens only")
 
 
 def _soft_arm(ctx: ArmContext) -> ArmOutcome:
-    from lmdistill.recipes.soft import run_soft
-
     cfg = recipe_config(SoftConfig, _shared(ctx), ctx.spec)
     with ctx.monitor.phase("train"):
         summary = run_soft(cfg)
@@ -395,7 +298,7 @@ def _soft_arm(ctx: ArmContext) -> ArmOutcome:
 
 
 register_arm(ArmKind("ce", "cross-entropy on the ground truth (no teacher)", _ce_arm,
-                     (("lmdistill.recipes.soft", "run_soft"),)))
+                     (("lmdistill.recipes.hard", "run_hard"),)))
 register_arm(ArmKind("soft", "online soft KD: the frozen teacher's full distribution in every step", _soft_arm,
                      (("lmdistill.recipes.soft", "run_soft"),)))
 
@@ -406,11 +309,6 @@ register_arm(ArmKind("soft", "online soft KD: the frozen teacher's full distribu
 
 def _cached_arm(encoding: str) -> Callable[[ArmContext], ArmOutcome]:
     def run(ctx: ArmContext) -> ArmOutcome:
-        from lmdistill.cache.estimate import describe_encoding, measure_cache
-        from lmdistill.config import LabelConfig
-        from lmdistill.recipes.label import run_label
-        from lmdistill.recipes.soft import run_soft
-
         cfg = ctx.cfg
         # The cache stores log-probs at one temperature; the student's loss must use the same one.
         label_base = {"teacher": cfg.teacher.model_dump(), "data": cfg.data.model_dump(), "progress": cfg.train.progress,
@@ -445,9 +343,6 @@ register_arm(ArmKind("cached_sampled", "offline soft KD from a sampled (Random-S
 
 
 def _hard_token_arm(ctx: ArmContext) -> ArmOutcome:
-    from lmdistill.config import HardConfig
-    from lmdistill.recipes.hard import run_hard
-
     cfg = recipe_config(HardConfig, {**_shared(ctx, loss=False), "mode": "token"}, ctx.spec)
     with ctx.monitor.phase("train"):
         summary = run_hard(cfg)
@@ -456,13 +351,6 @@ def _hard_token_arm(ctx: ArmContext) -> ArmOutcome:
 
 
 def _hard_sequence_arm(ctx: ArmContext) -> ArmOutcome:
-    from lmdistill.config import HardConfig
-    from lmdistill.generate import GenerateConfig, run_generate
-    from lmdistill.generate.run import output_paths
-    from lmdistill.generate.store import read_records
-    from lmdistill.models import load_tokenizer
-    from lmdistill.recipes.hard import run_hard
-
     cfg = ctx.cfg
     # Enough prompts for one epoch of the step budget; the teacher answers each once.
     needed = cfg.train.max_steps * cfg.train.micro_batch_size * cfg.train.grad_accum
@@ -514,28 +402,14 @@ register_arm(ArmKind("hard_sequence", "hard labels: fine-tuning on text the teac
 
 
 def _codistill_arm(ctx: ArmContext) -> ArmOutcome:
-    from lmdistill.config import CodistillConfig
-    from lmdistill.models import build_student, load_teacher, load_tokenizer
-    from lmdistill.recipes.codistill import run_codistill
-    from lmdistill.train.loop import save_student
-
     cfg = ctx.cfg
     if cfg.student.lora.enabled:
         raise SkipArm("co-distillation trains full models; this comparison's student uses LoRA")
     with ctx.monitor.phase("prepare"):
         # The same initial student as every other arm, saved once so the co-distillation recipe can start from it.
-        tok = load_tokenizer(cfg.teacher.name_or_path, revision=cfg.teacher.revision,
-                             trust_remote_code=cfg.teacher.trust_remote_code)
-        teacher = load_teacher(cfg.teacher) if cfg.student.init == "prune" else None
-        config = teacher.config if teacher is not None else None
-        if config is None:
-            from lmdistill.recipes.common import _config_of
-
-            config = _config_of(cfg.teacher)
-        torch.manual_seed(cfg.train.seed)
-        student = build_student(cfg.student, teacher, config, len(tok), seed=cfg.train.seed)
-        init_dir = save_student(student, tok, ctx.out_dir / "initial_student")
-        del teacher, student
+        setup = build_setup(cfg, teacher=False, data=False)
+        init_dir = save_model(setup.student, setup.tokenizer, ctx.out_dir / "initial_student")
+        del setup
     loss = cfg.loss
     base = {
         "tokenizer": cfg.teacher.name_or_path,
@@ -543,7 +417,8 @@ def _codistill_arm(ctx: ArmContext) -> ArmOutcome:
                     "trust_remote_code": cfg.teacher.trust_remote_code},
         "student": {"init": "pretrained", "name_or_path": str(init_dir), "dtype": cfg.student.dtype},
         "data": cfg.data.model_dump(),
-        "loss": {"kind": loss.kind, "beta": loss.beta, "temperature": loss.temperature, "fused": loss.fused},
+        "loss": {"kind": loss.kind, "beta": loss.beta, "temperature": loss.temperature, "fused": loss.fused,
+                 "backend": loss.backend},
         "train": {**cfg.train.model_dump(), "output_dir": str(ctx.out_dir)},
     }
     co_cfg = recipe_config(CodistillConfig, base, ctx.spec)

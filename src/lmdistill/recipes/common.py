@@ -1,27 +1,32 @@
-"""Set-up shared by the recipes: teacher, tokenizer, student, shared vocab, data splits; the run's end (the
-exported student and its summary)."""
+"""What every recipe shares: the student and data set-up, and `run_recipe`, which takes a recipe's models, step loss
+and evaluation through accelerator -> engine check -> Trainer -> teacher placement -> fit -> export and summary."""
 
 from __future__ import annotations
 
-import json
-import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+from accelerate.utils import set_seed
 from torch import nn
 
-from lmdistill.config import DataConfig, ModelConfig, StudentConfig, TrainConfig, dump_config
-from lmdistill.data import DataSplits, build_splits, check_block_size
-from lmdistill.errors import write_failure
-from lmdistill.models import build_student, count_parameters, load_teacher, load_tokenizer, shared_vocab_size
-from lmdistill.train.distributed import shards_parameters
+from lmdistill.config import CodistillConfig, CoModelConfig, ModelConfig, StudentRunConfig, dump_config
+from lmdistill.data import DataSplits, TokenBlocks, build_splits, check_block_size
+from lmdistill.errors import ModelLoadError, write_failure
+from lmdistill.io import atomic_dir, write_json
+from lmdistill.models import (
+    build_student,
+    count_parameters,
+    load_teacher,
+    load_tokenizer,
+    resolve_model_path,
+    shared_vocab_size,
+)
+from lmdistill.teachers import HFTeacher
+from lmdistill.train.distributed import check_supported, prepare_frozen, shards_parameters
 from lmdistill.train.logging import read_log
-from lmdistill.train.loop import save_student
-
-log = logging.getLogger(__name__)
+from lmdistill.train.loop import EvalFn, LossFn, Stateful, StepHook, Trained, Trainer, make_accelerator
 
 
 @dataclass
@@ -30,94 +35,191 @@ class Setup:
     teacher: nn.Module | None
     student: nn.Module
     n_vocab: int
-    splits: DataSplits
+    splits: DataSplits | None
 
 
-def seed_everything(seed: int) -> None:
-    import random
+def build_setup(cfg: StudentRunConfig, *, teacher: bool, data: bool = True) -> Setup:
+    """The student (every recipe builds it here), the tokenizer that reads the data, the shared vocab, the data splits
+    (`data`), and the frozen teacher when the recipe runs it (`teacher`).
 
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def build_setup(teacher_cfg: ModelConfig, student_cfg: StudentConfig, data_cfg: DataConfig, train_cfg: TrainConfig,
-                *, load_teacher_model: bool = True) -> Setup:
-    """Teacher (frozen) + its tokenizer, the student, the shared vocab size and tokenised data."""
-    seed_everything(train_cfg.seed)
-    t_tok = load_tokenizer(teacher_cfg.name_or_path, revision=teacher_cfg.revision,
-                           trust_remote_code=teacher_cfg.trust_remote_code)
-    teacher = load_teacher(teacher_cfg) if load_teacher_model or student_cfg.init == "prune" else None
-    teacher_config = teacher.config if teacher is not None else _config_of(teacher_cfg)
-    student = build_student(student_cfg, teacher, teacher_config, len(t_tok), seed=train_cfg.seed)
-    if student_cfg.init == "pretrained":
-        s_tok = load_tokenizer(student_cfg.name_or_path or "", trust_remote_code=student_cfg.trust_remote_code)
+    `cfg` has `teacher`, `student`, `data` and `train` sections. init=pretrained touches no teacher unless `teacher`:
+    the student's own tokenizer reads the data (the teacher may be only text or log-probs in a file). init=prune and
+    init=config build the student from the teacher's weights or config, with its tokenizer.
+    """
+    set_seed(cfg.train.seed)
+    s_cfg = cfg.student
+    t_tok = None
+    if teacher or s_cfg.init != "pretrained":
+        t_tok = load_tokenizer(cfg.teacher.name_or_path, revision=cfg.teacher.revision,
+                               trust_remote_code=cfg.teacher.trust_remote_code)
+    model = load_teacher(cfg.teacher) if teacher or s_cfg.init == "prune" else None
+    if s_cfg.init == "pretrained":
+        tokenizer = load_tokenizer(s_cfg.name_or_path or "", trust_remote_code=s_cfg.trust_remote_code)
     else:
-        s_tok = t_tok
-    n_vocab = shared_vocab_size(t_tok, s_tok, teacher, student)
-    check_block_size(data_cfg.block_size, student.config)
-    if teacher is not None:
-        check_block_size(data_cfg.block_size, teacher.config)
-    if not load_teacher_model:
-        teacher = None
-    splits = build_splits(data_cfg, s_tok)
-    return Setup(tokenizer=s_tok, teacher=teacher, student=student, n_vocab=n_vocab, splits=splits)
+        assert t_tok is not None
+        tokenizer = t_tok
+    base_config = None
+    if s_cfg.init == "config":
+        base_config = model.config if model is not None else teacher_config(cfg.teacher)
+    student = build_student(s_cfg, tokenizer, teacher=model, teacher_config=base_config, seed=cfg.train.seed)
+    if not teacher:
+        model = None
+    n_vocab = shared_vocab_size(t_tok or tokenizer, tokenizer, model, student)
+    for m in (student, model):
+        if m is not None:
+            check_block_size(cfg.data.block_size, m.config)
+    splits = build_splits(cfg.data, tokenizer) if data else None
+    return Setup(tokenizer=tokenizer, teacher=model, student=student, n_vocab=n_vocab, splits=splits)
 
 
-def _config_of(cfg: ModelConfig) -> Any:
+def build_co_setup(cfg: CodistillConfig) -> Setup:
+    """Co-distillation's tokenizer, teacher (seed train.seed) and student (seed train.seed + 1), both trainable, their
+    shared vocab and the data splits."""
+    set_seed(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    teacher = _co_model(cfg.teacher, tokenizer, seed=cfg.train.seed, what="teacher")
+    student = _co_model(cfg.student, tokenizer, seed=cfg.train.seed + 1, what="student")
+    n_vocab = shared_vocab_size(tokenizer, tokenizer, teacher, student)
+    for model in (teacher, student):
+        check_block_size(cfg.data.block_size, model.config)
+    return Setup(tokenizer, teacher, student, n_vocab, build_splits(cfg.data, tokenizer))
+
+
+def _co_model(cfg: CoModelConfig, tokenizer: Any, *, seed: int, what: str) -> nn.Module:
+    if cfg.init == "pretrained":  # the checkpoint's own tokenizer, when it has one, must be the shared one
+        try:
+            shared_vocab_size(tokenizer, load_tokenizer(cfg.name_or_path or "",
+                                                        trust_remote_code=cfg.trust_remote_code))
+        except ModelLoadError:
+            pass  # a bare checkpoint without a tokenizer: only the embedding size can be checked
+    return build_student(cfg, tokenizer, seed=seed, what=what)
+
+
+def teacher_config(cfg: ModelConfig) -> Any:
+    """The teacher's transformers config, without loading its weights."""
     from transformers import AutoConfig
-
-    from lmdistill.models import resolve_model_path
 
     return AutoConfig.from_pretrained(resolve_model_path(cfg.name_or_path), revision=cfg.revision,
                                       trust_remote_code=cfg.trust_remote_code)
 
 
-def describe(setup: Setup) -> dict[str, Any]:
+def describe(setup: Setup, train: TokenBlocks, held: TokenBlocks) -> dict[str, Any]:
     info = {
         "student_parameters": count_parameters(setup.student),
         "student_trainable": count_parameters(setup.student, trainable_only=True),
         "vocab": setup.n_vocab,
-        "train_blocks": len(setup.splits.train),
-        "eval_blocks": len(setup.splits.eval),
-        "train_target_tokens": setup.splits.train.n_target_tokens,
+        "train_blocks": len(train),
+        "eval_blocks": len(held),
+        "train_target_tokens": train.n_target_tokens,
     }
     if setup.teacher is not None:
         info["teacher_parameters"] = count_parameters(setup.teacher)
     return info
 
 
-def write_summary(output_dir: str | Path, cfg: Any, summary: dict[str, Any]) -> Path:
-    """config.yaml and summary.json; summary.json is written last and atomically: it marks a finished run."""
-    out = Path(output_dir)
-    path = out / "summary.json"
-    tmp = out / ".tmp-summary.json"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, out / "config.yaml")
-        tmp.write_text(json.dumps(summary, indent=2))
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise write_failure("run summary", path, e) from None
-    return path
+@dataclass
+class Recipe:
+    """A recipe as `run_recipe` runs it.
 
-
-def finish_run(trainer: Any, tokenizer: Any, cfg: Any, summary: dict[str, Any]) -> dict[str, Any]:
-    """Save the student, add its path, the log and the first/last held-out metrics to `summary`, write it.
-
-    Called on every rank (a sharded student's weights are gathered collectively); rank 0 writes.
+    name: the recipe's name in the checkpoint and summary (`soft`, `hard-token`, `codistill`, ...).
+    cfg: the command's config (`train` section; its whole is written beside the summary).
+    models: what the loop trains, by name; each is exported to `<output_dir>/<name>`.
+    loss: the step loss (`lmdistill.train.loop.LossFn`). evaluate: held-out metrics of the unwrapped models, or None.
+    teachers: frozen online teachers, placed for the engine once the trained models are prepared.
+    fused / lora: what the engine check needs to know (fused losses and LoRA exports need whole weights).
     """
+
+    name: str
+    cfg: Any
+    tokenizer: Any
+    data: TokenBlocks
+    models: dict[str, Trained]
+    loss: LossFn
+    evaluate: EvalFn | None = None
+    teachers: list[HFTeacher] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Stateful] = field(default_factory=dict)
+    on_step: StepHook | None = None
+    fused: bool = True
+    lora: bool = False
+
+
+def run_recipe(recipe: Recipe) -> dict[str, Any]:
+    """Train `recipe` on the one loop and finish the run; returns the summary (also `<output_dir>/summary.json`)."""
+    cfg = recipe.cfg
+    accelerator = make_accelerator(cfg.train)
+    check_supported(accelerator, fused_loss=recipe.fused, lora=recipe.lora)
+    trainer = Trainer(cfg.train, models=recipe.models, data=recipe.data, loss_fn=recipe.loss, eval_fn=recipe.evaluate,
+                      accelerator=accelerator, run_info={"recipe": recipe.name}, state=recipe.state,
+                      on_step=recipe.on_step)
+    for teacher in recipe.teachers:
+        teacher.model = prepare_frozen(accelerator, teacher.model)
+    result = trainer.fit()
+    summary: dict[str, Any] = {"recipe": recipe.name, **recipe.info, "steps": result.step, "final": result.last,
+                               "train_tokens_per_s": result.tokens_per_s}
+    if "loss" in result.last:
+        summary["final_train_loss"] = result.last["loss"]
+    return finish_run(trainer, recipe.tokenizer, cfg, summary)
+
+
+def finish_run(trainer: Trainer, tokenizer: Any, cfg: Any, summary: dict[str, Any]) -> dict[str, Any]:
+    """Export every trained model to `<output_dir>/<name>`, add the log and the first/last held-out metrics to
+    `summary`, write it. Called on every rank (a sharded model's weights are gathered collectively); rank 0 writes."""
     out = Path(cfg.train.output_dir)
-    # sharded engines gather the full weights collectively (every rank calls this); rank 0 writes them
-    full_state = trainer.accelerator.get_state_dict(trainer.model) if shards_parameters(trainer.accelerator) else None
+    acc = trainer.accelerator
+    for name, model in trainer.models.items():
+        full_state = acc.get_state_dict(model) if shards_parameters(acc) else None
+        if trainer.is_main:
+            summary[f"{name}_dir"] = str(save_model(trainer.unwrapped[name], tokenizer, out / name, full_state))
     if trainer.is_main:
-        summary["student_dir"] = str(save_student(trainer.unwrapped, tokenizer, out / "student", state_dict=full_state))
         summary["log"] = str(out / "log.jsonl")
-        rows = read_log(out / "log.jsonl") if (out / "log.jsonl").is_file() else []
-        evals = [{k.removeprefix("eval/"): v for k, v in r.items() if k.startswith("eval/") or k == "step"}
-                 for r in rows if any(k.startswith("eval/") for k in r)]
+        evals = eval_rows(out)
         if evals:
             summary["eval_first"], summary["eval_last"] = evals[0], evals[-1]
         write_summary(out, cfg, summary)
-    trainer.accelerator.wait_for_everyone()
+    acc.wait_for_everyone()
     return summary
+
+
+def print_main(line: str) -> None:
+    """One line about the run, printed by the main process only (before the accelerator exists)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(line, flush=True)
+
+
+def eval_rows(output_dir: str | Path) -> list[dict[str, Any]]:
+    """The held-out evaluations in a run's log.jsonl, `eval/` prefix removed, with their step."""
+    path = Path(output_dir) / "log.jsonl"
+    if not path.is_file():
+        return []
+    return [{k.removeprefix("eval/"): v for k, v in r.items() if k.startswith("eval/") or k == "step"}
+            for r in read_log(path) if any(k.startswith("eval/") for k in r)]
+
+
+def save_model(model: Any, tokenizer: Any, out_dir: str | Path, state_dict: dict[str, Any] | None = None) -> Path:
+    """Save a trained model so plain transformers can load it (LoRA adapters are merged; the adapter is kept beside).
+
+    `state_dict`: the full weights when the model itself holds only shards (FSDP, ZeRO-3; gathered by
+    `accelerator.get_state_dict` on every rank), written instead of the model's own. Written atomically, so `out_dir`
+    either holds a complete model or does not exist.
+    """
+    out = Path(out_dir)
+    with atomic_dir(out, "student model") as tmp:
+        if hasattr(model, "merge_and_unload"):
+            model.save_pretrained(tmp / "adapter")
+            model = model.merge_and_unload()
+        model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
+        tokenizer.save_pretrained(tmp)
+    return out
+
+
+def write_summary(output_dir: str | Path, cfg: Any, summary: dict[str, Any]) -> Path:
+    """config.yaml and summary.json; summary.json is written last and atomically: it marks a finished run."""
+    out = Path(output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / "config.yaml")
+    except OSError as e:
+        raise write_failure("run config", out / "config.yaml", e) from None
+    write_json(out / "summary.json", summary, "run summary")
+    return out / "summary.json"

@@ -21,56 +21,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, model_validator
-
-from lmdistill.config import BaseConfig, DataConfig, LossConfig, ModelConfig, StudentConfig, TrainConfig
+from lmdistill.config import CompareConfig
 from lmdistill.errors import ConfigError, LmdistillError
-from lmdistill.evaluate import GenerationOptions
 from lmdistill.recipes.arms import (
     ARM_KINDS,
     ArmContext,
     ArmOutcome,
-    ArmSpec,
     PhaseStats,
     ResourceMonitor,
     SkipArm,
     check_equal_terms,
-    default_arms,
 )
 
 
 def _echo(msg: str) -> None:
     print(msg, flush=True)
-
-
-class CompareConfig(BaseConfig):
-    """`lmdistill compare`: run several arms on the same data, student init, steps and seed; write a report."""
-
-    title: str = Field("lmdistill: distillation methods compared", description="Heading of the report.")
-    teacher: ModelConfig = Field(default_factory=ModelConfig)
-    student: StudentConfig = Field(default_factory=StudentConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    loss: LossConfig = Field(default_factory=LossConfig, description="The divergence of the soft-label arms.")
-    train: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(output_dir="runs/compare"),
-        description="Shared by every arm; arm i writes to <output_dir>/arms/<name>. Held-out metrics use "
-        "micro_batch_size x eval_batches blocks, during training (learning curves) and in the final scoring.",
-    )
-    generation: GenerationOptions = Field(default_factory=GenerationOptions)
-    arms: list[ArmSpec] = Field(default_factory=default_arms, description="The arms, run in this order.")
-    fail_fast: bool = Field(
-        False, description="Stop at the first arm that fails (default: record the failure in the report and go on)."
-    )
-
-    @model_validator(mode="after")
-    def _unique_names(self) -> CompareConfig:
-        names = [a.name for a in self.arms]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"arm names must be unique; repeated: {dupes}")
-        if not self.arms:
-            raise ValueError("compare needs at least one arm")
-        return self
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ The training loop itself is engine-agnostic; four things are not, and live here:
      optimizer), as TRL prepares reference models; ZeRO-1/2 only shard optimizer state, so the teacher is replicated.
 2. **Head weights are shards outside forward** under FSDP and ZeRO-3, so the fused loss (which reads `lm_head.weight`
    directly) is refused there with a message pointing at `loss.fused=false`.
+   Several trained models under DeepSpeed (co-distillation) would need one engine each: the Trainer refuses it.
 3. **Checkpoints stay pickle-free and rank-0-written**: under FSDP the full model and optimizer state are gathered to
    rank 0's CPU with torch's `get_model_state_dict` / `get_optimizer_state_dict` and restored on every rank with the
    `set_*` counterparts. DeepSpeed's optimizer state is partitioned and pickled by DeepSpeed, so mid-run checkpoints
@@ -20,8 +21,7 @@ The training loop itself is engine-agnostic; four things are not, and live here:
    `gradient_accumulation_steps`; `deepspeed_defaults` fills the config's `auto` fields from ours, and the loop marks
    boundaries and undoes the division (the loop already normalises by the global token count).
 
-Only the DDP and one-process paths run in CI (CPU, gloo). The FSDP and DeepSpeed branches follow accelerate's and
-TRL's documented usage but have not been run by the test suite (no GPUs there).
+docs/scaling.md says which of these paths have run where.
 """
 
 from __future__ import annotations

@@ -1,44 +1,70 @@
 """The one training loop: accelerate, AdamW + warmup/cosine, accumulation, clipping, eval, checkpoints, resume.
 
-A recipe hands it a `loss_fn(batch) -> StepLoss` that returns *sums* over the micro-batch's target tokens; the loop
-divides once by the number of target tokens in the whole accumulated, all-rank batch. That keeps the loss equal to
-the per-token mean however the batch is split into micro-batches, padded or sharded across processes.
+It trains one or more models (co-distillation: a teacher and a student, each with its own optimizer, LR schedule and
+update cadence). A recipe hands it a loss function that receives the prepared models, a micro-batch and the step, and
+returns a `StepLoss` per trained model holding *sums* over the micro-batch's target tokens; the loop divides once by
+the number of target tokens in the whole accumulated, all-rank batch. That keeps every loss equal to the per-token
+mean however the batch is split into micro-batches, padded or sharded across processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lmdistill.config import TrainConfig
 from lmdistill.data import IGNORE, BatchSchedule, TokenBlocks
 from lmdistill.errors import ConfigError, NonFiniteError
-from lmdistill.train.checkpoint import CheckpointManager, atomic_dir
+from lmdistill.losses.objective import StepLoss
+from lmdistill.train.checkpoint import CheckpointManager
 from lmdistill.train.distributed import deepspeed_defaults, engine, full_training_state, load_full_training_state
 from lmdistill.train.logging import RunLogger, make_progress
 
+Batch = dict[str, Tensor]
+
 
 @dataclass
-class StepLoss:
-    """What a recipe's loss function returns for one micro-batch.
+class Trained:
+    """A model the loop trains, with its optimizer settings.
 
-    loss_sum: the objective summed over this micro-batch's target tokens (scalar with graph).
-    parts: other sums over the same tokens, for logging (e.g. {"kd": ..., "ce": ...}).
+    lr: peak learning rate (None: train.lr).
+    update_every: take an optimizer step every k steps; its LR schedule spans its own number of updates.
     """
 
-    loss_sum: torch.Tensor
-    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    module: nn.Module
+    lr: float | None = None
+    update_every: int = 1
 
 
-def make_accelerator(cfg: TrainConfig):
+@dataclass(frozen=True)
+class StepInfo:
+    """Which step the loss function is computing, and which models take an optimizer step on it."""
+
+    step: int
+    updating: frozenset[str]
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+LossFn = Callable[[dict[str, nn.Module], Batch, StepInfo], dict[str, StepLoss]]
+EvalFn = Callable[[dict[str, nn.Module]], dict[str, float]]
+# Called after each optimizer step with the step's global per-token means; returns extra fields for the log.
+StepHook = Callable[[int, dict[str, float]], dict[str, float]]
+
+
+def make_accelerator(cfg: TrainConfig) -> Any:
     from accelerate import Accelerator
 
     if cfg.precision == "fp16" and not torch.cuda.is_available():
@@ -73,11 +99,14 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return fn
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+def model_train_config(cfg: TrainConfig, spec: Trained) -> TrainConfig:
+    """`cfg` as one model sees it: its own lr, and warmup and decay counted in its own updates."""
+    k = spec.update_every
+    return cfg.model_copy(update={"lr": spec.lr or cfg.lr, "max_steps": math.ceil(cfg.max_steps / k),
+                                  "warmup_steps": math.ceil(cfg.warmup_steps / k)})
 
 
-def global_token_count(accelerator: Any, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+def global_token_count(accelerator: Any, batches: list[Batch]) -> Tensor:
     """Target tokens in the whole optimizer step: all micro-batches, all ranks."""
     local = sum(int((b["labels"] != IGNORE).sum()) for b in batches)
     count = torch.tensor(float(local), device=accelerator.device)
@@ -89,74 +118,180 @@ def global_token_count(accelerator: Any, batches: list[dict[str, torch.Tensor]])
 @dataclass
 class TrainResult:
     step: int
-    last_loss: float
+    last: dict[str, float]  # the last step's log record
     tokens_per_s: float
-    history: list[dict[str, Any]]
 
 
 class Trainer:
-    """Trains one model with a recipe's loss function. Recipes with two models (co-distillation) reuse the pieces."""
+    """Trains `models` (name -> `Trained`) with a recipe's loss function; NaN stop, accumulation, clipping,
+    checkpoint/resume of every model, engine handling, logging and evaluation live here and nowhere else.
 
-    def __init__(self, cfg: TrainConfig, *, model: nn.Module, data: TokenBlocks,
-                 loss_fn: Callable[[dict[str, torch.Tensor]], StepLoss],
-                 eval_fn: Callable[[int], dict[str, float]] | None = None, accelerator: Any | None = None,
-                 run_info: dict[str, Any] | None = None) -> None:
+    Log keys: with one trained model `loss`, the parts (`kd`, `ce`), `lr`, `grad_norm`; with several the same keys
+    suffixed with the model's name (`loss_student`, `ce_teacher`, `lr_teacher`, ...).
+    """
+
+    def __init__(self, cfg: TrainConfig, *, models: dict[str, Trained], data: TokenBlocks, loss_fn: LossFn,
+                 eval_fn: EvalFn | None = None, accelerator: Any | None = None, run_info: dict[str, Any] | None = None,
+                 state: dict[str, Stateful] | None = None, on_step: StepHook | None = None) -> None:
         self.cfg = cfg
-        self.accelerator = accelerator or make_accelerator(cfg)
-        self.engine = engine(self.accelerator)
+        self.accelerator = acc = accelerator or make_accelerator(cfg)
+        self.engine = engine(acc)
+        if self.engine == "deepspeed" and len(models) > 1:
+            raise ConfigError(
+                f"training {len(models)} models at once ({', '.join(models)}) under DeepSpeed needs one engine per "
+                "model, which lmdistill does not set up; use FSDP (configs/accelerate/fsdp.yaml) or DDP"
+            )
         # DeepSpeed divides each backward by its own accumulation count; the loop normalises by tokens instead.
-        self.ds_accum = deepspeed_defaults(self.accelerator, cfg)
-        self.optimizer = build_optimizer(model, cfg)
-        self.scheduler = build_scheduler(self.optimizer, cfg)
-        self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+        self.ds_accum = deepspeed_defaults(acc, cfg)
+        self.specs = models
+        own_cfgs = {name: model_train_config(cfg, spec) for name, spec in models.items()}
+        optimizers = {name: build_optimizer(spec.module, own_cfgs[name]) for name, spec in models.items()}
+        self.schedulers = {name: torch.optim.lr_scheduler.LambdaLR(optimizers[name], lr_lambda(own_cfgs[name]))
+                           for name in models}
+        prepared = acc.prepare(*(spec.module for spec in models.values()), *optimizers.values())
+        if len(models) == 1 and not isinstance(prepared, tuple | list):
+            prepared = (prepared,)
+        names = list(models)
+        self.models: dict[str, nn.Module] = dict(zip(names, prepared[: len(names)], strict=True))
+        self.optimizers: dict[str, Any] = dict(zip(names, prepared[len(names):], strict=True))
         self.data, self.loss_fn, self.eval_fn = data, loss_fn, eval_fn
-        self.schedule = BatchSchedule(
-            len(data), cfg.micro_batch_size, cfg.grad_accum, cfg.seed,
-            world_size=self.accelerator.num_processes, rank=self.accelerator.process_index,
-        )
+        self.state, self.on_step = state or {}, on_step
+        self.schedule = BatchSchedule(len(data), cfg.micro_batch_size, cfg.grad_accum, cfg.seed,
+                                      world_size=acc.num_processes, rank=acc.process_index)
         self.ckpt = CheckpointManager(cfg.output_dir, keep=cfg.keep_checkpoints)
         self.run_info = run_info or {}
-        self.is_main = self.accelerator.is_main_process
+        self.is_main = acc.is_main_process
 
     @property
-    def unwrapped(self) -> nn.Module:
-        return self.accelerator.unwrap_model(self.model)
+    def unwrapped(self) -> dict[str, nn.Module]:
+        return {name: self.accelerator.unwrap_model(m) for name, m in self.models.items()}
 
-    def _save(self, step: int, last_loss: float) -> None:
+    def _key(self, key: str, name: str) -> str:
+        return key if len(self.models) == 1 else f"{key}_{name}"
+
+    # -- checkpoints -------------------------------------------------------------------------------------------------
+
+    def _save(self, step: int, last: dict[str, float]) -> None:
         self.accelerator.wait_for_everyone()
-        model: Any = self.unwrapped
-        optimizer: Any = self.optimizer
+        models: dict[str, Any] = self.unwrapped
+        optimizers: dict[str, Any] = dict(self.optimizers)
         if self.engine == "fsdp":  # every rank takes part in gathering the full state; rank 0 writes it
-            model, optimizer = full_training_state(self.accelerator, self.model, self.optimizer)
+            for name in self.models:
+                models[name], optimizers[name] = full_training_state(self.accelerator, self.models[name],
+                                                                     self.optimizers[name])
         if self.is_main:
-            self.ckpt.save(step, models={"student": model}, optimizers={"student": optimizer},
-                           schedulers={"student": self.scheduler},
-                           extra={"run": self.run_info, "last_loss": last_loss})
+            extra = {"run": self.run_info, "last": last,
+                     "state": {name: obj.state_dict() for name, obj in self.state.items()}}
+            self.ckpt.save(step, models=models, optimizers=optimizers, schedulers=self.schedulers, extra=extra)
         self.accelerator.wait_for_everyone()
 
-    def _resume(self) -> tuple[int, float]:
-        """(step, last training loss) of the newest complete checkpoint; (0, nan) when there is none."""
+    def _resume(self) -> tuple[int, dict[str, float]]:
+        """(step, last log record) of the newest complete checkpoint; (0, {}) when there is none."""
         latest = self.ckpt.latest()
         if latest is None:
-            return 0, float("nan")
+            return 0, {}
         if self.engine == "fsdp":
-            state = self.ckpt.load(latest, models={}, optimizers={}, schedulers={"student": self.scheduler})
-            load_full_training_state(self.model, self.optimizer, *self.ckpt.read_states(latest, "student"))
+            saved = self.ckpt.load(latest, models={}, optimizers={}, schedulers=self.schedulers)
+            for name in self.models:
+                load_full_training_state(self.models[name], self.optimizers[name],
+                                         *self.ckpt.read_states(latest, name))
         else:
-            state = self.ckpt.load(latest, models={"student": self.unwrapped},
-                                   optimizers={"student": self.optimizer}, schedulers={"student": self.scheduler})
-        return int(state["step"]), float(state.get("extra", {}).get("last_loss", float("nan")))
+            saved = self.ckpt.load(latest, models=self.unwrapped, optimizers=self.optimizers,
+                                   schedulers=self.schedulers)
+        extra = saved.get("extra", {})
+        for name, obj in self.state.items():
+            obj.load_state_dict(extra.get("state", {}).get(name, {}))
+        return int(saved["step"]), dict(extra.get("last") or {})
+
+    # -- one optimizer step ------------------------------------------------------------------------------------------
 
     def _evaluate(self, step: int) -> dict[str, float]:
         assert self.eval_fn is not None
         try:
-            return self.eval_fn(step)
+            return {f"eval/{k}": v for k, v in self.eval_fn(self.unwrapped).items()}
         except NonFiniteError as e:
             raise NonFiniteError(f"evaluation at step {step}: {e}") from None
 
+    def _no_sync(self, last: bool) -> contextlib.AbstractContextManager[Any]:
+        stack = contextlib.ExitStack()
+        if not last and self.accelerator.num_processes > 1:
+            for model in self.models.values():
+                stack.enter_context(self.accelerator.no_sync(model))
+        return stack
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """Forward/backward every micro-batch of `step`, step the optimizers that update; returns the log record."""
+        acc = self.accelerator
+        updating = frozenset(name for name, spec in self.specs.items() if step % spec.update_every == 0)
+        info = StepInfo(step, updating)
+        for model in self.models.values():
+            model.train()
+        batches = [{k: v.to(acc.device) for k, v in self.data.batch(idx).items()}
+                   for idx in self.schedule.micro_batches(step)]
+        n_global = global_token_count(acc, batches)
+        # Each rank's backward is scaled by world size because DDP averages gradients across ranks.
+        scale = acc.num_processes * self.ds_accum / n_global
+        sums: dict[str, float] = {}
+        for i, batch in enumerate(batches):
+            sync = i == len(batches) - 1
+            if self.engine == "deepspeed":  # its engine steps inside backward at a boundary
+                acc.gradient_state._set_sync_gradients(sync)
+            # The backward must sit inside no_sync too: that is where DDP would all-reduce the gradients.
+            with self._no_sync(last=sync):
+                with acc.autocast():
+                    try:
+                        outs = self.loss_fn(self.models, batch, info)
+                    except NonFiniteError as e:
+                        raise NonFiniteError(f"training step {step + 1}, micro-batch {i + 1}: {e}") from None
+                # One backward through every updating model's graph; the loss function keeps them apart.
+                losses = [outs[name].loss_sum * scale for name in self.models if name in updating]
+                if losses:
+                    acc.backward(sum(losses[1:], losses[0]))
+            for name, out in outs.items():
+                _add(sums, self._key("loss", name), out.loss_sum)
+                for k, v in out.parts.items():
+                    _add(sums, self._key(k, name), v)
+        if not all(math.isfinite(sums[self._key("loss", name)]) for name in outs):
+            # Checked before the optimizer step, so the last checkpoint and the weights stay finite.
+            raise NonFiniteError(
+                f"the training loss is not finite at step {step + 1} although the teacher's outputs are finite: "
+                "the model diverged. Lower train.lr, keep train.max_grad_norm set, or train in bf16/fp32 rather "
+                "than fp16; resume from the last checkpoint with --train.resume true"
+            )
+        record: dict[str, float] = {}
+        for name in self.models:
+            if name not in updating:
+                continue
+            norm = self._clip(self.models[name])
+            if norm is not None:
+                record[self._key("grad_norm", name)] = norm
+            self.optimizers[name].step()
+            self.schedulers[name].step()
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        # Logged numbers are means over the whole global batch (all ranks), so they do not depend on how many
+        # processes share it.
+        denom = float(n_global)
+        means = {k: v / denom for k, v in _global_sums(acc, sums).items()}
+        record = {**means, **record}
+        for name in self.models:
+            record[self._key("lr", name)] = float(self.schedulers[name].get_last_lr()[0])
+        if self.on_step is not None:
+            record.update(self.on_step(step, means))
+        record["tokens"] = float(sum(int(b["attention_mask"].sum()) for b in batches) * acc.num_processes)
+        return record
+
+    def _clip(self, model: nn.Module) -> float | None:
+        # an infinite bound clips nothing and still returns the norm, on every engine's sharded parameters
+        bound = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else math.inf
+        norm = self.accelerator.clip_grad_norm_(model.parameters(), bound)
+        return None if norm is None else float(norm)  # DeepSpeed clips inside its step
+
+    # -- the whole run -----------------------------------------------------------------------------------------------
+
     def fit(self) -> TrainResult:
         cfg, acc = self.cfg, self.accelerator
-        start, last_loss = self._resume() if cfg.resume else (0, float("nan"))
+        start, last = self._resume() if cfg.resume else (0, {})
         # Resumed from the final checkpoint (killed while exporting): the final evaluation was logged and the
         # checkpoint written before that, so neither is repeated.
         finished = start >= cfg.max_steps
@@ -165,121 +300,40 @@ class Trainer:
         if self.is_main and start:
             acc.print(f"resumed from step {start} ({self.ckpt.latest()})")
         if self.eval_fn is not None and start == 0:
-            logger.log(0, {f"eval/{k}": v for k, v in self._evaluate(0).items()})
-        history: list[dict[str, Any]] = []
-        tokens_done, t_start = 0, time.perf_counter()
-        device = acc.device
+            logger.log(0, self._evaluate(0))
+        tokens, t_start = 0.0, time.perf_counter()
         with make_progress(cfg.progress and self.is_main) as progress:
             task = progress.add_task("train", total=cfg.max_steps, completed=start, stats="")
             for step in range(start, cfg.max_steps):
-                self.model.train()
-                batches = [
-                    {k: v.to(device) for k, v in self.data.batch(idx).items()}
-                    for idx in self.schedule.micro_batches(step)
-                ]
-                n_global = global_token_count(acc, batches)
-                # Each rank's backward is scaled by world size because DDP averages gradients across ranks.
-                scale = acc.num_processes * self.ds_accum / n_global
-                sums: dict[str, float] = {}
-                loss_total = 0.0
-                for i, batch in enumerate(batches):
-                    sync = i == len(batches) - 1
-                    if self.engine == "deepspeed":  # its engine steps inside backward at a boundary
-                        acc.gradient_state._set_sync_gradients(sync)
-                    ctx = acc.no_sync(self.model) if not sync and acc.num_processes > 1 else _null()
-                    # The backward must sit inside no_sync too: that is where DDP would all-reduce the gradients.
-                    with ctx:
-                        with acc.autocast():
-                            try:
-                                out = self.loss_fn(batch)
-                            except NonFiniteError as e:
-                                raise NonFiniteError(f"training step {step + 1}, micro-batch {i + 1}: {e}") from None
-                            loss = out.loss_sum * scale
-                        acc.backward(loss)
-                    loss_total += float(out.loss_sum.detach())
-                    for k, v in out.parts.items():
-                        sums[k] = sums.get(k, 0.0) + float(v.detach())
-                if not math.isfinite(loss_total):
-                    # Checked before the optimizer step, so the last checkpoint and the weights stay finite.
-                    raise NonFiniteError(
-                        f"the training loss is {loss_total} at step {step + 1} although the teacher's outputs are "
-                        "finite: the student diverged. Lower train.lr, keep train.max_grad_norm set, or train in "
-                        "bf16/fp32 rather than fp16; resume from the last checkpoint with --train.resume true"
-                    )
-                grad_norm = None
-                if cfg.max_grad_norm is not None:
-                    norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-                    grad_norm = None if norm is None else float(norm)  # DeepSpeed clips inside its step
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                n_local = int(sum(int(b["attention_mask"].sum()) for b in batches))
-                tokens_done += n_local * acc.num_processes
-                # Logged numbers are means over the whole global batch (all ranks), so they do not depend on how
-                # many processes share it.
-                loss_total, sums = _global_sums(acc, loss_total, sums)
-                denom = float(n_global)
-                last_loss = loss_total / denom
-                elapsed = time.perf_counter() - t_start
-                tps = tokens_done / max(elapsed, 1e-9)
+                last = self.train_step(step)
+                tokens += last.pop("tokens")
+                last["tokens_per_s"] = tokens / max(time.perf_counter() - t_start, 1e-9)
                 done = step + 1
-                record: dict[str, Any] = {
-                    "loss": last_loss, "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tps,
-                    **{k: v / denom for k, v in sums.items()},
-                }
-                if grad_norm is not None:
-                    record["grad_norm"] = grad_norm
                 if done % cfg.log_every == 0 or done == cfg.max_steps:
-                    logger.log(done, record)
-                history.append({"step": done, **record})
+                    logger.log(done, last)
                 if self.eval_fn is not None and cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.max_steps:
-                    logger.log(done, {f"eval/{k}": v for k, v in self._evaluate(done).items()})
+                    logger.log(done, self._evaluate(done))
                 if cfg.save_every and done % cfg.save_every == 0 and done != cfg.max_steps:
-                    self._save(done, last_loss)
-                progress.update(task, completed=done, stats=f"loss {last_loss:.4f} | {tps:,.0f} tok/s")
+                    self._save(done, last)
+                losses = " ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("loss"))
+                progress.update(task, completed=done, stats=f"{losses} | {last['tokens_per_s']:,.0f} tok/s")
         if self.eval_fn is not None and not finished:
-            final_eval = self._evaluate(cfg.max_steps)
-            logger.log(cfg.max_steps, {f"eval/{k}": v for k, v in final_eval.items()})
+            logger.log(cfg.max_steps, self._evaluate(cfg.max_steps))
         if cfg.save_every and not finished:
-            self._save(cfg.max_steps, last_loss)
+            self._save(cfg.max_steps, last)
         logger.close()
-        elapsed = time.perf_counter() - t_start
-        return TrainResult(cfg.max_steps, last_loss, tokens_done / max(elapsed, 1e-9), history)
+        return TrainResult(cfg.max_steps, last, tokens / max(time.perf_counter() - t_start, 1e-9))
 
 
-def _global_sums(accelerator: Any, loss_sum: float, parts: dict[str, float]) -> tuple[float, dict[str, float]]:
-    """Sum the step's loss and logged parts over ranks (one all-reduce); identity on one process."""
+def _add(sums: dict[str, float], key: str, value: Tensor) -> None:
+    sums[key] = sums.get(key, 0.0) + float(value.detach())
+
+
+def _global_sums(accelerator: Any, sums: dict[str, float]) -> dict[str, float]:
+    """Sum the step's logged sums over ranks (one all-reduce); identity on one process."""
     if accelerator.num_processes == 1:
-        return loss_sum, parts
-    keys = sorted(parts)
-    t = torch.tensor([loss_sum, *(parts[k] for k in keys)], dtype=torch.float64, device=accelerator.device)
+        return sums
+    keys = sorted(sums)
+    t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=accelerator.device)
     t = accelerator.reduce(t, reduction="sum")
-    return float(t[0]), {k: float(v) for k, v in zip(keys, t[1:].tolist(), strict=True)}
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def save_student(model: Any, tokenizer: Any, out_dir: str | Path,
-                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    """Save the student so plain transformers can load it (LoRA adapters are merged; the adapter is kept beside it).
-
-    `state_dict`: the full weights when the model itself holds only shards (FSDP, ZeRO-3; gathered by
-    `accelerator.get_state_dict` on every rank), written instead of the model's own.
-
-    Written to a temporary sibling and renamed, so `out_dir` either holds a complete model or does not exist (a kill
-    or a full disk mid-write leaves no half-written student that looks finished).
-    """
-    out = Path(out_dir)
-    with atomic_dir(out, "student model") as tmp:
-        if hasattr(model, "merge_and_unload"):
-            model.save_pretrained(tmp / "adapter")
-            model = model.merge_and_unload()
-        model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
-        tokenizer.save_pretrained(tmp)
-    return out
+    return {k: float(v) for k, v in zip(keys, t.tolist(), strict=True)}
