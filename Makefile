@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install lint clean
+.PHONY: demo test install lint clean gpu-wheels
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m mypy src/lmdistill
+
+# Wheels the one-command GPU check installs on a GPU machine without network (benchmarks/README.md).
+gpu-wheels:
+	bash benchmarks/gpu/prepare.sh $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs

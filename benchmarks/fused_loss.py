@@ -9,8 +9,10 @@ the hidden states of both models:
 - ``naive``: ``divergence(hs @ Ws.T, ht @ Wt.T)``, the reference on full ``[N, V]`` logits (teacher under no_grad).
 - ``ours``: :func:`lmdistill.losses.fused_loss` with the torch chunk loop (``backend="torch"``, what ``auto`` runs).
 - ``ours_triton``: the same with ``backend="triton"`` (CUDA with the ``triton`` package only).
-- ``trl``: ``trl.kernels.chunked_divergence.ChunkedDivergenceFunction`` (CUDA only, if importable).
-- ``liger``: ``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss`` with the hard loss off (if importable).
+- ``trl``: ``trl.kernels.chunked_divergence.ChunkedDivergenceFunction`` (TRL 1.16; what its DistillationTrainer's
+  ``_chunked_divergence_loss`` runs), the per-token divergence averaged (CUDA only, if importable).
+- ``liger``: ``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss`` (Liger 0.8.5) with the hard loss off (if
+  importable).
 
 Columns: median wall time over ``--reps`` runs (runs of all variants interleaved), peak extra memory of one run
 (see ``benchmarks/_measure.py`` for how it is measured on each device), and both as ratios to ``naive`` from the
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import inspect
 import json
 import math
 import sys
@@ -92,11 +93,35 @@ def variants(x: dict, kind: str, chunk_size: int | None) -> dict[str, Callable[[
     return out
 
 
+def import_trl_chunked_divergence() -> type:
+    """TRL's ``ChunkedDivergenceFunction`` (``trl/kernels/chunked_divergence.py``, TRL >= 1.16).
+
+    That module imports ``trl.trainer.utils`` for one function, ``maybe_gather_lm_head_ctx`` (a null context outside
+    DeepSpeed ZeRO-3), and ``trl.trainer.utils`` imports pandas and datasets (pyarrow). Where those are missing (the
+    GPU check does not carry them: benchmarks/gpu/wheels.txt), a module holding only that function stands in.
+    """
+    try:
+        from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+    except ModuleNotFoundError as e:
+        if e.name not in ("datasets", "pandas", "pyarrow"):
+            raise
+        import contextlib
+        import types
+
+        for name in [m for m in sys.modules if m == "trl" or m.startswith("trl.")]:
+            del sys.modules[name]  # the half-imported package
+        stub = types.ModuleType("trl.trainer.utils")
+        stub.maybe_gather_lm_head_ctx = lambda *params: contextlib.nullcontext()  # type: ignore[attr-defined]
+        sys.modules["trl.trainer.utils"] = stub
+        from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+    return ChunkedDivergenceFunction
+
+
 def _trl_variant(x: dict, kind: str, clear: Callable[[], None]) -> Callable[[], torch.Tensor] | None:
     if x["hs"].device.type != "cuda":
         return None
     try:
-        from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+        ChunkedDivergenceFunction = import_trl_chunked_divergence()
     except Exception:  # noqa: BLE001 - absent, or a version without the kernel
         return None
 
@@ -119,9 +144,9 @@ def _liger_variant(x: dict, kind: str, clear: Callable[[], None]) -> Callable[[]
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
     except Exception:  # noqa: BLE001
         return None
-    wanted = {"weight_hard_loss": 0.0, "weight_soft_loss": 1.0, "beta": BETA[kind], "temperature": 1.0}
-    accepted = inspect.signature(LigerFusedLinearJSDLoss.__init__).parameters
-    loss_fn = LigerFusedLinearJSDLoss(**{k: v for k, v in wanted.items() if k in accepted})
+    # Liger 0.8.5: beta weights the teacher in the mixture as ours does (0 = forward KL); the loss is the mean over
+    # the tokens whose label is not ignore_index, without T^2
+    loss_fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=BETA[kind], temperature=1.0)
     labels = torch.zeros(x["hs"].shape[0], dtype=torch.long, device=x["hs"].device)
 
     def run() -> torch.Tensor:

@@ -8,6 +8,7 @@ name, so no two tests share data and a failure reproduces.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import zlib
@@ -520,7 +521,7 @@ _BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not _has_t
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", _BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_cuda_matches_reference(request, kind, dtype, backend):
     g = _gen(request)
@@ -538,8 +539,8 @@ def test_cuda_matches_reference(request, kind, dtype, backend):
     )  # fmt: skip
     got = _mean(fused_loss(hs, Head(ws, bs, scale=1.2, softcap=20.0), teacher_hidden=ht,
                            teacher_head=Head(wt, scale=0.9, softcap=25.0), chunk_size=128, backend=backend, **kw))
-    # bf16: the reference rounds the biased, scaled, capped logits to bf16 at each step, the fused path only the
-    # matmul output, so they differ by bf16 round-off of the logits
+    # bf16 / fp16: the reference rounds the biased, scaled, capped logits at each step, the fused path only the
+    # matmul output, so they differ by the round-off of the logits
     fp32 = dtype == torch.float32
     torch.testing.assert_close(got, ref, rtol=2e-5 if fp32 else 2e-2, atol=1e-6 if fp32 else 1e-3)
     tol = dict(rtol=2e-5, atol=2e-6) if fp32 else dict(rtol=5e-2, atol=2e-2)
@@ -570,3 +571,77 @@ def test_cuda_folded_ce_matches_reference(request, kind, temperature, backend):
                      temperature=temperature, labels=labels, alpha=0.7, chunk_size=128, backend=backend)
     torch.testing.assert_close(got.total, want, rtol=2e-5, atol=1e-4)
     _assert_close(_grads(got.total, [hs, ws]), _grads(want, [hs, ws]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", _BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_matches_float64_reference(request, kind, backend):
+    # fp32 inputs against the definition evaluated in float64 (log-softmax, divergence, T^2, the folded CE and
+    # autograd's gradients): every kind at T != 1, a mask, labels with ignored rows, biases, scale and softcap on both
+    # sides, several chunks
+    g = _gen(request)
+    n, vocab, hs_w, ht_w = 300, 5003, 64, 96
+
+    def rnd(*shape, std=1.0, grad=False):
+        return (torch.randn(*shape, generator=g) * std).cuda().requires_grad_(grad)
+
+    hs, ws, bs = rnd(n, hs_w, grad=True), rnd(vocab, hs_w, std=0.25, grad=True), rnd(vocab, std=0.5, grad=True)
+    ht, wt, bt = rnd(n, ht_w), rnd(vocab, ht_w, std=0.2), rnd(vocab, std=0.5)
+    mask = (torch.rand(n, generator=g) > 0.2).cuda()
+    labels = torch.randint(0, vocab, (n,), generator=g).cuda()
+    labels[::5] = -100
+    beta, temperature, alpha = 0.3, 1.5, 0.7
+    s_head, t_head = dict(scale=1.2, softcap=20.0), dict(scale=0.9, softcap=25.0)
+
+    leaves = [t.detach().double().requires_grad_() for t in (hs, ws, bs)]
+    s64 = _logits(*leaves, **s_head)[mask]
+    t64 = _logits(ht.double(), wt.double(), bt.double(), **t_head)[mask]
+    ls, lt = torch.log_softmax(s64 / temperature, dim=-1), torch.log_softmax(t64 / temperature, dim=-1)
+    kd = divergence_from_logprobs(ls, lt, kind, beta).sum() * temperature**2
+    ce = torch.nn.functional.cross_entropy(s64, labels[mask], ignore_index=-100, reduction="sum")
+    want = alpha * kd + (1 - alpha) * ce
+    got = fused_loss(hs, Head(ws, bs, **s_head), teacher_hidden=ht, teacher_head=Head(wt, bt, **t_head), kind=kind,
+                     beta=beta, temperature=temperature, mask=mask, labels=labels, alpha=alpha, chunk_size=128,
+                     backend=backend)  # fmt: skip
+    assert got.tokens.item() == int(mask.sum())
+    for a, b in [(got.kd, kd), (got.ce, ce), (got.total, want)]:
+        torch.testing.assert_close(a.double(), b.detach(), rtol=1e-4, atol=1e-4)
+    grads, ref_grads = _grads(got.total, [hs, ws, bs]), _grads(want, leaves)
+    if kind == "tvd":  # its gradient has sign(p_S - p_T), which fp32 and fp64 may disagree on where p_S ~ p_T
+        for a, b in zip(grads, ref_grads, strict=True):
+            assert (a.double() - b).norm() <= 1e-4 * b.norm()
+    else:
+        _assert_close(grads, ref_grads, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("encoding", ["topk", "sampled"])
+def test_cuda_sparse_targets_with_folded_ce_match_reference(request, encoding, dtype):
+    # the sparse (cache) path on CUDA: top-k + tail (JSD) or sampled (forward KL) targets, the CE folded in
+    g = _gen(request)
+    n = 300
+    x = {k: None if v is None else v.detach().cuda().requires_grad_(v.requires_grad)
+         for k, v in _inputs(g, n=n, dtype=dtype).items()}  # fmt: skip
+    cpu = _topk_targets(g, n, k=8, tail=True, absent=True) if encoding == "topk" else _sampled_targets(g, n, draws=12)
+    targets = SparseTargets(**{f.name: v.cuda() if isinstance(v := getattr(cpu, f.name), torch.Tensor) else v
+                               for f in dataclasses.fields(cpu)})  # fmt: skip
+    kind = "jsd" if encoding == "topk" else "forward_kl"
+    labels = _labels(g, n).cuda()
+    s_logits = _logits(x["hs"], x["ws"], x["bs"], scale=1.3, softcap=4.0)
+    kd_ref = sparse_divergence(s_logits, targets.ids, targets.logprobs, kind, tail_logprob=targets.tail_logprob,
+                               target_weights=targets.weights, estimator=targets.estimator, beta=0.4, temperature=1.5,
+                               mask=x["mask"], reduction="sum")  # fmt: skip
+    want = 0.6 * kd_ref + 0.4 * _ce_reference(s_logits.float(), labels, x["mask"])
+    got = fused_loss(x["hs"], Head(x["ws"], x["bs"], scale=1.3, softcap=4.0), sparse=targets, kind=kind, beta=0.4,
+                     temperature=1.5, mask=x["mask"], labels=labels, alpha=0.6, chunk_size=64)  # fmt: skip
+    count = int(x["mask"].sum())
+    fp32 = dtype == torch.float32
+    torch.testing.assert_close(got.total / count, want / count, rtol=2e-5 if fp32 else 2e-2,
+                               atol=1e-6 if fp32 else 1e-3)  # fmt: skip
+    tol = dict(rtol=2e-5, atol=2e-6) if fp32 else dict(rtol=5e-2, atol=2e-2)
+    params = [x["hs"], x["ws"], x["bs"]]
+    _assert_close(_grads(got.total, params), _grads(want, params), **tol)
