@@ -206,7 +206,8 @@ def test_two_processes_resume_a_one_process_checkpoint(one_process, two_processe
 
 
 # ---------------------------------------------------------------- engine-specific set-up, with stand-in accelerators
-# FSDP and DeepSpeed need GPUs; these check lmdistill's own decisions for them (what is refused, what is filled in).
+# These check lmdistill's own decisions per engine (what is refused, what is filled in); FSDP2 itself runs for real on
+# CPU in tests/test_fsdp.py, DeepSpeed needs a GPU.
 
 def _fake_accelerator(kind: str, processes: int = 8, ds_config: dict | None = None):
     from types import SimpleNamespace
@@ -216,23 +217,27 @@ def _fake_accelerator(kind: str, processes: int = 8, ds_config: dict | None = No
                            state=SimpleNamespace(deepspeed_plugin=plugin), device=torch.device("cpu"))
 
 
-def test_sharded_engines_refuse_the_fused_loss_and_lora():
+def test_sharded_engines_refuse_the_fused_loss_and_lora_except_fsdp2():
     from lmdistill.errors import ConfigError
     from lmdistill.train.distributed import check_supported, engine, shards_parameters
 
-    fsdp = _fake_accelerator("FSDP")
+    fsdp1 = _fake_accelerator("FSDP")
+    fsdp2 = _fake_accelerator("FSDP")
+    fsdp2.is_fsdp2 = True
     zero3 = _fake_accelerator("DEEPSPEED", ds_config={"zero_optimization": {"stage": 3}})
     zero2 = _fake_accelerator("DEEPSPEED", ds_config={"zero_optimization": {"stage": 2}})
-    assert [engine(a) for a in (fsdp, zero2, _fake_accelerator("MULTI_GPU"), _fake_accelerator("NO", 1))] == [
+    assert [engine(a) for a in (fsdp1, zero2, _fake_accelerator("MULTI_GPU"), _fake_accelerator("NO", 1))] == [
         "fsdp", "deepspeed", "ddp", "single"]
-    assert shards_parameters(fsdp) and shards_parameters(zero3) and not shards_parameters(zero2)
-    for acc in (fsdp, zero3):
+    assert shards_parameters(fsdp1) and shards_parameters(zero3) and not shards_parameters(zero2)
+    for acc in (fsdp1, zero3):
         with pytest.raises(ConfigError, match="--loss.fused false"):
             check_supported(acc, fused_loss=True, lora=False)
         with pytest.raises(ConfigError, match="LoRA"):
             check_supported(acc, fused_loss=False, lora=True)
         check_supported(acc, fused_loss=False, lora=False)
     check_supported(zero2, fused_loss=True, lora=True)  # parameters are whole there
+    # FSDP2: lm_head gathers the head, LoRA exports merge gathered weights (run for real in tests/test_fsdp.py)
+    check_supported(fsdp2, fused_loss=True, lora=True)
 
 
 def test_deepspeed_auto_fields_come_from_the_train_config():

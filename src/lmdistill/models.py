@@ -317,6 +317,13 @@ def lm_head(model: Any, n_vocab: int) -> Head:
     if getattr(cfg, "logits_scaling", None):
         scale = 1.0 / float(cfg.logits_scaling)
     softcap = getattr(cfg, "final_logit_softcapping", None)
-    bias = getattr(head, "bias", None)
-    return Head(head.weight[:n_vocab], None if bias is None else bias[:n_vocab], scale,
-                float(softcap) if softcap else None)
+    # Under FSDP2 a weight read outside its unit's forward is this rank's shard (a DTensor): `gathered` all-gathers it
+    # differentiably (its gradient is reduce-scattered back). A trained model's head is read after its forward, which
+    # accelerate leaves unsharded until backward: a plain tensor, nothing gathered twice. The frozen teacher's is
+    # resharded after forward and gathered here, which measured less memory than keeping it unsharded (V = 151,936:
+    # 2,112 vs 3,000 MiB peak per rank; benchmarks/fsdp_loss_memory.py, numbers in prepare_frozen).
+    from lmdistill.train.distributed import gathered
+
+    weight, bias = gathered(head.weight), getattr(head, "bias", None)
+    bias = None if bias is None else gathered(bias)
+    return Head(weight[:n_vocab], None if bias is None else bias[:n_vocab], scale, float(softcap) if softcap else None)
