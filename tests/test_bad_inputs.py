@@ -531,3 +531,86 @@ def test_generate_wrong_api_key_is_401_and_never_printed(ctx, capsys, monkeypatc
     assert_one_clear_error(code, err, ["401", "LMDISTILL_BAD_INPUT_KEY"])
     assert "sk-wrong-0123456789" not in err
     assert not list((ctx.tmp / "gen").glob("*.filtered.jsonl"))
+
+
+# ------------------------------------------------------------------------------------------------ onpolicy
+
+
+def onpolicy_args(c: Ctx, **extra: str) -> list[str]:
+    args = {"teacher.name_or_path": str(c.teacher_dir), "student.init": "pretrained",
+            "student.name_or_path": str(c.student_dir), "data.source": str(c.chat_file), "data.stage": "chat",
+            "data.prompt_column": "null", "data.completion_column": "null", "data.block_size": "48",
+            "data.eval_documents": "0", "rollout.max_new_tokens": "8", "train.max_steps": "2",
+            "train.output_dir": str(c.out), "train.progress": "false"}
+    args.update(extra)
+    return ["onpolicy", *[x for k, v in args.items() for x in (f"--{k}", v)]]
+
+
+def _dead_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def op_dense_from_a_server(c: Ctx):
+    return onpolicy_args(c, **{"teacher_server.url": "http://127.0.0.1:9/v1"}), ["signal=topk or signal=sampled_token"]
+
+
+def op_pretrain_data(c: Ctx):
+    return onpolicy_args(c, **{"data.source": str(c.text_file), "data.stage": "pretrain"}), ["data.stage=chat"]
+
+
+def op_missing_data(c: Ctx):
+    return onpolicy_args(c, **{"data.source": str(c.tmp / "none.jsonl")}), ["none.jsonl", "not found"]
+
+
+def op_lmbda_out_of_range(c: Ctx):
+    return onpolicy_args(c, lmbda="1.5"), ["lmbda", "less than or equal to 1"]
+
+
+def op_no_completions_per_prompt(c: Ctx):
+    return onpolicy_args(c, **{"rollout.n": "0"}), ["rollout.n", "greater than or equal to 1"]
+
+
+def op_sampled_token_off_policy(c: Ctx):
+    return onpolicy_args(c, signal="sampled_token", lmbda="0.5"), ["lmbda < 1", "signal=dense or topk"]
+
+
+def op_unreachable_teacher_server(c: Ctx):
+    port = _dead_port()
+    return onpolicy_args(c, signal="topk", **{"teacher_server.url": f"http://127.0.0.1:{port}/v1",
+                                             "teacher_server.max_retries": "0"}), ["unreachable", f"127.0.0.1:{port}"]
+
+
+OP_CASES = {
+    f.__name__: f
+    for f in (op_dense_from_a_server, op_pretrain_data, op_missing_data, op_lmbda_out_of_range,
+              op_no_completions_per_prompt, op_sampled_token_off_policy, op_unreachable_teacher_server)
+}
+
+
+@pytest.mark.parametrize("case", sorted(OP_CASES))
+def test_onpolicy_bad_input(case, ctx, capsys):
+    argv, needles = OP_CASES[case](ctx)
+    code, err = invoke(argv, capsys)
+    assert_one_clear_error(code, err, needles)
+    assert_nothing_looks_complete(ctx.out, set())
+
+
+@pytest.mark.parametrize("fault", ["no_tokenizer_check", "wrong_key"])
+def test_onpolicy_teacher_servers_that_cannot_serve(fault, ctx, capsys, monkeypatch):
+    """A server that cannot say which tokenizer it has (here an OpenAI-compatible stand-in with no /tokenize), or
+    that refuses the key, stops the run before training with one message; the key is never printed."""
+    from fault_server import FaultServer
+
+    monkeypatch.setenv("LMDISTILL_BAD_INPUT_KEY", "sk-wrong-0123456789")
+    with FaultServer(api_key="sk-right" if fault == "wrong_key" else None) as server:
+        argv = onpolicy_args(ctx, signal="topk", **{"teacher_server.url": server.base_url,
+                                                    "teacher_server.api_key_env": "LMDISTILL_BAD_INPUT_KEY",
+                                                    "teacher_server.max_retries": "0"})
+        code, err = invoke(argv, capsys)
+    needles = ["cannot tell its tokenizer", "lmdistill serve or vLLM"] if fault == "no_tokenizer_check" else \
+        ["401", "api_key_env"]
+    assert_one_clear_error(code, err, needles)
+    assert "sk-wrong-0123456789" not in err
+    assert_nothing_looks_complete(ctx.out, set())

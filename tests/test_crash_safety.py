@@ -97,6 +97,20 @@ def _install_self_kill(spec: dict) -> None:
             return result
 
         transformers.PreTrainedModel.save_pretrained = save_pretrained
+    elif kind == "nth_call":  # "module:function:n": the n-th call of that function (as the module sees it) dies
+        import importlib
+
+        module_name, fn_name, n = match.split(":")
+        module = importlib.import_module(module_name)
+        real_fn, calls = getattr(module, fn_name), [0]
+
+        def dying(*a, **k):
+            calls[0] += 1
+            if calls[0] == int(n):
+                _self_kill()
+            return real_fn(*a, **k)
+
+        setattr(module, fn_name, dying)
     else:
         raise ValueError(kind)
 
@@ -185,6 +199,7 @@ def drive(plan_path: str) -> None:
     import lmdistill.recipes.codistill  # noqa: F401
     import lmdistill.recipes.hard  # noqa: F401
     import lmdistill.recipes.label  # noqa: F401
+    import lmdistill.recipes.onpolicy  # noqa: F401
     import lmdistill.recipes.soft  # noqa: F401
 
     for name in ("AutoConfig", "AutoModelForCausalLM", "AutoTokenizer", "PreTrainedTokenizerFast"):
@@ -457,3 +472,38 @@ def test_generate_killed_mid_record_and_mid_filter_ends_with_the_same_records(te
     filtered = ref.with_name("out.filtered.jsonl")
     assert records(run.with_name("out.filtered.jsonl")) == records(filtered)
     assert not list(run.parent.glob(".*.tmp"))
+
+
+# ------------------------------------------------------------------------------------------------ onpolicy
+
+
+def test_onpolicy_killed_in_a_rollout_a_teacher_call_and_an_update_resumes_bitwise(teacher_dir, student_dir,
+                                                                                   chat_file, tmp_path):
+    """A resumed on-policy run samples exactly the completions the interrupted one would have (each is a function of
+    the seed, the prompt, the step and its index), so it ends where an uninterrupted run ends."""
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    common = {"teacher.name_or_path": str(teacher_dir), "student.init": "pretrained",
+              "student.name_or_path": str(student_dir), "data.source": str(chat_file), "data.stage": "chat",
+              "data.prompt_column": "null", "data.completion_column": "null", "data.block_size": "48",
+              "data.eval_documents": "4", "signal": "topk", "k": "4", "rollout.n": "2",
+              "rollout.max_new_tokens": "12", "train.max_steps": "6", "train.save_every": "1",
+              "train.eval_every": "2", "train.eval_batches": "1", "train.micro_batch_size": "2", "train.lr": "3e-3",
+              "train.warmup_steps": "1", "train.progress": "false"}
+
+    def argv(out: Path, resume: bool) -> list[str]:
+        args = {**common, "train.output_dir": str(out), **({"train.resume": "true"} if resume else {})}
+        return ["onpolicy", *[x for k, v in args.items() for x in (f"--{k}", v)]]
+
+    at = "lmdistill.recipes.onpolicy:"
+    lives = [
+        {"argv": argv(ref, False)},
+        {"argv": argv(run, False), "kill": {"kind": "nth_call", "match": at + "sample_completions:2"}},
+        {"argv": argv(run, True), "kill": {"kind": "nth_call", "match": at + "topk_targets:2"}},
+        {"argv": argv(run, True), "kill": {"kind": "nth_call", "match": at + "distill_loss:1"}},
+        {"argv": argv(run, True)},
+    ]
+    results = run_plan(tmp_path, lives)
+    assert results[0] == {"exit": 0} and results[-1] == {"exit": 0}, (results, outputs(tmp_path, len(lives)))
+    assert results[1:4] == [{"signal": signal.SIGKILL}] * 3, results
+    assert_bitwise(weights(ref / "student" / "model.safetensors"), weights(run / "student" / "model.safetensors"))
+    assert [stable(r) for r in read_log(run / "log.jsonl")] == [stable(r) for r in read_log(ref / "log.jsonl")]

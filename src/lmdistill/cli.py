@@ -97,6 +97,22 @@ def _codistill(cfg: Any) -> None:
     _report_run(summary)
 
 
+def _onpolicy(cfg: Any) -> None:
+    from lmdistill.recipes.onpolicy import run_onpolicy
+
+    summary = run_onpolicy(cfg)
+    _report_run(summary)
+    last = summary.get("eval_last") or {}
+    if "onpolicy_reverse_kl" in last:
+        first = summary.get("eval_first") or {}
+        click.echo(f"on-policy reverse KL per token: {first.get('onpolicy_reverse_kl', float('nan')):.4f} -> "
+                   f"{last['onpolicy_reverse_kl']:.4f}; teacher NLL of greedy answers "
+                   f"{first.get('teacher_nll_greedy', float('nan')):.4f} -> {last['teacher_nll_greedy']:.4f}")
+    phases = summary.get("phases_s") or {}
+    if phases:
+        click.echo("time in steps: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
+
+
 def _report_run(summary: dict[str, Any]) -> None:
     if "student_dir" not in summary:
         return
@@ -137,6 +153,10 @@ def _register_all() -> None:
     from lmdistill.config import CodistillConfig
 
     register("codistill", CodistillConfig, _codistill, "Co-distillation: teacher and student trained together.")
+    from lmdistill.config import OnPolicyConfig
+
+    register("onpolicy", OnPolicyConfig, _onpolicy, "On-policy distillation: the student writes, the teacher scores "
+             "the student's tokens (local or behind a server).")
     from lmdistill.generate import GenerateConfig, ServeConfig, run_generate
     from lmdistill.serve import run_serve
 

@@ -415,6 +415,82 @@ class HardConfig(StudentRunConfig):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# on-policy distillation (`lmdistill onpolicy`)
+
+
+class RolloutConfig(BaseConfig):
+    """How the student writes its completions."""
+
+    backend: Literal["hf"] = Field("hf", description="`hf`: transformers `generate` with a KV cache, any device.")
+    n: int = Field(1, ge=1, description="Completions per prompt.")
+    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature (1: the student's own distribution).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus mass kept when sampling.")
+    max_new_tokens: int = Field(64, ge=1, description="Longest completion (also capped by what data.block_size leaves).")
+
+
+class TeacherServerConfig(BaseConfig):
+    """A teacher behind an OpenAI-compatible server (`lmdistill serve`, or vLLM's server) instead of in this process."""
+
+    url: str | None = Field(
+        None, description="Base URL ending in /v1 (e.g. http://127.0.0.1:8000/v1); null: the local teacher model.")
+    api_model: str | None = Field(None, description="The model name the server serves (null: the first it lists).")
+    api_key_env: str | None = Field(None, description="Environment variable holding the API key (never logged).")
+    timeout_s: float = Field(120.0, gt=0, description="Seconds one scoring request may take before a retry.")
+    max_retries: int = Field(6, ge=0, description="Retries of one request (429/5xx/timeouts/dropped connections).")
+
+
+class OnPolicyConfig(StudentRunConfig):
+    """`lmdistill onpolicy`: the student writes completions to the prompts, the teacher scores the student's tokens."""
+
+    data: DataConfig = Field(
+        default_factory=lambda: DataConfig(source="embedded:wikipedia-questions", stage="chat", block_size=128,
+                                           prompt_column="prompt", completion_column="reference", eval_documents=40),
+        description="Chat data: the prompts, and the responses that off-policy steps (lmbda < 1) train on.",
+    )
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(output_dir="runs/onpolicy"))
+    signal: Literal["dense", "topk", "sampled_token"] = Field(
+        "dense",
+        description="What the teacher gives on the student's tokens: `dense` its full distribution (local teacher; "
+        "any loss.kind through the fused loss), `topk` its top-k log-probs + tail mass, `sampled_token` only the "
+        "log-prob of each sampled token (reward log p_T - log p_S, a policy-gradient loss).",
+    )
+    k: int = Field(20, ge=1, description="signal=topk: log-probs per position (OpenAI-compatible servers allow 20).")
+    discount: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="signal=sampled_token: a token's advantage adds discount^j times the reward j tokens later.",
+    )
+    lmbda: float = Field(
+        1.0, ge=0.0, le=1.0,
+        description="Share of steps whose sequences the student writes (GKD); the rest train on the dataset's "
+        "responses (or the teacher's own answers with seq_kd) as `soft` does. 0: exactly `soft` on this data.",
+    )
+    seq_kd: bool = Field(False, description="Off-policy steps use answers the (local) teacher writes, not the data's.")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    teacher_server: TeacherServerConfig = Field(default_factory=TeacherServerConfig)
+    loss: LossConfig = Field(
+        default_factory=lambda: LossConfig(kind="reverse_kl", alpha=1.0),
+        description="The divergence (signal dense / topk). On the student's own tokens the loss is the divergence "
+        "alone; alpha mixes in the CE only on off-policy steps (whose labels are real responses).",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OnPolicyConfig:
+        if self.data.stage != "chat":
+            raise ValueError("onpolicy needs chat data (data.stage=chat): the prompt is what the student answers")
+        served = self.teacher_server.url is not None
+        if served and self.signal == "dense":
+            raise ValueError("a teacher server returns top-k log-probs, not whole distributions: with "
+                             "teacher_server.url use signal=topk or signal=sampled_token")
+        if served and self.seq_kd:
+            raise ValueError("seq_kd needs the local teacher to write answers; with a teacher server write them once "
+                             "with `lmdistill generate` and give that file as data.source")
+        if self.signal == "sampled_token" and self.lmbda < 1:
+            raise ValueError("signal=sampled_token rewards the student's own samples; off-policy steps (lmbda < 1) "
+                             "need a distribution to match: use signal=dense or topk with lmbda < 1")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # co-distillation (`lmdistill codistill`)
 
 
@@ -619,6 +695,11 @@ class GenerationOptions(BaseConfig):
     temperature: float = Field(0.8, gt=0.0, description="Temperature of the sampled generation (greedy is also shown).")
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus mass of the sampled generation.")
     seed: int = Field(0, description="Seed of the sampled generation; the same for every model.")
+    onpolicy_prompts: int = Field(
+        8, ge=0,
+        description="Held-out embedded Wikipedia questions every student answers itself, for the on-policy columns "
+        "(reverse KL on its own samples, the teacher's NLL of its greedy answers, answer length); 0: none.",
+    )
 
 
 class ArmSpec(BaseConfig):
@@ -626,7 +707,8 @@ class ArmSpec(BaseConfig):
 
     name: str = Field(description="Row name in the report (letters, digits, `_`, `-`, `.`).")
     kind: str = Field(description="One of the registered arm kinds: " + ", ".join(
-        ["ce", "soft", "cached_topk", "cached_sampled", "hard_token", "hard_sequence", "codistill"]) + ".")
+        ["ce", "soft", "cached_topk", "cached_sampled", "hard_token", "hard_sequence", "codistill", "onpolicy"])
+        + ".")
     overrides: dict[str, Any] = Field(
         default_factory=dict,
         description="Fields of the arm's training config, dotted or nested (e.g. {loss.kind: reverse_kl}). Data, "
@@ -656,6 +738,7 @@ def default_arms() -> list[ArmSpec]:
         ArmSpec(name="hard_token", kind="hard_token"),
         ArmSpec(name="hard_sequence", kind="hard_sequence"),
         ArmSpec(name="codistill", kind="codistill"),
+        ArmSpec(name="onpolicy", kind="onpolicy"),
     ]
 
 

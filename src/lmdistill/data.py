@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from lmdistill.assets import EMBEDDED_TEXT, wikipedia_dataset
+from lmdistill.assets import EMBEDDED_QUESTIONS, EMBEDDED_TEXT, wikipedia_dataset, wikipedia_questions
 from lmdistill.config import DataConfig
 from lmdistill.errors import DataError
 
@@ -66,10 +66,12 @@ class DataSplits:
 
 def load_raw_dataset(source: str, *, split: str = "train", hub_config: str | None = None):
     """A `datasets.Dataset` from a local file, a directory of files, a hub name, or the embedded Wikipedia text."""
-    from datasets import load_dataset
+    from datasets import Dataset, load_dataset
 
     if source == EMBEDDED_TEXT:
         return wikipedia_dataset()
+    if source == EMBEDDED_QUESTIONS:  # chat data: prompt_column=prompt, completion_column=reference (the extract)
+        return Dataset.from_list(wikipedia_questions())
     path = Path(source).expanduser()
     if path.exists():
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in _EXTENSIONS)

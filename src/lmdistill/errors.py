@@ -50,6 +50,10 @@ class TeacherAPIError(LmdistillError):
     last: str = ""
 
 
+class TeacherUnavailableError(TeacherAPIError):
+    """The teacher server stayed unreachable (or kept failing) past its retries in the middle of a training run."""
+
+
 class NonFiniteError(LmdistillError):
     """A model produced NaN or inf (teacher outputs, or a diverged training loss)."""
 

@@ -1,8 +1,14 @@
 """`lmdistill serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) around a local Hugging Face model.
 
-Endpoints: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions` (with `n`, `temperature`, `top_p`,
-`max_tokens`, `stop`, `seed`, `logprobs`/`top_logprobs`), and `GET /health`. Each log-prob entry also carries
-`token_id`, an extra field that `lmdistill generate` stores so API soft labels keep exact token ids.
+Endpoints: `GET /v1/models` (each model lists its `tokenizer_fingerprint`), `POST /v1/chat/completions`,
+`POST /v1/completions` (with `n`, `temperature`, `top_p`, `max_tokens`, `stop`, `seed`, `logprobs`/`top_logprobs`),
+`POST /tokenize` and `GET /health`. Each log-prob entry also carries `token_id`, an extra field that `lmdistill
+generate` stores so API soft labels keep exact token ids.
+
+Scoring (on-policy distillation, vLLM's protocol): `/v1/completions` with a token-id prompt (or a list of them),
+`echo=true`, `max_tokens` 0 or 1, `temperature=0` and `logprobs=k` returns, for every position, the prompt token's
+log-prob and the k most probable tokens there (`return_tokens_as_token_ids=true` names them `token_id:<id>`). The
+prompts of one request are scored in one padded forward pass.
 
 Concurrency: one model, one worker thread that owns it (`lmdistill.request_batcher`). Concurrent requests with the
 same sampling settings are batched into one `generate` call (up to `max_batch_size` sequences; seeded requests run
@@ -18,15 +24,18 @@ from __future__ import annotations
 import ipaddress
 import logging
 import secrets
+import threading
 import time
 import uuid
 from typing import Any
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from lmdistill.errors import ConfigError
 from lmdistill.generate.base import Completion
 from lmdistill.generate.config import ServeConfig
+from lmdistill.models import tokenizer_fingerprint
 from lmdistill.request_batcher import RequestBatcher, SamplingKey
 
 log = logging.getLogger(__name__)
@@ -61,10 +70,19 @@ class ChatRequest(_Request):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1)  # the OpenAI default for /v1/completions
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int = Field(16, ge=0)  # the OpenAI default for /v1/completions; 0 only to score an echoed prompt
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
+    return_tokens_as_token_ids: bool = False  # vLLM's extension: tokens named `token_id:<id>`
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
 
 
 class APIError(Exception):
@@ -131,6 +149,7 @@ def create_app(generator: Any, cfg: ServeConfig, api_key: str | None = None) -> 
     served = cfg.served_model_name or served_name(cfg.model.name_or_path)
     batcher = RequestBatcher(generator, max_batch=cfg.max_batch_size, wait_s=cfg.batch_wait_ms / 1000)
     app = FastAPI(title="lmdistill serve", docs_url=None, redoc_url=None)
+    score_lock = threading.Lock()  # scoring forwards run in the request's thread, one at a time
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -176,9 +195,46 @@ def create_app(generator: Any, cfg: ServeConfig, api_key: str | None = None) -> 
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    fingerprint: list[str] = []  # computed on the first /v1/models (hashing a large vocabulary takes a moment)
+
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": served, "object": "model", "created": 0, "owned_by": "lmdistill"}]}
+        entry: dict[str, Any] = {"id": served, "object": "model", "created": 0, "owned_by": "lmdistill"}
+        tokenizer = getattr(generator, "tokenizer", None)
+        if tokenizer is not None:
+            if not fingerprint:
+                fingerprint.append(tokenizer_fingerprint(tokenizer))
+            entry["tokenizer_fingerprint"] = fingerprint[0]
+        return {"object": "list", "data": [entry]}
+
+    @app.post("/tokenize")
+    def tokenize(req: TokenizeRequest) -> dict[str, Any]:
+        if req.model is not None and req.model != served:
+            raise APIError(404, f"model `{req.model}` is not served here; this server serves `{served}`",
+                           code="model_not_found")
+        tokens = generator.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"]
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": cfg.max_new_tokens_limit}
+
+    def score(req: CompletionRequest) -> dict[str, Any]:
+        """Echo with max_tokens 0 or 1 on token ids: the scoring call of on-policy distillation (vLLM's protocol)."""
+        raw: list[Any] = req.prompt if isinstance(req.prompt, list) and req.prompt and \
+            isinstance(req.prompt[0], list) else [req.prompt]
+        prompts = [[int(t) for t in p] for p in raw if isinstance(p, list) and p and all(isinstance(t, int) for t in p)]
+        if len(prompts) != len(raw):
+            raise APIError(400, "echo=true scores token-id prompts: send prompt as a list of token ids (or of lists)")
+        vocab = len(generator.tokenizer)
+        if any(t < 0 or t >= vocab for p in prompts for t in p):
+            raise APIError(400, f"prompt holds token ids outside this tokenizer's vocabulary [0, {vocab})")
+        if req.max_tokens > 1 or req.n != 1 or req.temperature != 0:
+            raise APIError(400, "scoring an echoed prompt takes max_tokens 0 or 1, n=1 and temperature=0")
+        with score_lock:
+            choices = score_prompts(generator.model, generator.tokenizer, prompts, req.logprobs or 0, req.max_tokens,
+                                    req.return_tokens_as_token_ids)
+        n_prompt = sum(c.pop("prompt_tokens") for c in choices)
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": served, "choices": choices,
+                "usage": {"prompt_tokens": n_prompt, "completion_tokens": req.max_tokens * len(choices),
+                          "total_tokens": n_prompt + req.max_tokens * len(choices)}}
 
     @app.post("/v1/chat/completions")
     def chat(req: ChatRequest) -> dict[str, Any]:
@@ -215,8 +271,13 @@ def create_app(generator: Any, cfg: ServeConfig, api_key: str | None = None) -> 
     def completions(req: CompletionRequest) -> dict[str, Any]:
         stop = check_common(req, req.max_tokens)
         if req.echo:
-            raise APIError(400, "echo=true is not supported by lmdistill serve")
-        prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+            return score(req)
+        if req.max_tokens == 0:
+            raise APIError(400, "max_tokens=0 only scores an echoed prompt (echo=true)")
+        given = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+        prompts = [p for p in given if isinstance(p, str)]
+        if len(prompts) != len(given):
+            raise APIError(400, "token-id prompts are scored with echo=true; send text to generate")
         if not prompts:
             raise APIError(400, "prompt is empty")
         outputs = run(prompts, req, req.max_tokens, stop, req.logprobs, raw=True)
@@ -246,6 +307,48 @@ def create_app(generator: Any, cfg: ServeConfig, api_key: str | None = None) -> 
     app.state.served_model_name = served
     app.state.batcher = batcher
     return app
+
+
+@torch.no_grad()
+def score_prompts(model: Any, tokenizer: Any, prompts: list[list[int]], k: int, max_tokens: int,
+                  token_ids: bool) -> list[dict[str, Any]]:
+    """Completions-API choices that echo each token-id prompt with log p of every token given those before it and the
+    k most probable tokens there (the first token has none); `max_tokens=1` appends the greedy next token."""
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, : len(p)], mask[r, : len(p)] = torch.tensor(p), 1
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+    logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+
+    def name(t: int) -> str:
+        return f"token_id:{t}" if token_ids else tokenizer.decode([t])
+
+    choices = []
+    for r, p in enumerate(prompts):
+        lp = logprobs[r, : len(p)]
+        tokens = list(p)
+        token_lps: list[float | None] = [None] + [float(lp[j - 1, p[j]]) for j in range(1, len(p))]
+        positions = list(range(len(p) - 1))
+        if max_tokens >= 1:  # the greedy next token (temperature 0)
+            nxt = int(lp[-1].argmax())
+            tokens.append(nxt)
+            token_lps.append(float(lp[-1, nxt]))
+            positions.append(len(p) - 1)
+        tops: list[dict[str, float] | None] = [None]
+        for j, pos in enumerate(positions, start=1):
+            top = lp[pos].topk(k) if k else None
+            entry = {} if top is None else {name(int(i)): float(v) for v, i in zip(top.values, top.indices, strict=True)}
+            entry[name(tokens[j])] = float(lp[pos, tokens[j]])  # the scored token itself, as vLLM includes it
+            tops.append(entry)
+        text = tokenizer.decode(tokens)
+        choices.append({"index": r, "text": text, "finish_reason": "length",
+                        "logprobs": {"tokens": [name(t) for t in tokens], "token_logprobs": token_lps,
+                                     "top_logprobs": tops, "text_offset": [0] * len(tokens)},
+                        "prompt_tokens": len(p)})
+    return choices
 
 
 def served_name(name_or_path: str) -> str:

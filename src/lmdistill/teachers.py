@@ -13,7 +13,9 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from lmdistill.data import IGNORE
 from lmdistill.errors import NonFiniteError
+from lmdistill.losses.divergences import LOGPROB_FLOOR
 from lmdistill.losses.head import Hidden
 from lmdistill.losses.sparse import SparseTargets
 from lmdistill.models import decoder_hidden, lm_head
@@ -77,3 +79,24 @@ def check_finite(x: Tensor, what: str, attention_mask: Tensor | None) -> None:
             "overflows: load it in bf16 or fp32 (teacher.dtype; fp16 overflows in many models) or check the "
             "checkpoint"
         )
+
+
+@torch.no_grad()
+def topk_targets(targets: Hidden, labels: Tensor, k: int, chunk_size: int = 1024) -> SparseTargets:
+    """The teacher's k most probable ids, their log-probs and the tail log(1 - their mass) at every labelled position
+    ([B, T, K], ids -1 elsewhere): what a teacher server returns, computed from a local teacher chunk by chunk."""
+    mask = labels != IGNORE
+    ids = torch.full((*labels.shape, k), -1, dtype=torch.long, device=labels.device)
+    logprobs = torch.zeros((*labels.shape, k), dtype=torch.float32, device=labels.device)
+    tail = torch.full(labels.shape, LOGPROB_FLOOR, dtype=torch.float32, device=labels.device)
+    rows = targets.hidden[mask]
+    top_ids, top_lps, tails = [], [], []
+    for start in range(0, rows.shape[0], chunk_size):
+        lp = torch.log_softmax(targets.head.logits(rows[start : start + chunk_size]).float(), dim=-1)
+        top = lp.topk(min(k, lp.shape[-1]), dim=-1)
+        top_ids.append(top.indices)
+        top_lps.append(top.values)
+        tails.append(lp.scatter(1, top.indices, float("-inf")).logsumexp(-1).clamp_min(LOGPROB_FLOOR))
+    if top_ids:
+        ids[mask], logprobs[mask], tail[mask] = torch.cat(top_ids), torch.cat(top_lps), torch.cat(tails)
+    return SparseTargets(ids=ids, logprobs=logprobs, tail_logprob=tail)

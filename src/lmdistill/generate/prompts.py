@@ -12,19 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmdistill.assets import EMBEDDED_QUESTIONS, wikipedia_questions
 from lmdistill.errors import DataError
 from lmdistill.generate.config import PromptsConfig
 
 log = logging.getLogger(__name__)
-
-EMBEDDED_QUESTIONS = "embedded:wikipedia-questions"
-# Rotated by record index so the embedded set has some variety; every one is answerable from the extract.
-QUESTION_TEMPLATES = (
-    "In one sentence, what is {title}?",
-    "Explain briefly what {title} is.",
-    "What should someone know about {title}? Answer in two sentences.",
-)
-
 
 @dataclass
 class Prompt:
@@ -39,31 +31,10 @@ class Prompt:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def wikipedia_questions(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Question rows from Wikipedia summaries: `{"id", "prompt", "reference"}` with the extract as the reference.
-
-    Args:
-        records: dicts with keys title, extract (as `lmdistill.assets.wikipedia_records()` returns).
-    """
-    rows = []
-    for i, record in enumerate(records):
-        template = QUESTION_TEMPLATES[i % len(QUESTION_TEMPLATES)]
-        rows.append(
-            {
-                "id": f"wiki/{record['title']}",
-                "prompt": template.format(title=record["title"]),
-                "reference": record["extract"],
-            }
-        )
-    return rows
-
-
 def _read_rows(cfg: PromptsConfig) -> list[dict[str, Any]]:
     source = cfg.source
     if source == EMBEDDED_QUESTIONS:
-        from lmdistill.assets import wikipedia_records
-
-        return wikipedia_questions(wikipedia_records())
+        return wikipedia_questions()
     if source.startswith("embedded:"):
         raise DataError(f"unknown embedded prompt source `{source}`; the embedded one is `{EMBEDDED_QUESTIONS}`")
     path = Path(source)

@@ -21,7 +21,15 @@ from lmdistill.losses.divergences import (
 )
 from lmdistill.losses.fused import FusedLossSums, fused_loss
 from lmdistill.losses.head import Head, Hidden
-from lmdistill.losses.objective import IGNORE_INDEX, StepLoss, ce_sum_and_count, distill_loss, mix
+from lmdistill.losses.objective import (
+    IGNORE_INDEX,
+    StepLoss,
+    ce_sum_and_count,
+    distill_loss,
+    mix,
+    reverse_kl_policy_gradient,
+    token_logprobs,
+)
 from lmdistill.losses.sparse import ESTIMATORS, SparseTargets, sparse_divergence
 
 __all__ = [
@@ -41,5 +49,7 @@ __all__ = [
     "distill_loss",
     "fused_loss",
     "mix",
+    "reverse_kl_policy_gradient",
     "sparse_divergence",
+    "token_logprobs",
 ]

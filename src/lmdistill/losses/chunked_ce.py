@@ -65,3 +65,37 @@ def chunked_ce_sum_and_count(hidden: Tensor, head: Head, labels: Tensor, *, igno
     """
     total = chunked_ce_sums(hidden, head, [labels], ignore_index=ignore_index, chunk_size=chunk_size)[0]
     return total, (labels != ignore_index).sum()
+
+
+def _chunk_token_logprobs(h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, scale: float,
+                          softcap: float | None) -> Tensor:
+    logits = torch.nn.functional.linear(h, weight, bias).float() * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return torch.log_softmax(logits, dim=-1).gather(1, labels[:, None]).squeeze(1)
+
+
+def chunked_token_logprobs(hidden: Tensor, head: Head, labels: Tensor, *, ignore_index: int = -100,
+                           chunk_size: int = 1024) -> Tensor:
+    """log p(label) at every labelled position, 0 elsewhere, shaped like `labels` (fp32; differentiable w.r.t.
+    `hidden` and the head, each chunk's logits recomputed in backward as in `chunked_ce_sums`).
+
+    What a per-token weighted objective needs (a policy gradient weights each sampled token by its advantage), and
+    the teacher's log-prob of given tokens.
+    """
+    flat = labels.reshape(-1)
+    rows = (flat != ignore_index).nonzero().squeeze(-1)
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+    y = flat.index_select(0, rows)
+    parts = []
+    for start in range(0, y.shape[0], chunk_size):
+        sl = slice(start, start + chunk_size)
+        args = (h[sl], head.weight, head.bias, y[sl], head.scale, head.softcap)
+        if torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad):
+            parts.append(checkpoint(_chunk_token_logprobs, *args, use_reentrant=False))
+        else:
+            parts.append(_chunk_token_logprobs(*args))
+    out = torch.zeros(flat.shape, dtype=torch.float32, device=hidden.device)
+    if parts:
+        out = out.index_put((rows,), torch.cat(parts))
+    return out.reshape(labels.shape)

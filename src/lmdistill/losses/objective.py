@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmdistill.losses.chunked_ce import chunked_ce_sum_and_count
+from lmdistill.losses.chunked_ce import chunked_ce_sum_and_count, chunked_token_logprobs
 from lmdistill.losses.divergences import LossArgumentError, check_alpha, divergence
 from lmdistill.losses.fused import fused_loss
 from lmdistill.losses.head import Hidden
@@ -147,3 +147,51 @@ def distill_loss(out: Hidden | Tensor, targets: Targets | None, labels: Tensor, 
                         reduction="sum")
     ce = ce_sum_and_count(out, labels)[0]
     return StepLoss(mix(kd, ce, 1, alpha), {"kd": kd, "ce": ce})
+
+
+def token_logprobs(out: Hidden | Tensor, labels: Tensor) -> Tensor:
+    """log p(label) [B, T] of a model's outputs at every labelled position (0 elsewhere), differentiable."""
+    if isinstance(out, Hidden):
+        return chunked_token_logprobs(out.hidden, out.head, labels)
+    lp = torch.log_softmax(out.float(), dim=-1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(labels != IGNORE_INDEX, lp, torch.zeros_like(lp))
+
+
+def discounted(rewards: Tensor, mask: Tensor, discount: float) -> Tensor:
+    """Per position, the reward plus `discount`^j times the reward j labelled positions later in the same row."""
+    if discount == 0.0:
+        return rewards * mask
+    out = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in range(rewards.shape[1] - 1, -1, -1):
+        running = torch.where(mask[:, t], rewards[:, t] + discount * running, running)
+        out[:, t] = torch.where(mask[:, t], running, torch.zeros_like(running))
+    return out
+
+
+def reverse_kl_policy_gradient(logprobs: Tensor, teacher_logprobs: Tensor, labels: Tensor,
+                               discount: float = 0.0) -> StepLoss:
+    """On-policy distillation from the teacher's log-prob of each sampled token alone.
+
+    The per-token reward r_t = log p_T(y_t) - log p_S(y_t) is minus the reverse KL's single-sample estimate; as an
+    advantage (optionally discounted over the following tokens of the completion) it weighs the score function:
+
+        loss = - sum_t ratio_t * A_t,   ratio_t = p_S(y_t) / p_sample(y_t)
+
+    With one update per rollout the sampling policy is the current one, so ratio = 1 in value and the gradient is
+    -A_t * grad log p_S(y_t) (REINFORCE with the teacher as the reward model).
+
+    Args:
+        logprobs: [B, T] the student's log p(y_t), with graph (`token_logprobs`).
+        teacher_logprobs: [B, T] the teacher's log p(y_t) of the same tokens.
+        labels: [B, T] the sampled tokens, IGNORE_INDEX where nothing was sampled.
+
+    Returns:
+        StepLoss with the loss sum and parts `reverse_kl` (sum of log p_S - log p_T) and `teacher_nll`.
+    """
+    mask = labels != IGNORE_INDEX
+    rewards = (teacher_logprobs - logprobs.detach()) * mask
+    advantage = discounted(rewards, mask, discount)
+    ratio = torch.exp(logprobs - logprobs.detach())
+    total = -(ratio * advantage * mask).sum()
+    return StepLoss(total, {"reverse_kl": -rewards.sum(), "teacher_nll": -(teacher_logprobs * mask).sum()})

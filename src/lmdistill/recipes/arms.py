@@ -10,6 +10,7 @@ SKIPPED with that reason, never silently), and how many bytes of teacher data it
     hard_token      the bytes of one token id, ceil(log2(V) / 8): the teacher's argmax is all the student sees
     hard_sequence   UTF-8 bytes of the teacher's completions / their tokens: the text is the label
     codistill       V * 4: the live teacher's dense distribution, like online soft
+    onpolicy        V * 4 (dense), (k + 1) * (4 + id bytes) (topk) or 4 (sampled_token) per token the student wrote
 
 Every kind builds its recipe's config from the same shared pieces (teacher, student, data, train with the step
 budget and seed), so only the method differs; an arm's `overrides` may change method settings but not those pieces.
@@ -35,13 +36,16 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ValidationError
 
+from lmdistill.assets import EMBEDDED_QUESTIONS
 from lmdistill.cache.estimate import describe_encoding, measure_cache
 from lmdistill.config import (
     ArmSpec,
     CodistillConfig,
     CompareConfig,
+    DataConfig,
     HardConfig,
     LabelConfig,
+    OnPolicyConfig,
     SoftConfig,
     deep_merge,
     format_validation_error,
@@ -55,6 +59,7 @@ from lmdistill.recipes.codistill import run_codistill
 from lmdistill.recipes.common import build_setup, save_model
 from lmdistill.recipes.hard import run_hard
 from lmdistill.recipes.label import run_label
+from lmdistill.recipes.onpolicy import run_onpolicy
 from lmdistill.recipes.soft import run_soft
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -432,3 +437,35 @@ def _codistill_arm(ctx: ArmContext) -> ArmOutcome:
 register_arm(ArmKind("codistill", "co-distillation: the teacher trains on CE in the same steps, the student learns "
                      "from both", _codistill_arm,
                      (("lmdistill.recipes.codistill", "run_codistill"), ("lmdistill.config", "CodistillConfig"))))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# on-policy: the student answers the embedded questions itself, the teacher scores its tokens
+
+
+def question_data(cfg: CompareConfig) -> DataConfig:
+    """The chat data of the on-policy arm and of the on-policy columns: the embedded Wikipedia questions, one epoch of
+    prompts for the step budget, its held-out split the prompts every student is scored on."""
+    needed = cfg.train.max_steps * cfg.train.micro_batch_size * cfg.train.grad_accum
+    return DataConfig(source=EMBEDDED_QUESTIONS, stage="chat", prompt_column="prompt", completion_column="reference",
+                      block_size=max(cfg.data.block_size, 96), max_documents=needed + cfg.generation.onpolicy_prompts,
+                      eval_documents=cfg.generation.onpolicy_prompts, seed=cfg.data.seed)
+
+
+def _onpolicy_arm(ctx: ArmContext) -> ArmOutcome:
+    cfg = ctx.cfg
+    base = {**_shared(ctx, loss=False), "data": question_data(cfg).model_dump(),
+            "rollout": {"max_new_tokens": cfg.generation.max_new_tokens}}
+    op_cfg = recipe_config(OnPolicyConfig, base, ctx.spec)
+    with ctx.monitor.phase("train"):
+        summary = run_onpolicy(op_cfg)
+    v = int(summary["vocab"])
+    note = (f"the teacher's dense fp32 distribution over {v:,} tokens at each token the student wrote "
+            f"({op_cfg.signal})") if op_cfg.signal == "dense" else f"teacher signal `{op_cfg.signal}` on the student's tokens"
+    bytes_per_token = dense_bytes(v) if op_cfg.signal == "dense" else \
+        (op_cfg.k + 1) * (4 + id_bytes(v)) if op_cfg.signal == "topk" else 4.0
+    return ArmOutcome(summary, float(bytes_per_token), note, curve_data="the student's own answers to questions")
+
+
+register_arm(ArmKind("onpolicy", "on-policy: the student answers questions itself, the teacher scores every token it "
+                     "wrote", _onpolicy_arm, (("lmdistill.recipes.onpolicy", "run_onpolicy"),)))

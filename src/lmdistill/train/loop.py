@@ -22,10 +22,16 @@ from torch import Tensor, nn
 
 from lmdistill.config import TrainConfig
 from lmdistill.data import IGNORE, BatchSchedule, TokenBlocks
-from lmdistill.errors import ConfigError, NonFiniteError
+from lmdistill.errors import ConfigError, NonFiniteError, TeacherUnavailableError
 from lmdistill.losses.objective import StepLoss
 from lmdistill.train.checkpoint import CheckpointManager
-from lmdistill.train.distributed import deepspeed_defaults, engine, full_training_state, load_full_training_state
+from lmdistill.train.distributed import (
+    deepspeed_defaults,
+    enable_sharding_on_cpu,
+    engine,
+    full_training_state,
+    load_full_training_state,
+)
 from lmdistill.train.logging import RunLogger, make_progress
 
 Batch = dict[str, Tensor]
@@ -59,6 +65,10 @@ class Stateful(Protocol):
 
 
 LossFn = Callable[[dict[str, nn.Module], Batch, StepInfo], dict[str, StepLoss]]
+# Turns a data micro-batch into the one trained on, before the step's token count: on-policy recipes sample the
+# student's completions here (and score them with the teacher), with every micro-batch of a step seeing the same
+# pre-step weights. Receives the unwrapped models.
+RolloutFn = Callable[[dict[str, nn.Module], Batch, StepInfo], Batch]
 EvalFn = Callable[[dict[str, nn.Module]], dict[str, float]]
 # Called after each optimizer step with the step's global per-token means; returns extra fields for the log.
 StepHook = Callable[[int, dict[str, float]], dict[str, float]]
@@ -74,7 +84,10 @@ def make_accelerator(cfg: TrainConfig) -> Any:
     # use the CPU; without this every rank would silently train alone on the whole batch and write the same files.
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cpu = world > 1 and not torch.cuda.is_available()
-    return Accelerator(mixed_precision=mixed, cpu=cpu)
+    accelerator = Accelerator(mixed_precision=mixed, cpu=cpu)
+    if cpu:  # accelerate ignores FSDP and DeepSpeed configs on CPU; both run there (see enable_sharding_on_cpu)
+        enable_sharding_on_cpu(accelerator, mixed)
+    return accelerator
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -120,6 +133,7 @@ class TrainResult:
     step: int
     last: dict[str, float]  # the last step's log record
     tokens_per_s: float
+    step_seconds: float  # wall-clock inside the optimizer steps of this run (evaluation and checkpoints excluded)
 
 
 class Trainer:
@@ -132,7 +146,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, *, models: dict[str, Trained], data: TokenBlocks, loss_fn: LossFn,
                  eval_fn: EvalFn | None = None, accelerator: Any | None = None, run_info: dict[str, Any] | None = None,
-                 state: dict[str, Stateful] | None = None, on_step: StepHook | None = None) -> None:
+                 state: dict[str, Stateful] | None = None, on_step: StepHook | None = None,
+                 rollout: RolloutFn | None = None) -> None:
         self.cfg = cfg
         self.accelerator = acc = accelerator or make_accelerator(cfg)
         self.engine = engine(acc)
@@ -148,14 +163,18 @@ class Trainer:
         optimizers = {name: build_optimizer(spec.module, own_cfgs[name]) for name, spec in models.items()}
         self.schedulers = {name: torch.optim.lr_scheduler.LambdaLR(optimizers[name], lr_lambda(own_cfgs[name]))
                            for name in models}
-        prepared = acc.prepare(*(spec.module for spec in models.values()), *optimizers.values())
+        if self.engine == "fsdp":  # accelerate's FSDP2 prepares one model, with its optimizer, per call
+            pairs = [acc.prepare(spec.module, optimizers[name]) for name, spec in models.items()]
+            prepared = (*(model for model, _ in pairs), *(opt for _, opt in pairs))
+        else:
+            prepared = acc.prepare(*(spec.module for spec in models.values()), *optimizers.values())
         if len(models) == 1 and not isinstance(prepared, tuple | list):
             prepared = (prepared,)
         names = list(models)
         self.models: dict[str, nn.Module] = dict(zip(names, prepared[: len(names)], strict=True))
         self.optimizers: dict[str, Any] = dict(zip(names, prepared[len(names):], strict=True))
         self.data, self.loss_fn, self.eval_fn = data, loss_fn, eval_fn
-        self.state, self.on_step = state or {}, on_step
+        self.state, self.on_step, self.rollout = state or {}, on_step, rollout
         self.schedule = BatchSchedule(len(data), cfg.micro_batch_size, cfg.grad_accum, cfg.seed,
                                       world_size=acc.num_processes, rank=acc.process_index)
         self.ckpt = CheckpointManager(cfg.output_dir, keep=cfg.keep_checkpoints)
@@ -228,6 +247,9 @@ class Trainer:
             model.train()
         batches = [{k: v.to(acc.device) for k, v in self.data.batch(idx).items()}
                    for idx in self.schedule.micro_batches(step)]
+        if self.rollout is not None:
+            models = self.unwrapped
+            batches = [self.rollout(models, batch, info) for batch in batches]
         n_global = global_token_count(acc, batches)
         # Each rank's backward is scaled by world size because DDP averages gradients across ranks.
         scale = acc.num_processes * self.ds_accum / n_global
@@ -279,6 +301,7 @@ class Trainer:
         if self.on_step is not None:
             record.update(self.on_step(step, means))
         record["tokens"] = float(sum(int(b["attention_mask"].sum()) for b in batches) * acc.num_processes)
+        record["target_tokens"] = denom  # the tokens this step learned from, all ranks
         return record
 
     def _clip(self, model: nn.Module) -> float | None:
@@ -301,20 +324,33 @@ class Trainer:
             acc.print(f"resumed from step {start} ({self.ckpt.latest()})")
         if self.eval_fn is not None and start == 0:
             logger.log(0, self._evaluate(0))
-        tokens, t_start = 0.0, time.perf_counter()
+        tokens, t_start, in_steps = 0.0, time.perf_counter(), 0.0
         with make_progress(cfg.progress and self.is_main) as progress:
             task = progress.add_task("train", total=cfg.max_steps, completed=start, stats="")
+            done = saved = start
             for step in range(start, cfg.max_steps):
-                last = self.train_step(step)
-                tokens += last.pop("tokens")
-                last["tokens_per_s"] = tokens / max(time.perf_counter() - t_start, 1e-9)
-                done = step + 1
-                if done % cfg.log_every == 0 or done == cfg.max_steps:
-                    logger.log(done, last)
-                if self.eval_fn is not None and cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.max_steps:
-                    logger.log(done, self._evaluate(done))
+                t_step = time.perf_counter()
+                try:
+                    last = self.train_step(step)
+                    in_steps += time.perf_counter() - t_step
+                    tokens += last.pop("tokens")
+                    last["tokens_per_s"] = tokens / max(time.perf_counter() - t_start, 1e-9)
+                    done = step + 1
+                    if done % cfg.log_every == 0 or done == cfg.max_steps:
+                        logger.log(done, last)
+                    if self.eval_fn is not None and cfg.eval_every and done % cfg.eval_every == 0 and \
+                            done != cfg.max_steps:
+                        logger.log(done, self._evaluate(done))
+                except TeacherUnavailableError as e:
+                    if done > saved:  # the steps finished since the last checkpoint are kept
+                        self._save(done, last)
+                    raise TeacherUnavailableError(
+                        f"{e}. Stopped after {done} steps, all of them in the newest checkpoint: bring the teacher "
+                        "back and resume with --train.resume true"
+                    ) from None
                 if cfg.save_every and done % cfg.save_every == 0 and done != cfg.max_steps:
                     self._save(done, last)
+                    saved = done
                 losses = " ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("loss"))
                 progress.update(task, completed=done, stats=f"{losses} | {last['tokens_per_s']:,.0f} tok/s")
         if self.eval_fn is not None and not finished:
@@ -322,7 +358,7 @@ class Trainer:
         if cfg.save_every and not finished:
             self._save(cfg.max_steps, last)
         logger.close()
-        return TrainResult(cfg.max_steps, last, tokens / max(time.perf_counter() - t_start, 1e-9))
+        return TrainResult(cfg.max_steps, last, tokens / max(time.perf_counter() - t_start, 1e-9), in_steps)
 
 
 def _add(sums: dict[str, float], key: str, value: Tensor) -> None:

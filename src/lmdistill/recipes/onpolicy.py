@@ -1,0 +1,145 @@
+"""On-policy distillation: the student writes, the teacher grades the student's own tokens.
+
+Every step has three phases, on the one loop: **rollout** (the student samples `rollout.n` completions per prompt of
+each micro-batch, `lmdistill.rollout`), **scoring** (the teacher, in this process or behind a server, on the
+student's tokens only) and **update**. The teacher's signal is one of
+
+- `dense`: its whole distribution at every sampled position; any `loss.kind` through the fused loss (reverse KL is
+  the usual choice, generalized JSD with `beta` is GKD);
+- `topk`: its top-k log-probs + tail mass per position (what a server returns cheaply), the sparse divergence;
+- `sampled_token`: only its log-prob of each sampled token; the reward log p_T - log p_S drives a policy gradient
+  (`lmdistill.losses.reverse_kl_policy_gradient`).
+
+GKD's mix: a step is on-policy with probability `lmbda` (a coin seeded by the step); the other steps train on the
+data's responses (or, with `seq_kd`, on answers the teacher writes) exactly as `soft` does, so `lmbda=0` is `soft`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lmdistill.api_targets import InBatchTeacher
+from lmdistill.config import OnPolicyConfig
+from lmdistill.evaluate import evaluate_blocks
+from lmdistill.generate.seeded_sampling import derive_seed
+from lmdistill.losses import Hidden, distill_loss, reverse_kl_policy_gradient, token_logprobs
+from lmdistill.losses.chunked_ce import chunked_token_logprobs
+from lmdistill.models import lm_head
+from lmdistill.recipes.common import Recipe, build_setup, describe, print_main, run_recipe
+from lmdistill.rollout import as_batch, eos_ids_of, onpolicy_metrics, prompt_ids, sample_completions
+from lmdistill.served_teacher import ServedTeacher
+from lmdistill.teachers import HFTeacher, model_outputs, topk_targets
+from lmdistill.train.loop import StepInfo, StepLoss, Trained, TrainResult
+
+
+class PhaseClock:
+    """Seconds spent in each named phase (rollout, teacher scoring), and what the rollouts produced."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {"rollout": 0.0, "teacher": 0.0}
+        self.counts: dict[str, int] = {"completions": 0, "completion_tokens": 0, "truncated": 0, "skipped_prompts": 0}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] += time.perf_counter() - t0
+
+
+def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
+    """Distil on the student's own completions; returns the run summary (also output_dir/summary.json)."""
+    served = cfg.teacher_server.url is not None
+    setup = build_setup(cfg, teacher=not served)
+    assert setup.splits is not None
+    train, held, n_vocab, tok = setup.splits.train, setup.splits.eval, setup.n_vocab, setup.tokenizer
+    teacher = HFTeacher(setup.teacher, n_vocab) if setup.teacher is not None else None
+    server = ServedTeacher(cfg.teacher_server, tok) if served else None
+    pad, eos, block = tok.pad_token_id, eos_ids_of(setup.student, tok), cfg.data.block_size
+    clock = PhaseClock()
+
+    def on_policy(step: int) -> bool:
+        return random.Random(derive_seed(cfg.train.seed, step)).random() < cfg.lmbda
+
+    def teacher_logprobs(batch: dict[str, Tensor]) -> Tensor:
+        if server is not None:
+            return server.token_logprobs(batch)
+        assert teacher is not None
+        t = teacher.targets(batch)
+        return chunked_token_logprobs(t.hidden, t.head, batch["labels"])
+
+    def score(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        if cfg.signal == "sampled_token":
+            return {"teacher_logprob": teacher_logprobs(batch)}
+        if server is not None:  # topk
+            t = server.topk(batch, cfg.k)
+        else:
+            assert teacher is not None
+            dense = teacher.targets(batch)
+            if cfg.signal == "dense":
+                return {"teacher_hidden": dense.hidden}
+            t = topk_targets(dense, batch["labels"], cfg.k)
+        assert t.tail_logprob is not None
+        return {"target_ids": t.ids, "target_logprobs": t.logprobs, "target_tail": t.tail_logprob}
+
+    def rollout(models: dict[str, nn.Module], batch: dict[str, Tensor], step: StepInfo) -> dict[str, Tensor]:
+        on = on_policy(step.step)
+        writer = models["student"] if on else teacher.model if cfg.seq_kd and teacher else None
+        if writer is not None:
+            with clock.phase("rollout"):
+                r = sample_completions(writer, prompt_ids(batch), batch["index"].tolist(), step=step.step,
+                                       seed=cfg.train.seed, cfg=cfg.rollout, block_size=block, pad_id=pad, eos_ids=eos)
+            device = batch["input_ids"].device
+            batch = {k: v.to(device) for k, v in as_batch(r, block, pad).items()}
+            for key, value in (("completions", len(r.completions)), ("truncated", r.truncated),
+                               ("skipped_prompts", r.skipped), ("completion_tokens", sum(map(len, r.completions)))):
+                clock.counts[key] += value
+        with clock.phase("teacher"):
+            batch.update(score(batch))
+        batch["on_policy"] = torch.tensor(on)
+        return batch
+
+    def loss(models: dict[str, nn.Module], batch: dict[str, Tensor], step: StepInfo) -> dict[str, StepLoss]:
+        out = model_outputs(models["student"], batch, n_vocab, cfg.loss.fused)
+        if cfg.signal == "sampled_token":
+            return {"student": reverse_kl_policy_gradient(token_logprobs(out, batch["labels"]),
+                                                          batch["teacher_logprob"], batch["labels"], cfg.discount)}
+        if cfg.signal == "dense":
+            assert teacher is not None
+            targets: Any = Hidden(batch["teacher_hidden"], lm_head(teacher.model, n_vocab))
+        else:
+            targets = InBatchTeacher().targets(batch)
+        # on the student's own tokens the divergence alone: a CE there would teach the student its own samples
+        alpha = 1.0 if bool(batch["on_policy"]) else cfg.loss.alpha
+        return {"student": distill_loss(out, targets, batch["labels"], alpha, cfg.loss)}
+
+    def evaluate(models: dict[str, nn.Module]) -> dict[str, float]:
+        student = models["student"]
+        kw: dict[str, Any] = {"n_vocab": n_vocab, "batch_size": cfg.train.micro_batch_size,
+                              "max_batches": cfg.train.eval_batches}
+        metrics = evaluate_blocks(student, held, teacher_logits_fn=teacher.logits if teacher else None, **kw)
+        metrics.update(onpolicy_metrics(student, held, teacher_logprobs, n_vocab=n_vocab, cfg=cfg.rollout,
+                                        seed=cfg.train.seed, pad_id=pad, eos_ids=eos,
+                                        max_prompts=cfg.train.eval_batches * cfg.train.micro_batch_size))
+        return metrics
+
+    where = f"server {cfg.teacher_server.url}" if served else "local teacher"
+    print_main(f"on-policy distillation ({cfg.signal}, {where}, lmbda {cfg.lmbda}): student "
+               f"{sum(p.numel() for p in setup.student.parameters()) / 1e6:.1f}M, {len(train)} prompts, "
+               f"{cfg.rollout.n} completion(s) each of <= {cfg.rollout.max_new_tokens} tokens, {cfg.train.max_steps} steps")
+
+    def finish(result: TrainResult) -> dict[str, Any]:
+        """Where the training time went (this session's steps), and what the rollouts produced."""
+        update = result.step_seconds - sum(clock.seconds.values())
+        return {"phases_s": {**clock.seconds, "update": update}, "rollouts": dict(clock.counts)}
+
+    return run_recipe(Recipe(f"onpolicy-{cfg.signal}", cfg, tok, train, {"student": Trained(setup.student)}, loss,
+                             evaluate if len(held) else None, teachers=[teacher] if teacher else [],
+                             info=describe(setup, train, held), rollout=rollout, finish=finish,
+                             fused=cfg.loss.fused, lora=cfg.student.lora.enabled))

@@ -1,0 +1,159 @@
+"""Rollouts: the student's own completions to a batch of chat prompts, as a batch of its own tokens to train on.
+
+A chat block (`lmdistill.data.chat_blocks`) holds a prompt and a response; its prompt is every token up to and
+including the input position that predicts the first response token. The student samples `n` completions per prompt
+with a KV cache (transformers `generate`). Every completion is drawn from its own random stream, seeded from
+(run seed, prompt id, step, sample index) only (`RowSeededSampler`), so the same step of a resumed run draws exactly
+what the interrupted one would have, at any batch size.
+
+The result has the layout of a chat block: `input_ids` = prompt + completion minus its last token, `labels` = the
+completion tokens at the positions that predict them (IGNORE on the prompt and the padding). A completion ends at the
+first end-of-sequence token (kept: the student learns to stop) or at `max_new_tokens`, or where the block ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lmdistill.config import RolloutConfig
+from lmdistill.data import IGNORE, TokenBlocks
+from lmdistill.generate.seeded_sampling import RowSeededSampler, derive_seed
+
+
+def prompt_ids(batch: dict[str, Tensor]) -> list[list[int]]:
+    """Each row's prompt: the tokens up to and including the position that predicts its first response token. A row
+    without a response token (its prompt filled the block) gives an empty prompt."""
+    out = []
+    for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist(), strict=True):
+        first = next((t for t, y in enumerate(labels) if y != IGNORE), None)
+        out.append([] if first is None else ids[: first + 1])
+    return out
+
+
+def sample_seed(seed: int, prompt_id: int, step: int, sample: int) -> int:
+    return derive_seed(derive_seed(derive_seed(seed, prompt_id), step), sample)
+
+
+@dataclass
+class Rollout:
+    """`n` completions per prompt (prompt-major), with what they are made of."""
+
+    prompts: list[list[int]]  # one per completion
+    completions: list[list[int]]
+    truncated: int  # completions cut at max_new_tokens or the block end (no end-of-sequence token)
+    skipped: int  # prompts that filled the block: nothing to write
+
+
+@torch.no_grad()
+def sample_completions(model: nn.Module, prompts: Sequence[list[int]], prompt_keys: Sequence[int], *, step: int,
+                       seed: int, cfg: RolloutConfig, block_size: int, pad_id: int, eos_ids: set[int],
+                       greedy: bool = False) -> Rollout:
+    """Sample `cfg.n` completions of each prompt from `model` (left-padded batch, KV cache, one stream per row);
+    `greedy`: one most-probable completion per prompt instead."""
+    n = 1 if greedy else cfg.n
+    rows = [(p, key, j) for p, key in zip(prompts, prompt_keys, strict=True) for j in range(n)]
+    live = [r for r in rows if 0 < len(r[0]) <= block_size]
+    skipped = (len(rows) - len(live)) // n
+    if not live:
+        return Rollout([], [], 0, skipped)
+    device = next(model.parameters()).device
+    width = max(len(p) for p, _, _ in live)
+    ids = torch.full((len(live), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, (p, _, _) in enumerate(live):
+        ids[r, width - len(p):] = torch.tensor(p)
+        mask[r, width - len(p):] = 1
+    room = block_size + 1 - min(len(p) for p, _, _ in live)
+    processors = [] if greedy else [RowSeededSampler(cfg.temperature, cfg.top_p,
+                                                     [sample_seed(seed, key, step, j) for _, key, j in live], device)]
+    was = model.training
+    model.eval()
+    # with sharded weights (FSDP) every rank must run every decoding step, however early its own rows finish
+    synced = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    generate: Any = model.generate
+    out = generate(synced_gpus=synced, input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                         max_new_tokens=min(cfg.max_new_tokens, room), logits_processor=processors,
+                         pad_token_id=pad_id, eos_token_id=sorted(eos_ids), temperature=None, top_p=None, top_k=None)
+    model.train(was)
+    completions, truncated = [], 0
+    for r, (p, _, _) in enumerate(live):
+        new = out[r, width:].tolist()
+        end = next((i + 1 for i, t in enumerate(new) if t in eos_ids), None)
+        limit = min(cfg.max_new_tokens, block_size + 1 - len(p))
+        completion = new[: min(end or len(new), limit)]
+        truncated += end is None or end > limit
+        completions.append(completion)
+    return Rollout([p for p, _, _ in live], completions, truncated, skipped)
+
+
+def as_batch(rollout: Rollout, block_size: int, pad_id: int) -> dict[str, Tensor]:
+    """The completions as training rows [N, block_size]: loss on the completion tokens only."""
+    n = len(rollout.prompts)
+    ids = torch.full((n, block_size), pad_id, dtype=torch.long)
+    labels = torch.full((n, block_size), IGNORE, dtype=torch.long)
+    mask = torch.zeros((n, block_size), dtype=torch.long)
+    for r, (p, c) in enumerate(zip(rollout.prompts, rollout.completions, strict=True)):
+        seq = (p + c)[: block_size + 1]
+        length = len(seq) - 1
+        ids[r, :length] = torch.tensor(seq[:-1])
+        mask[r, :length] = 1
+        labels[r, len(p) - 1 : length] = torch.tensor(seq[len(p):])
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def eos_ids_of(model: Any, tokenizer: Any) -> set[int]:
+    """The tokens that end a completion: the generation config's end-of-sequence ids and the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+    return {int(i) for i in ids if i is not None}
+
+
+@torch.no_grad()
+def onpolicy_metrics(student: nn.Module, blocks: TokenBlocks, teacher_logprobs: Callable[[dict[str, Tensor]], Tensor],
+                     *, n_vocab: int, cfg: RolloutConfig, seed: int, pad_id: int, eos_ids: set[int],
+                     max_prompts: int = 16, batch_size: int = 8) -> dict[str, float]:
+    """What on-policy distillation optimises, on held-out prompts the student answers itself.
+
+    onpolicy_reverse_kl: mean over the student's sampled tokens of log p_S(y) - log p_T(y) (an unbiased estimate of
+    the per-token reverse KL on the student's own distribution); teacher_nll_greedy: the teacher's mean NLL of the
+    tokens of the student's greedy answers; answer_length: their mean length in tokens.
+    """
+    from lmdistill.losses import token_logprobs
+
+    n = min(len(blocks), max_prompts)
+    if n == 0:
+        return {}
+    device = next(student.parameters()).device
+    block_size = int(blocks.input_ids.shape[1])
+    sums = {"kl": 0.0, "kl_tokens": 0.0, "nll": 0.0, "nll_tokens": 0.0, "answers": 0.0}
+    for lo in range(0, n, batch_size):
+        batch = blocks.batch(list(range(lo, min(lo + batch_size, n))))
+        prompts = prompt_ids(batch)
+        for greedy in (False, True):
+            r = sample_completions(student, prompts, list(range(lo, lo + len(prompts))), step=-1, seed=seed, cfg=cfg,
+                                   block_size=block_size, pad_id=pad_id, eos_ids=eos_ids, greedy=greedy)
+            if not r.completions:
+                continue
+            rows = {k: v.to(device) for k, v in as_batch(r, block_size, pad_id).items()}
+            t_lp = teacher_logprobs(rows)
+            tokens = float((rows["labels"] != IGNORE).sum())
+            if greedy:
+                sums["nll"] -= float(t_lp.sum())
+                sums["nll_tokens"] += tokens
+                sums["answers"] += len(r.completions)
+            else:
+                was = student.training
+                student.eval()
+                logits = student(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits
+                student.train(was)
+                s_lp = token_logprobs(logits[..., :n_vocab], rows["labels"])
+                sums["kl"] += float((s_lp - t_lp).sum())
+                sums["kl_tokens"] += tokens
+    return {"onpolicy_reverse_kl": sums["kl"] / max(sums["kl_tokens"], 1.0),
+            "teacher_nll_greedy": sums["nll"] / max(sums["nll_tokens"], 1.0),
+            "answer_length": sums["nll_tokens"] / max(sums["answers"], 1.0)}
