@@ -9,6 +9,11 @@ prompt, and injects faults by request number (1-based, counted over completion r
 - `drop`: closes the connection without sending a byte
 - `malformed`: 200 with a body that is not JSON
 - `empty`: 200 with JSON that lacks `choices`
+- `400` / `404` / `413` / `422`: a final client error with an OpenAI-shaped message naming the status (`STATUS_MESSAGES`)
+- `null_content`: 200 whose choices have `content: null` (chat) or `text: null` (completions)
+- `few_choices`: 200 with one choice fewer than the `n` asked for (none for n=1: an unusable reply)
+- `reset_mid_body`: 200 headers and half the body, then a TCP reset
+- `stall_after_headers`: 200 headers (with a Content-Length), then no body until past the client's timeout (`hang_s`)
 
 A hand-rolled `http.server` on purpose: dropping a connection mid-request or sending broken bodies is exactly what a
 real framework tries hard not to let you do.
@@ -19,12 +24,21 @@ from __future__ import annotations
 import json
 import re
 import socket
+import struct
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-FAULTS = ("429", "500", "503", "hang", "drop", "malformed", "empty")
+FAULTS = ("429", "500", "503", "hang", "drop", "malformed", "empty", "400", "404", "413", "422", "null_content",
+          "few_choices", "reset_mid_body", "stall_after_headers")
+# The server's own words for each final client error: a client must pass them on to the user.
+STATUS_MESSAGES = {
+    "400": "injected: 'temperature' must be at most 2",
+    "404": "injected: the model `fault-model` does not exist",
+    "413": "injected: request entity too large (limit 1 KB)",
+    "422": "injected: 'max_tokens' is not processable",
+}
 
 
 def answer_for(text: str) -> str:
@@ -198,10 +212,51 @@ class FaultServer:
                     self._send(200, b'{"id": "cmpl-x", "choices": [{"message": ')
                 elif fault == "empty":
                     self._send(200, b'{"id": "cmpl-x", "object": "chat.completion"}')
+                elif fault in STATUS_MESSAGES:
+                    error = {"error": {"message": STATUS_MESSAGES[fault], "type": "invalid_request_error"}}
+                    self._send(int(fault), json.dumps(error).encode())
+                elif fault in ("null_content", "few_choices"):
+                    reply = server._reply(self.path, body)
+                    if fault == "few_choices":
+                        reply["choices"] = reply["choices"][:-1]
+                    else:
+                        for choice in reply["choices"]:
+                            if "message" in choice:
+                                choice["message"]["content"] = None
+                            else:
+                                choice["text"] = None
+                    self._send(200, json.dumps(reply).encode())
+                elif fault == "reset_mid_body":
+                    payload = json.dumps(server._reply(self.path, body)).encode()
+                    self._headers_only(len(payload))
+                    self.wfile.write(payload[: len(payload) // 2])
+                    self.wfile.flush()
+                    self._reset()
+                elif fault == "stall_after_headers":
+                    payload = json.dumps(server._reply(self.path, body)).encode()
+                    self._headers_only(len(payload))
+                    self.wfile.flush()
+                    server._stopping.wait(server.hang_s)
+                    self._drop()
                 else:
                     if server.delay_s:
                         time.sleep(server.delay_s)
                     self._send(200, json.dumps(server._reply(self.path, body)).encode())
+
+            def _headers_only(self, length: int) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(length))
+                self.end_headers()
+
+            def _reset(self) -> None:
+                """Abort the connection with a TCP RST (SO_LINGER 0), as a crashed proxy or a dropped link does."""
+                self.close_connection = True
+                try:
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.connection.close()
+                except OSError:
+                    pass
 
             def _drop(self) -> None:
                 self.close_connection = True

@@ -14,7 +14,8 @@ import resource
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -614,3 +615,338 @@ def test_onpolicy_teacher_servers_that_cannot_serve(fault, ctx, capsys, monkeypa
     assert_one_clear_error(code, err, needles)
     assert "sk-wrong-0123456789" not in err
     assert_nothing_looks_complete(ctx.out, set())
+
+
+# ------------------------------------------------------------------------------------ hard, codistill, eval, compare
+# Each verb meets the same six mistakes at least: the missing file, the wrong type, the out-of-range number, the wrong
+# model pair, the empty data, the unwritable output (a path under a regular file, which even root cannot create).
+
+
+def _blocked_dir(c: Ctx) -> Path:
+    """An output path nobody can create: its parent is a regular file."""
+    return c.write("a_file", "not a directory") / "out"
+
+
+def _other_pair(c: Ctx) -> Path:
+    """A model whose tokenizer differs from the tiny teacher's."""
+    other = train_tokenizer(c.tmp / "tok2", vocab_size=400, extra_text="zebra quantum xylophone " * 20)
+    make_model(c.tmp / "s2", other, seed=6)
+    return c.tmp / "s2"
+
+
+def hard_args(c: Ctx, **extra: str) -> list[str]:
+    return ["hard", *c.soft(**{"mode": "token", **extra})[1:]]
+
+
+def hard_missing_data(c: Ctx):
+    return hard_args(c, **{"data.source": str(c.tmp / "none.jsonl")}), ["none.jsonl", "not found"]
+
+
+def hard_wrong_type(c: Ctx):
+    return hard_args(c, **{"train.max_steps": "two"}), ["train.max_steps", "integer", "two"]
+
+
+def hard_alpha_out_of_range(c: Ctx):
+    return hard_args(c, **{"loss.alpha": "1.5"}), ["`loss.alpha`", "less than or equal to 1", "1.5"]
+
+
+def hard_tokenizer_mismatch(c: Ctx):
+    return hard_args(c, **{"student.name_or_path": str(_other_pair(c))}), ["tokenizers differ",
+                                                                           "lmdistill hard --mode sequence"]
+
+
+def hard_empty_data(c: Ctx):
+    return hard_args(c, **{"data.source": str(c.write("empty.jsonl", "\n"))}), ["empty.jsonl` is empty"]
+
+
+def hard_unwritable_output(c: Ctx):
+    return hard_args(c, **{"train.output_dir": str(_blocked_dir(c))}), ["a_file/out", "Not a directory"]
+
+
+def hard_sequence_on_pretrain_data(c: Ctx):
+    return hard_args(c, mode="sequence"), ["mode=sequence", "data.stage=chat"]
+
+
+def codistill_args(c: Ctx, **extra: str) -> list[str]:
+    args = {"tokenizer": str(c.teacher_dir), "data.source": str(c.text_file), "data.block_size": "32",
+            "data.eval_documents": "0", "teacher.arch.hidden_size": "32", "teacher.arch.intermediate_size": "64",
+            "teacher.arch.num_hidden_layers": "1", "student.arch.hidden_size": "32",
+            "student.arch.intermediate_size": "64", "student.arch.num_hidden_layers": "1", "train.max_steps": "2",
+            "train.micro_batch_size": "2", "train.output_dir": str(c.out), "train.progress": "false",
+            "train.save_every": "0", "train.eval_every": "0"}
+    args.update(extra)
+    return ["codistill", *[x for k, v in args.items() for x in (f"--{k}", v)]]
+
+
+def co_missing_data(c: Ctx):
+    return codistill_args(c, **{"data.source": str(c.tmp / "none.jsonl")}), ["none.jsonl", "not found"]
+
+
+def co_missing_tokenizer(c: Ctx):
+    return codistill_args(c, tokenizer=str(c.tmp / "no_tok")), ["no_tok", "could not load"]
+
+
+def co_wrong_type(c: Ctx):
+    return codistill_args(c, **{"loss.mutual": "lots"}), ["loss.mutual", "number", "lots"]
+
+
+def co_weight_out_of_range(c: Ctx):
+    return codistill_args(c, **{"loss.weight.value": "2"}), ["loss.weight.value", "less than or equal to 1"]
+
+
+def co_update_every_zero(c: Ctx):
+    return codistill_args(c, **{"teacher.update_every": "0"}), ["teacher.update_every", "greater than or equal to 1"]
+
+
+def co_pretrained_of_another_tokenizer(c: Ctx):
+    return codistill_args(c, **{"student.init": "pretrained", "student.name_or_path": str(_other_pair(c))}), [
+        "tokenizers differ", "give the student the teacher's tokenizer"]
+
+
+def co_empty_data(c: Ctx):
+    return codistill_args(c, **{"data.source": str(c.write("empty.jsonl", "\n"))}), ["empty.jsonl` is empty"]
+
+
+def co_unwritable_output(c: Ctx):
+    return codistill_args(c, **{"train.output_dir": str(_blocked_dir(c))}), ["a_file/out", "Not a directory"]
+
+
+def eval_args(c: Ctx, **extra: str) -> list[str]:
+    args = {"student.name_or_path": str(c.student_dir), "teacher.name_or_path": str(c.teacher_dir),
+            "data.source": str(c.text_file), "data.block_size": "32", "data.eval_documents": "20",
+            "max_batches": "1", "generation.n_prompts": "1", "generation.max_new_tokens": "2", "device": "cpu",
+            "output": str(c.out / "eval.json")}
+    args.update(extra)
+    return ["eval", *[x for k, v in args.items() for x in (f"--{k}", v)]]
+
+
+def eval_missing_student(c: Ctx):
+    return eval_args(c, **{"student.name_or_path": str(c.tmp / "no_student")}), ["could not load", "no_student"]
+
+
+def eval_missing_data(c: Ctx):
+    return eval_args(c, **{"data.source": str(c.tmp / "none.jsonl")}), ["none.jsonl", "not found"]
+
+
+def eval_wrong_type(c: Ctx):
+    return eval_args(c, batch_size="many"), ["batch_size", "integer", "many"]
+
+
+def eval_max_batches_zero(c: Ctx):
+    return eval_args(c, max_batches="0"), ["max_batches", "greater than or equal to 1"]
+
+
+def eval_tokenizer_mismatch(c: Ctx):
+    return eval_args(c, **{"student.name_or_path": str(_other_pair(c))}), ["tokenizers differ",
+                                                                           "--with_teacher false"]
+
+
+def eval_empty_data(c: Ctx):
+    return eval_args(c, **{"data.source": str(c.write("empty.jsonl", "\n"))}), ["empty.jsonl` is empty"]
+
+
+def eval_no_held_out_block(c: Ctx):
+    return eval_args(c, **{"data.eval_documents": "0"}), ["no held-out block", "data.eval_documents"]
+
+
+def eval_unwritable_output(c: Ctx):
+    return eval_args(c, output=str(_blocked_dir(c) / "eval.json")), ["a_file/out", "Not a directory"]
+
+
+def compare_args(c: Ctx, **extra: str) -> list[str]:
+    args = {"teacher.name_or_path": str(c.teacher_dir), "student.init": "pretrained",
+            "student.name_or_path": str(c.student_dir), "data.source": str(c.text_file), "data.block_size": "32",
+            "data.eval_documents": "30", "train.output_dir": str(c.out), "train.max_steps": "2",
+            "train.micro_batch_size": "2", "train.save_every": "0", "train.eval_every": "0",
+            "train.progress": "false", "generation.n_prompts": "1", "generation.max_new_tokens": "2",
+            "generation.onpolicy_prompts": "0", "arms": '[{"name": "ce", "kind": "ce"}]'}
+    args.update(extra)
+    return ["compare", *[x for k, v in args.items() for x in (f"--{k}", v)]]
+
+
+def cmp_missing_data(c: Ctx):
+    return compare_args(c, **{"data.source": str(c.tmp / "none.jsonl")}), ["none.jsonl", "not found"]
+
+
+def cmp_wrong_type(c: Ctx):
+    return compare_args(c, **{"generation.max_new_tokens": "lots"}), ["generation.max_new_tokens", "integer"]
+
+
+def cmp_temperature_zero(c: Ctx):
+    return compare_args(c, **{"generation.temperature": "0"}), ["generation.temperature", "greater than 0"]
+
+
+def cmp_tokenizer_mismatch(c: Ctx):
+    return compare_args(c, **{"student.name_or_path": str(_other_pair(c))}), ["tokenizers differ"]
+
+
+def cmp_empty_data(c: Ctx):
+    return compare_args(c, **{"data.source": str(c.write("empty.jsonl", "\n"))}), ["empty.jsonl` is empty"]
+
+
+def cmp_unwritable_output(c: Ctx):
+    return compare_args(c, **{"train.output_dir": str(_blocked_dir(c))}), ["a_file/out", "Not a directory"]
+
+
+def cmp_unknown_arm_kind(c: Ctx):
+    return compare_args(c, arms='[{"name": "x", "kind": "magic"}]'), ["unknown kind `magic`", "registered kinds"]
+
+
+VERB_CASES = {
+    f.__name__: f
+    for f in (hard_missing_data, hard_wrong_type, hard_alpha_out_of_range, hard_tokenizer_mismatch, hard_empty_data,
+              hard_unwritable_output, hard_sequence_on_pretrain_data,
+              co_missing_data, co_missing_tokenizer, co_wrong_type, co_weight_out_of_range, co_update_every_zero,
+              co_pretrained_of_another_tokenizer, co_empty_data, co_unwritable_output,
+              eval_missing_student, eval_missing_data, eval_wrong_type, eval_max_batches_zero,
+              eval_tokenizer_mismatch, eval_empty_data, eval_no_held_out_block, eval_unwritable_output,
+              cmp_missing_data, cmp_wrong_type, cmp_temperature_zero, cmp_tokenizer_mismatch, cmp_empty_data,
+              cmp_unwritable_output, cmp_unknown_arm_kind)
+}
+
+
+@pytest.mark.parametrize("case", sorted(VERB_CASES))
+def test_hard_codistill_eval_compare_bad_input(case, ctx, capsys):
+    argv, needles = VERB_CASES[case](ctx)
+    code, err = invoke(argv, capsys)
+    assert_one_clear_error(code, err, needles)
+    assert_nothing_looks_complete(ctx.out, set())
+    assert not (ctx.out / "eval.json").exists() and not (ctx.out / "report").exists()
+
+
+# ------------------------------------------------------------------ disk full at one chosen output of each verb
+#
+# The kernel refuses the write part-way (RLIMIT_FSIZE -> EFBIG, as a full disk refuses with ENOSPC), but only for the
+# chosen file and only from its `nth` write on, so every output written before it is finished and must stay so.
+
+
+@contextmanager
+def _fsize_limit(limit: int) -> Iterator[None]:
+    soft_limit, hard_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
+    resource.setrlimit(resource.RLIMIT_FSIZE, (max(limit, 0), hard_limit))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft_limit, hard_limit))
+        signal.signal(signal.SIGXFSZ, old_handler)
+
+
+def disk_full_at(monkeypatch, name: str, nth: int = 1) -> None:
+    """From the `nth` write of a file whose name ends with `name` on, the disk is full half-way through that write."""
+    import lmdistill.cache.writer
+    import lmdistill.generate.store
+    import lmdistill.io
+    import lmdistill.train.logging
+
+    seen = [0]
+
+    def hit(path: str | Path) -> bool:
+        if str(path).endswith(name):
+            seen[0] += 1
+            return seen[0] >= nth
+        return False
+
+    real_write, real_append = lmdistill.io.write_bytes, lmdistill.io.append_durably
+
+    def write_bytes(path, data, what):
+        if not hit(path):
+            return real_write(path, data, what)
+        with _fsize_limit(len(data) // 2):
+            return real_write(path, data, what)
+
+    def append_durably(fd, data, what, path):
+        if not hit(path):
+            return real_append(fd, data, what, path)
+        with _fsize_limit(os.fstat(fd).st_size + len(data) // 2):
+            return real_append(fd, data, what, path)
+
+    for mod in (lmdistill.io, lmdistill.cache.writer):
+        monkeypatch.setattr(mod, "write_bytes", write_bytes)
+    for mod in (lmdistill.train.logging, lmdistill.generate.store):
+        monkeypatch.setattr(mod, "append_durably", append_durably)
+
+
+def assert_no_temporaries(root: Path) -> None:
+    left = [p for p in root.rglob("*") if p.name.startswith(".tmp-") or p.name.endswith(".tmp")]
+    assert not left, f"a failed write left its temporary behind: {left}"
+
+
+def test_disk_full_at_a_label_shard_keeps_the_finished_shards(ctx, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    out = ctx.tmp / "newcache"
+    disk_full_at(monkeypatch, "shard-00001.safetensors")
+    code, err = invoke(label_argv(ctx.teacher_dir, ctx.text_file, out), capsys)
+    assert_one_clear_error(code, err, ["could not write the soft-label cache shard", "shard-00001", "disk may be full"])
+    assert not (out / "manifest.json").exists()  # never made to look finished
+    assert not (out / "train" / "shard-00001.safetensors").exists()
+    journal = json.loads((out / "manifest.rank-0-of-1.json").read_text())
+    assert [s["file"] for s in journal["shards"]] == ["train/shard-00000.safetensors"]
+    load_file(out / "train" / "shard-00000.safetensors")  # the finished shard is whole, and kept
+    assert_no_temporaries(out)
+
+
+def test_disk_full_at_a_generate_append_keeps_whole_records(ctx, monkeypatch, capsys):
+    from lmdistill.generate.store import read_records
+
+    prompts = write_prompts(ctx.tmp / "p.jsonl", ["What is 2 + 2?", "Name a colour.", "Say hi."])
+    store = ctx.tmp / "gen" / "out.jsonl"
+    disk_full_at(monkeypatch, "gen/out.jsonl", nth=2)
+    code, err = invoke(generate_args(ctx, prompts), capsys)
+    assert_one_clear_error(code, err, ["could not write the generated records", "out.jsonl", "disk may be full"])
+    records, good = read_records(store)
+    assert good == store.stat().st_size, "a half-written record was left at the end of the store"
+    assert len(records) == 1  # the first append finished and stays
+    assert not list(store.parent.glob("*.filtered.jsonl")) and not list(store.parent.glob("*.summary.json"))
+    monkeypatch.undo()  # space again: the same command resumes and finishes the rest
+    code, err = invoke(generate_args(ctx, prompts), capsys)
+    assert code == 0, err
+    records, _ = read_records(store)
+    assert sorted(r["id"] for r in records) == ["p0", "p1", "p2"]
+
+
+def test_disk_full_at_the_training_log_keeps_whole_lines(ctx, monkeypatch, capsys):
+    disk_full_at(monkeypatch, "log.jsonl", nth=2)
+    code, err = invoke(ctx.soft(), capsys)
+    assert_one_clear_error(code, err, ["could not write the training log", "log.jsonl", "disk may be full"])
+    lines = (ctx.out / "log.jsonl").read_text().splitlines(keepends=True)
+    assert len(lines) == 1 and lines[0].endswith("\n")
+    json.loads(lines[0])
+    assert_nothing_looks_complete(ctx.out, set())
+    assert_no_temporaries(ctx.out)
+
+
+def test_disk_full_at_the_run_summary_keeps_the_student(ctx, monkeypatch, capsys):
+    disk_full_at(monkeypatch, "summary.json")
+    code, err = invoke(ctx.soft(), capsys)
+    assert_one_clear_error(code, err, ["could not write the run summary", "summary.json", "disk may be full"])
+    assert not (ctx.out / "summary.json").exists()
+    assert (ctx.out / "student" / "model.safetensors").is_file()  # finished before the disk filled: kept
+    assert_no_temporaries(ctx.out)
+
+
+@pytest.mark.parametrize("name", ["report.md", "report.html", "results.json"])
+def test_disk_full_at_a_compare_report_file(name, ctx, monkeypatch, capsys):
+    disk_full_at(monkeypatch, f"report/{name}")
+    code, err = invoke(compare_args(ctx), capsys)
+    what = "comparison results" if name == "results.json" else "comparison report"
+    assert_one_clear_error(code, err, [f"could not write the {what}", name, "disk may be full"])
+    report = ctx.out / "report"
+    assert not (report / name).exists()
+    assert not (report / "results.json").exists()  # written last: a report without it is an unfinished one
+    assert_no_temporaries(ctx.out)
+
+
+def test_disk_full_at_the_generate_summary_keeps_every_record(ctx, monkeypatch, capsys):
+    from lmdistill.generate.store import read_records
+
+    prompts = write_prompts(ctx.tmp / "p.jsonl", ["What is 2 + 2?", "Name a colour."])
+    disk_full_at(monkeypatch, "out.summary.json")
+    code, err = invoke(generate_args(ctx, prompts), capsys)
+    assert_one_clear_error(code, err, ["could not write the generate summary", "out.summary.json", "disk may be full"])
+    out = ctx.tmp / "gen"
+    assert not (out / "out.summary.json").exists()
+    records, good = read_records(out / "out.jsonl")
+    assert good == (out / "out.jsonl").stat().st_size and len(records) == 2  # every generated record stays
+    assert_no_temporaries(out)

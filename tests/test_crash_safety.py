@@ -6,7 +6,9 @@ To keep this fast, one driver process (this file run as a script) imports lmdist
 - at a chosen instant, from inside: just before a finished temporary checkpoint is renamed into place, or after
   half of a checkpoint file's bytes are on disk (`self-kill` points, found by wrapping the writer function);
 - at a seeded-random moment, from outside: the driver watches the run's own output (log lines, records) and sends
-  SIGKILL once a seeded-random count has appeared, wherever the child happens to be by then.
+  SIGKILL once a seeded-random count has appeared, wherever the child happens to be by then;
+- or stops it on purpose the same way, with SIGTERM or SIGINT (`"signal"` in the kill spec): the run finishes the
+  work in flight, saves and exits 143 / 130; a second signal while it saves stops it at once (`signal_twice`).
 An unkilled reference run is one more child, so every life sees the same imported state and thread settings.
 """
 
@@ -97,6 +99,41 @@ def _install_self_kill(spec: dict) -> None:
             return result
 
         transformers.PreTrainedModel.save_pretrained = save_pretrained
+    elif kind == "torn_after_rename":  # "tmp-dir-part:file": the checkpoint is renamed, then one of its files torn
+        where, name = match.split(":")
+        real_rename = os.rename
+
+        def rename_then_tear(src, dst, *a, **k):
+            result = real_rename(src, dst, *a, **k)
+            if where in str(src):
+                f = Path(dst) / name
+                data = f.read_bytes()
+                with open(f, "wb") as fh:
+                    fh.write(data[: len(data) // 2])
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                _self_kill()
+            return result
+
+        os.rename = rename_then_tear
+    elif kind == "signal_twice":  # SIGTERM during the n-th optimizer step, a second one as the checkpoint is saved
+        from lmdistill.train.checkpoint import CheckpointManager
+        from lmdistill.train.loop import Trainer
+
+        real_step, real_save, calls = Trainer.train_step, CheckpointManager.save, [0]
+
+        def train_step(self, step):
+            calls[0] += 1
+            if calls[0] == int(match):
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_step(self, step)
+
+        def save(self, *a, **k):
+            if calls[0] >= int(match):
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_save(self, *a, **k)
+
+        Trainer.train_step, CheckpointManager.save = train_step, save
     elif kind == "nth_call":  # "module:function:n": the n-th call of that function (as the module sees it) dies
         import importlib
 
@@ -169,7 +206,7 @@ def _live(life: dict) -> dict:
                 waited_for = _
                 break
             if _count(watch, kill["count"], since=born) >= n:
-                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, getattr(signal, kill.get("signal", "SIGKILL")))
                 break
             time.sleep(0.005)
     if waited_for is None:
@@ -324,6 +361,64 @@ def test_half_written_checkpoint_is_ignored_with_a_warning(tmp_path, caplog):
         latest = CheckpointManager(tmp_path).latest()
     assert latest == root / "step-00000002"
     assert "ignoring half-written checkpoint" in caplog.text and ".tmp-step-00000004" in caplog.text
+
+
+def _stopped_at(said: str) -> int:
+    """The step an on-purpose stop reports (`stopped by SIGTERM after step N of M`)."""
+    import re
+
+    found = re.search(r"stopped by SIG(?:TERM|INT) after step (\d+) of", said)
+    assert found, said[-2000:]
+    return int(found.group(1))
+
+
+def test_soft_stopped_by_sigterm_and_sigint_loses_no_step_and_resumes_bitwise(teacher_dir, student_dir, text_file,
+                                                                              tmp_path):
+    """SIGTERM and SIGINT at seeded moments finish the step, checkpoint it, print the resume command and exit
+    143 / 130; a second SIGTERM while saving stops at once; a torn file inside a renamed (complete-looking) newest
+    checkpoint is reported and the previous one used. The run still ends bitwise-equal to an uninterrupted one."""
+    rng = random.Random(21)
+    ref, run = tmp_path / "ref", tmp_path / "run"
+
+    def argv(resume: bool) -> list[str]:
+        return soft_argv(teacher_dir, student_dir, text_file, run, resume)
+
+    watch = {"kind": "external", "watch": str(run / "log.jsonl"), "count": "train_log_rows"}
+    lives = [
+        {"argv": soft_argv(teacher_dir, student_dir, text_file, ref, False)},
+        {"argv": argv(False), "kill": {**watch, "signal": "SIGTERM", "after": rng.randint(1, 2)}},
+        {"argv": argv(True), "kill": {**watch, "signal": "SIGINT", "after": 1}},
+        {"argv": argv(True), "kill": {"kind": "signal_twice", "match": "1"}},
+        {"argv": argv(True), "kill": {"kind": "torn_after_rename",
+                                      "match": f".tmp-step-{SOFT_STEPS:08d}:model-student.safetensors"}},
+        {"argv": argv(True)},
+    ]
+    results = run_plan(tmp_path, lives)
+    said = outputs(tmp_path, len(lives))
+    assert results == [{"exit": 0}, {"exit": 143}, {"exit": 130}, {"signal": signal.SIGTERM},
+                       {"signal": signal.SIGKILL}, {"exit": 0}], (results, [t[-1500:] for t in said])
+    first, second = _stopped_at(said[1]), _stopped_at(said[2])
+    assert 1 <= first < second < SOFT_STEPS, (first, second)
+    for text, step in ((said[1], first), (said[2], second)):
+        assert f"step-{step:08d}" in text  # the checkpoint written at the step reached
+        assert "Resume with:" in text and "lmdistill soft" in text and "--train.resume true" in text
+    assert text.count("--train.resume") == 1  # the printed command sets it once, not twice
+    # Each stop's checkpoint is where the next life starts: no finished step was lost.
+    assert f"resumed from step {first} " in said[2], said[2][-2000:]
+    assert f"resumed from step {second} " in said[3], said[3][-2000:]
+    # The second SIGTERM, as the checkpoint was about to be written, stopped the process at once: nothing of that
+    # life was kept, the next one starts where the last stop left the run.
+    assert "finishing the optimizer step in flight" in said[3] and "again to stop at once" in said[3]
+    assert f"resumed from step {second} " in said[4], said[4][-2000:]
+    assert f"checkpoint {run / 'checkpoints' / f'step-{SOFT_STEPS:08d}'} is damaged" in said[5], said[5][-2000:]
+    assert "model-student.safetensors` does not match its checksum" in said[5]
+
+    assert_bitwise(weights(ref / "student" / "model.safetensors"), weights(run / "student" / "model.safetensors"))
+    ref_rows, run_rows = read_log(ref / "log.jsonl"), read_log(run / "log.jsonl")
+    assert [r["step"] for r in run_rows if "loss" in r] == list(range(1, SOFT_STEPS + 1))
+    assert [r["loss"] for r in run_rows if "loss" in r] == [r["loss"] for r in ref_rows if "loss" in r]
+    assert_bitwise(weights(ref / "checkpoints" / f"step-{SOFT_STEPS:08d}" / "model-student.safetensors"),
+                   weights(run / "checkpoints" / f"step-{SOFT_STEPS:08d}" / "model-student.safetensors"))
 
 
 # ------------------------------------------------------------------------------------------------ hard (token mode)
@@ -507,3 +602,64 @@ def test_onpolicy_killed_in_a_rollout_a_teacher_call_and_an_update_resumes_bitwi
     assert results[1:4] == [{"signal": signal.SIGKILL}] * 3, results
     assert_bitwise(weights(ref / "student" / "model.safetensors"), weights(run / "student" / "model.safetensors"))
     assert [stable(r) for r in read_log(run / "log.jsonl")] == [stable(r) for r in read_log(ref / "log.jsonl")]
+
+
+# ------------------------------------------------------------------------------------------------ stopped on purpose
+
+def test_label_and_generate_stopped_by_signals_finish_the_work_in_flight(teacher_dir, text_file, tmp_path):
+    """`label` stopped by SIGTERM keeps the shard in flight and exits 143; `generate` stopped by SIGINT writes the
+    records in flight and exits 130; rerunning each ends with exactly what an uninterrupted run writes."""
+    import hashlib
+
+    rng = random.Random(22)
+    common = {"teacher.name_or_path": str(teacher_dir), "data.source": str(text_file), "data.block_size": "16",
+              "data.max_documents": "24", "data.eval_documents": "6", "cache.encoding": "topk", "cache.k": "4",
+              "cache.shard_blocks": "4", "cache.batch_size": "4", "progress": "false"}
+
+    def label(out: Path) -> list[str]:
+        return ["label", *[x for k, v in {**common, "cache.output_dir": str(out)}.items() for x in (f"--{k}", v)]]
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i:02d}", "prompt": f"Tell me about the lake number {i}."})
+                               + "\n" for i in range(8)))
+
+    def generate(out: Path) -> list[str]:
+        args = {"teacher.backend": "hf", "teacher.model.name_or_path": str(teacher_dir), "teacher.device": "cpu",
+                "teacher.batch_size": "1", "sampling.temperature": "0", "sampling.max_new_tokens": "6",
+                "prompts.source": str(prompts), "output": str(out), "progress": "false"}
+        return ["generate", *[x for k, v in args.items() for x in (f"--{k}", v)]]
+
+    cache_ref, cache_run = tmp_path / "cache-ref", tmp_path / "cache-run"
+    gen_ref, gen_run = tmp_path / "gen-ref" / "out.jsonl", tmp_path / "gen-run" / "out.jsonl"
+    lives = [
+        {"argv": label(cache_ref)},
+        {"argv": label(cache_run), "kill": {"kind": "external", "watch": str(cache_run), "signal": "SIGTERM",
+                                            "count": "files:train/shard-*", "after": rng.randint(1, 3)}},
+        {"argv": label(cache_run)},
+        {"argv": generate(gen_ref)},
+        {"argv": generate(gen_run), "kill": {"kind": "external", "watch": str(gen_run), "signal": "SIGINT",
+                                             "count": "lines", "after": rng.randint(2, 4)}},
+        {"argv": generate(gen_run)},
+    ]
+    results = run_plan(tmp_path, lives)
+    said = outputs(tmp_path, len(lives))
+    assert results == [{"exit": 0}, {"exit": 143}, {"exit": 0}, {"exit": 0}, {"exit": 130}, {"exit": 0}], (
+        results, [t[-1500:] for t in said])
+    assert "stopped by SIGTERM" in said[1] and "Resume with the same command" in said[1], said[1][-2000:]
+    assert "lmdistill label" in said[1]
+    assert "stopped by SIGINT" in said[4] and "lmdistill generate" in said[4], said[4][-2000:]
+
+    def digests(root: Path) -> dict[str, str]:
+        return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(root.rglob("*")) if p.is_file()}
+
+    assert digests(cache_run) == digests(cache_ref)
+    volatile = ("seconds", "created", "attempts")
+
+    def records(path: Path) -> list[dict]:
+        return [{k: v for k, v in json.loads(line).items() if k not in volatile}
+                for line in path.read_text().splitlines()]
+
+    assert len(records(gen_ref)) == 8
+    assert records(gen_run.with_name("out.filtered.jsonl")) == records(gen_ref.with_name("out.filtered.jsonl"))
+    assert sorted(r["id"] for r in records(gen_run)) == sorted(r["id"] for r in records(gen_ref))

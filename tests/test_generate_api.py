@@ -236,3 +236,64 @@ def test_closing_the_backend_ends_a_retry_wait(tmp_path):
         with pytest.raises(TeacherAPIError, match="stopped before prompt `q0` finished"):
             list(backend.generate([job], cfg.sampling))
     assert time.monotonic() - t0 < 5
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# issue 17: final client errors, unusable 200s, a reset mid-body, a stall after headers
+
+
+@pytest.mark.parametrize("status", ["400", "404", "413", "422"])
+def test_a_final_client_error_fails_fast_with_the_servers_message(tmp_path, status):
+    from fault_server import STATUS_MESSAGES
+
+    prompts = write_prompts(tmp_path / "p.jsonl", 5)
+    out = tmp_path / "o.jsonl"
+    with FaultServer({3: status}) as server:
+        cfg = api_config(server.base_url, prompts, out, **{"teacher.concurrency": "1", "teacher.max_retries": "4"})
+        t0 = time.monotonic()
+        with pytest.raises(TeacherAPIError) as info:
+            run_generate(cfg)
+        elapsed = time.monotonic() - t0
+    message = str(info.value)
+    assert f"HTTP {status}" in message and STATUS_MESSAGES[status] in message and server.base_url in message
+    assert "prompt `q002`" in message and "Traceback" not in message
+    # Not retried: the third request was the last one, and no backoff was waited.
+    assert server.count == 3 and [f for _, _, f, _ in server.log] == ["ok", "ok", status]
+    assert elapsed < 5
+    # What finished before the refusal is kept, whole; a rerun adds the rest, each id once.
+    assert [r["id"] for r in read_records(out)[0]] == ["q000", "q001"]
+    with FaultServer() as server:
+        summary = run_generate(api_config(server.base_url, prompts, out, **{"teacher.concurrency": "1"}))
+    assert summary["generated_this_run"] == 3 and server.count == 3
+    assert_complete(out, prompts, n=1)
+
+
+@pytest.mark.parametrize("api", ["chat", "completions"])
+def test_unusable_200s_resets_and_stalls_are_retried_without_loss_or_duplicates(tmp_path, api):
+    faults = {1: "null_content", 3: "few_choices", 5: "reset_mid_body", 7: "stall_after_headers", 8: "few_choices",
+              10: "null_content"}
+    prompts = write_prompts(tmp_path / "p.jsonl", 8)
+    out = tmp_path / "o.jsonl"
+    with FaultServer(faults, hang_s=3.0) as server:
+        summary = run_generate(api_config(server.base_url, prompts, out,
+                                          **{"sampling.n": "3", "teacher.api": api, "sampling.seed": "1"}))
+    records = assert_complete(out, prompts, n=3)
+    assert summary["generated_this_run"] == 24 and len(records) == 24
+    # Each fault cost exactly one more request: a retry, or (few_choices) one request for the missing sample.
+    assert server.count == 8 + len(faults)
+    kinds = [f for _, _, f, _ in server.log]
+    assert sorted(k for k in kinds if k != "ok") == sorted(faults.values())
+    # few_choices kept the samples that came and asked again for only the missing one.
+    retried = [p for _, _, f, p in server.log if f == "few_choices"]
+    assert all(sum(1 for _, _, _, q in server.log if q == p) >= 2 for p in retried)
+
+
+def test_a_prompt_that_always_gets_null_content_fails_cleanly(tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", 3)
+    out = tmp_path / "o.jsonl"
+    with FaultServer(dict.fromkeys(range(2, 50), "null_content")) as server:
+        cfg = api_config(server.base_url, prompts, out, **{"teacher.concurrency": "1", "teacher.max_retries": "2"})
+        with pytest.raises(TeacherAPIError, match=r"(?s)prompt `q001` failed after 3 attempts.*no message content"):
+            run_generate(cfg)
+    assert server.count == 4
+    assert [r["id"] for r in read_records(out)[0]] == ["q000"]

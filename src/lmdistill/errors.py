@@ -71,3 +71,16 @@ def write_failure(what: str, path: object, err: BaseException) -> OutputWriteErr
         "writable: free space (df -h) or point the output elsewhere, then rerun (training runs: add "
         "--train.resume true to continue from the newest complete checkpoint). Nothing half-written was kept."
     )
+
+
+class Interrupted(LmdistillError):
+    """The run was stopped on purpose (SIGTERM: exit 143, SIGINT/Ctrl-C: exit 130) after finishing the work in
+    flight; the message says what was kept and how to resume."""
+
+    def __init__(self, message: str, signum: int = 15) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + int(signum)
+
+    def __reduce__(self) -> tuple[type[Interrupted], tuple[str, int]]:  # survives pickling (child processes)
+        return (Interrupted, (str(self), self.signum))

@@ -22,6 +22,7 @@ Binds 127.0.0.1 unless told otherwise; with `api_key_env`/`api_key_file` every r
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import secrets
 import threading
@@ -134,6 +135,52 @@ def _usage(prompt_tokens: int, completions: list[Completion]) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": generated, "total_tokens": prompt_tokens + generated}
 
 
+class _BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes (by its Content-Length, or counted while it streams in
+    chunked) is answered 413 in OpenAI's error shape before any handler parses it; at most `limit` bytes are buffered."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def _too_large(self, send: Any, size: str) -> None:
+        message = (f"request body of {size} is larger than this server's limit of {self.limit} bytes "
+                   "(max_request_bytes); send fewer or shorter prompts per request")
+        payload = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                        "code": "request_too_large"}}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": payload})
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._too_large(send, f"{int(declared)} bytes")
+            return
+        messages: list[Any] = []
+        size = 0
+        while True:  # buffer the body (at most `limit` bytes), then replay it to the app
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                await self._too_large(send, f"more than {self.limit} bytes")
+                return
+            if not message.get("more_body", False):
+                break
+        replay = iter(messages)
+
+        async def replayed() -> Any:
+            return next(replay, None) or await receive()
+
+        await self.app(scope, replayed, send)
+
+
 def create_app(generator: Any, cfg: ServeConfig, api_key: str | None = None) -> Any:
     """The FastAPI app around an `HFGenerator` (or anything with its `render`/`generate`).
 
@@ -162,6 +209,8 @@ def create_app(generator: Any, cfg: ServeConfig, api_key: str | None = None) -> 
         body = {"error": {"message": f"invalid request: {msgs}", "type": "invalid_request_error", "param": None,
                           "code": None}}
         return JSONResponse(body, status_code=400)
+
+    app.add_middleware(_BodyLimit, limit=cfg.max_request_bytes)
 
     @app.middleware("http")
     async def _auth(request: Request, call_next: Any) -> Any:

@@ -164,6 +164,26 @@ class ShardEntry:
                    bytes=int(d["bytes"]), sha256=str(d["sha256"]))
 
 
+def contained_shard_path(root: Path, file: str) -> Path:
+    """`root / file` for a manifest's shard path, or a CacheError when that path would leave the cache directory
+    (an absolute path, a `..` component, or a symlink that resolves outside `root`): a crafted manifest must not make
+    a reader open, hash or memory-map an arbitrary file."""
+    rel = Path(file)
+    escapes = not file or rel.is_absolute() or rel.drive != "" or ".." in rel.parts or "\\" in file
+    if not escapes:
+        try:
+            (root / rel).resolve().relative_to(root.resolve())
+        except (ValueError, OSError, RuntimeError):
+            escapes = True
+    if escapes:
+        raise CacheError(
+            f"cache `{root}` manifest lists shard path {file!r}, which leaves the cache directory (absolute, `..` or "
+            "a symlink pointing outside); refusing to read it. Relabel the cache with `lmdistill label`, and do not "
+            "use a cache from an untrusted source"
+        )
+    return root / rel
+
+
 def n_shards(n_blocks: int, shard_blocks: int) -> int:
     return -(-n_blocks // shard_blocks)
 
@@ -250,4 +270,6 @@ def read_manifest(root: str | Path) -> Manifest:
             "Relabel with this version's `lmdistill label`"
         )
     shards = [ShardEntry.from_json(s) for s in raw.pop("shards", [])]
+    for shard in shards:
+        contained_shard_path(root, shard.file)
     return Manifest(header=raw, shards=shards, root=root)

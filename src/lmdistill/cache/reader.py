@@ -23,6 +23,7 @@ from lmdistill.cache.format import (
     Manifest,
     ShardEntry,
     block_digests,
+    contained_shard_path,
     decode_values,
     differing_fields,
     read_manifest,
@@ -42,7 +43,7 @@ class _Shard:
     """One open shard: its small per-block arrays in memory, the rest memory-mapped."""
 
     def __init__(self, root: Path, entry: ShardEntry, kind: str) -> None:
-        self.entry, self.path = entry, root / entry.file
+        self.entry, self.path = entry, contained_shard_path(root, entry.file)
         try:
             self.handle = safe_open(str(self.path), framework="pt")
             self.digest = self.handle.get_tensor("block_digest")
@@ -117,7 +118,7 @@ class CachedTeacher:
             raise CacheError(f"cache `{self.root}` manifest lists no shard {missing[:5]} of split `{self.split_name}`; "
                              "relabel it with `lmdistill label`")
         for e in self.entries.values():
-            path = self.root / e.file
+            path = contained_shard_path(self.root, e.file)
             if not path.is_file():
                 raise CacheError(f"shard `{path}` is missing; rerun the same `lmdistill label` command to relabel it")
             size = path.stat().st_size
@@ -174,7 +175,7 @@ class CachedTeacher:
         if shard is None:
             entry = self.entries[index]
             if self.verify_checksums:
-                digest = sha256_file(self.root / entry.file)
+                digest = sha256_file(contained_shard_path(self.root, entry.file))
                 if digest != entry.sha256:
                     raise CacheError(f"shard `{self.root / entry.file}` is corrupt: sha256 {digest[:16]}... differs "
                                      f"from the manifest's {entry.sha256[:16]}...; {_RELABEL}")

@@ -258,13 +258,14 @@ class CacheWriter:
 
     # -- labelling ----------------------------------------------------------------------------------------------------
     def write_split(self, split: str, blocks: TokenBlocks, logits_fn: LogitsFn,
-                    on_batch: Callable[[int], None] | None = None) -> int:
+                    on_batch: Callable[[int], None] | None = None, stop: Callable[[], bool] | None = None) -> int:
         """Label this rank's missing shards of `split`; returns the number of target tokens labelled.
 
         Args:
             blocks: the split's blocks, as the trainer builds them (their fingerprint must match the header).
             logits_fn: batch (TokenBlocks.batch dict) -> [B, T, V] teacher logits, V = the cache's vocab.
             on_batch: called with each batch's target-token count (progress bars).
+            stop: asked after each finished shard; true ends the split there (the shard in flight is kept).
         """
         info = self.header["data"]["splits"][split]
         if len(blocks) != info["blocks"]:
@@ -272,6 +273,8 @@ class CacheWriter:
         tokens = 0
         for j in self.pending(split):
             tokens += self._write_shard(split, j, blocks, logits_fn, on_batch)
+            if stop is not None and stop():
+                break
         return tokens
 
     def _write_shard(self, split: str, j: int, blocks: TokenBlocks, logits_fn: LogitsFn,

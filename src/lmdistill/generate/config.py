@@ -160,6 +160,10 @@ class ServeConfig(BaseConfig):
     default_max_tokens: int = Field(512, ge=1, description="max_tokens of a chat request that sets none.")
     max_new_tokens_limit: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for.")
     max_n: int = Field(16, ge=1, description="Largest n (completions per request) a request may ask for.")
+    max_request_bytes: int = Field(
+        1_000_000, ge=1024, description="Largest request body (bytes) the server reads; a larger one gets HTTP 413 "
+        "before it is parsed, so one client cannot make the server buffer or tokenize an unbounded payload."
+    )
     max_batch_size: int = Field(
         32, ge=1, description="Most sequences (prompts x n) that concurrent requests share in one generate call; 1 "
         "runs requests one at a time."

@@ -5,6 +5,8 @@ HTTP: a 408/409/429/5xx reply, a timeout or a dropped connection is retried afte
 client does not retry when that asks for more than two minutes) or else an exponential backoff with jitter
 (`RetryPolicy`, set by teacher.backoff_base_s/backoff_max_s; a closed backend ends the wait). A 200 reply that cannot
 be used (bad JSON, no choices, no content) is retried here, with the same backoff; it is logged and never written.
+A reply with fewer choices than `n` keeps what came and asks again for the rest. Any other 4xx (400, 404, 413, 422,
+...) is final: the run stops at once with the server's own message, keeping every record already written.
 teacher.max_retries bounds all retries of one request together.
 
 The API key is read from an env var or a key file named in the config; it is never logged, written, or put in an error.
@@ -183,8 +185,15 @@ class OpenAIBackend:
         if status == 404:
             return _api_error(
                 status,
-                f"teacher endpoint {self.base_url} answered 404 for {what}: {self._redact(_server_message(error))}. Check "
+                f"teacher endpoint {self.base_url} answered HTTP 404 for {what}: {self._redact(_server_message(error))}. Check "
                 f"teacher.base_url (it usually ends in /v1) and teacher.api_model (`{self.cfg.api_model}`)"
+            )
+        if status == 413:
+            return _api_error(
+                status,
+                f"teacher endpoint {self.base_url} refused {what} as too large (HTTP 413): "
+                f"{self._redact(_server_message(error))}. Shorten the prompt, or lower sampling.n / "
+                "sampling.max_new_tokens, or raise the server's request size limit"
             )
         return _api_error(
             status,

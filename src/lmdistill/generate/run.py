@@ -11,16 +11,17 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
-from lmdistill.errors import ConfigError, TeacherAPIError
+from lmdistill.errors import ConfigError, Interrupted, TeacherAPIError
 from lmdistill.generate.base import Backend, Completion, Job, JobResult, sampling_record
 from lmdistill.generate.config import GenerateConfig, TeacherBackendConfig
 from lmdistill.generate.filters import filter_records
 from lmdistill.generate.prompts import Prompt, load_prompts
 from lmdistill.generate.store import JsonlStore, read_records
-from lmdistill.io import write_json, write_text
+from lmdistill.io import StopFlag, resume_command, stop_on_signals, write_json, write_text
 from lmdistill.train.logging import make_progress
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,42 @@ def _jobs(prompts: list[Prompt], done: set[tuple[str, int]], n: int) -> list[Job
     return jobs
 
 
+class _JobFeed(Sequence[Job]):
+    """The jobs, handed out lazily: once a stop is requested no new job is handed out, so a backend that takes jobs
+    as it goes (HTTP) finishes and yields only the requests in flight. `drained` tells whether the backend had taken
+    every job before the stop (local backends batch them all up front), in which case the caller stops itself."""
+
+    def __init__(self, jobs: list[Job], stop: StopFlag) -> None:
+        self.jobs, self.stop, self.drained = jobs, stop, False
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    @overload
+    def __getitem__(self, i: int) -> Job: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[Job]: ...
+
+    def __getitem__(self, i: int | slice) -> Job | Sequence[Job]:
+        return self.jobs[i]
+
+    def __iter__(self) -> Iterator[Job]:
+        for job in self.jobs:
+            if self.stop:
+                return
+            yield job
+        self.drained = True
+
+
 def run_generate(cfg: GenerateConfig, backend: Backend | None = None) -> dict[str, Any]:
+    """Generate the missing completions, then filter (see `_run_generate`). A first SIGTERM/SIGINT finishes the
+    records in flight, writes them and raises `Interrupted` (exit 143/130); a second one stops at once."""
+    with stop_on_signals("records") as stop:
+        return _run_generate(cfg, backend, stop)
+
+
+def _run_generate(cfg: GenerateConfig, backend: Backend | None, stop: StopFlag) -> dict[str, Any]:
     """Generate the missing completions, then filter. Returns the summary that is also written to <stem>.summary.json.
 
     Args:
@@ -141,7 +177,8 @@ def run_generate(cfg: GenerateConfig, backend: Backend | None = None) -> dict[st
             try:
                 with make_progress(cfg.progress) as progress:
                     task = progress.add_task("generate", total=todo, stats="")
-                    for result in backend.generate(jobs, cfg.sampling):
+                    feed = _JobFeed(jobs, stop)
+                    for result in backend.generate(feed, cfg.sampling):
                         store.append(
                             [
                                 make_record(result.job.prompt, sample, completion, result, teacher, sampling)
@@ -151,6 +188,8 @@ def run_generate(cfg: GenerateConfig, backend: Backend | None = None) -> dict[st
                         generated += len(result.completions)
                         per_s = generated / max(time.perf_counter() - t0, 1e-9)
                         progress.update(task, advance=len(result.completions), stats=f"{per_s:.2f} samples/s")
+                        if stop and feed.drained:  # the backend took every job at once: stop after this record
+                            break
             except TeacherAPIError as e:
                 raise TeacherAPIError(
                     f"{e}\n{generated} new samples were written to `{raw_path}` before this; rerun the same command "
@@ -158,6 +197,11 @@ def run_generate(cfg: GenerateConfig, backend: Backend | None = None) -> dict[st
                 ) from None
             finally:
                 backend.close()
+            if stop:
+                raise Interrupted(
+                    f"stopped by {stop.name}: {generated} new samples were written to `{raw_path}` (no filtered file "
+                    f"yet). Resume with the same command (finished prompts are skipped):\n  {resume_command()}",
+                    stop.signum or 15)
     seconds = time.perf_counter() - t0
     records, _ = read_records(raw_path)
     # The filtered file follows prompt order, so it does not depend on which request happened to finish first.

@@ -1,6 +1,7 @@
 """Append-only JSONL with durable appends, so a killed `generate` resumes without losing or duplicating a sample.
 
-Each append is one `write` of whole lines, then flush + fsync: after it returns the records survive a crash. A kill
+Each append writes whole lines, then fsyncs: after it returns the records survive a crash; a write that a full
+disk cuts short is truncated back to the last whole record before the error is raised. A kill
 during a write can leave a torn last line (no newline, or not JSON); `load` drops it and truncates the file to the last
 complete record, so the next append starts on a clean line. A bad line anywhere else is not a torn write, and is
 reported rather than silently dropped.
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from lmdistill.errors import DataError
-from lmdistill.io import open_locked
+from lmdistill.io import append_durably, open_locked
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +48,12 @@ class JsonlStore:
         return records
 
     def append(self, records: list[dict[str, Any]]) -> None:
-        """Write records as whole lines in one write, then flush and fsync."""
+        """Write records as whole lines, then fsync; a failed write (a full disk) is cut back to the last whole record
+        and raised as one `OutputWriteError`."""
         if self._fh is None:
             raise RuntimeError("JsonlStore.open() first")
         payload = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in records)
-        self._fh.write(payload.encode("utf-8"))
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        append_durably(self._fh.fileno(), payload.encode("utf-8"), "generated records", self.path)
 
     def close(self) -> None:
         if self._fh is not None:

@@ -170,8 +170,9 @@ def run_recipe(recipe: Recipe) -> dict[str, Any]:
     accelerator = make_accelerator(cfg.train)
     check_supported(accelerator, fused_loss=recipe.fused, lora=recipe.lora)
     trainer = Trainer(cfg.train, models=recipe.models, data=recipe.data, loss_fn=recipe.loss, eval_fn=recipe.evaluate,
-                      accelerator=accelerator, run_info={"recipe": recipe.name}, state=recipe.state,
-                      on_step=recipe.on_step, rollout=recipe.rollout)
+                      accelerator=accelerator, state=recipe.state, on_step=recipe.on_step, rollout=recipe.rollout,
+                      # the resolved config goes with every checkpoint; a resume with another one is refused
+                      run_info={"recipe": recipe.name, "config": cfg.model_dump(mode="json")})
     for teacher in recipe.teachers:
         teacher.model = prepare_frozen(accelerator, teacher.model)
     result = trainer.fit()

@@ -21,14 +21,28 @@ from lmdistill.cache.format import MANIFEST
 from lmdistill.cache.writer import CacheWriter, build_header, teacher_fingerprint
 from lmdistill.config import LabelConfig
 from lmdistill.data import IGNORE, TokenBlocks, build_splits, check_block_size
-from lmdistill.errors import NonFiniteError
+from lmdistill.errors import Interrupted, NonFiniteError
+from lmdistill.io import StopFlag, lock_dir, resume_command, stop_on_signals
 from lmdistill.models import load_teacher, load_tokenizer, shared_vocab_size, tokenizer_fingerprint
 from lmdistill.teachers import check_finite
 from lmdistill.train.logging import make_progress
 
 
 def run_label(cfg: LabelConfig) -> dict[str, Any]:
-    """Label the configured splits into cfg.cache.output_dir; returns a summary (tokens, seconds, bytes)."""
+    """Label the configured splits into cfg.cache.output_dir; returns a summary (tokens, seconds, bytes).
+
+    The cache directory is locked for the run (one writer per directory). A first SIGTERM/SIGINT finishes the shard
+    in flight and raises `Interrupted` (exit 143/130); a second one stops at once. Rerunning the command resumes."""
+    lock = lock_dir(cfg.cache.output_dir, "soft-label cache") if int(os.environ.get("RANK", "0")) == 0 else None
+    try:
+        with stop_on_signals("cache shard") as stop:
+            return _run_label(cfg, stop)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _run_label(cfg: LabelConfig, stop: StopFlag) -> dict[str, Any]:
     # Under plain `torchrun` without a GPU, accelerate sets up a (gloo) process group only when told to use the CPU.
     world = int(os.environ.get("WORLD_SIZE", "1"))
     state = PartialState(cpu=world > 1 and not torch.cuda.is_available())
@@ -69,10 +83,14 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
 
         for name, blocks in splits.items():
             try:
-                tokens += writer.write_split(name, blocks, logits_fn, on_batch=advance)
+                tokens += writer.write_split(name, blocks, logits_fn, on_batch=advance, stop=lambda: bool(stop))
             except NonFiniteError as e:
                 raise NonFiniteError(f"labelling split `{name}`: {e}. Shards finished before this one are kept; no "
                                      "manifest was written, so the cache cannot be used as it is") from None
+            if stop:
+                raise Interrupted(
+                    f"stopped by {stop.name}: every finished shard is in `{cfg.cache.output_dir}` (no manifest yet). "
+                    f"Resume with the same command:\n  {resume_command()}", stop.signum or 15)
     seconds = time.perf_counter() - t0
     state.wait_for_everyone()  # all shards are on disk before the merge
     summary: dict[str, Any] = {"cache_dir": str(Path(cfg.cache.output_dir)), "rank": state.process_index,

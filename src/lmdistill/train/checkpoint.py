@@ -4,14 +4,16 @@ Layout of `<output_dir>/checkpoints/step-00000050/`:
   model-<name>.safetensors      trainable parameters of each model (frozen ones are rebuilt identically at start-up)
   optimizer-<name>.pt           optimizer state (tensors and numbers only; loaded with weights_only=True)
   rng.safetensors               torch RNG state(s)
-  state.json                    step, schedulers, recipe extras, format version; written last
+  state.json                    step, schedulers, recipe extras, format version, sha256 of every other file; last
 
 A checkpoint is written under `.tmp-step-*`, fsynced and renamed, so a directory named `step-*` is complete; a kill
-mid-write leaves only a `.tmp-*` directory that resume ignores with a warning.
+mid-write leaves only a `.tmp-*` directory that resume ignores with a warning. A `step-*` directory damaged after
+that (a missing or torn file, a checksum that does not match) is reported on resume and the previous good one is used.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -75,12 +77,14 @@ class CheckpointManager:
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state()
             save_file(rng, str(tmp / "rng.safetensors"))
+            files = {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
             state = {
                 "format_version": FORMAT_VERSION,
                 "lmdistill_version": __version__,
                 "step": step,
                 "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
                 "extra": extra or {},
+                "files": files,
             }
             (tmp / "state.json").write_text(json.dumps(state, indent=1))
         self._prune()
@@ -100,6 +104,49 @@ class CheckpointManager:
     def latest(self) -> Path | None:
         done = self._complete()
         return done[-1] if done else None
+
+    def verify(self, path: Path) -> str | None:
+        """Why checkpoint `path` cannot be resumed from (None: it is intact): state.json unreadable, a file listed
+        in it missing, or a file whose sha256 differs from the one recorded when it was written."""
+        try:
+            state = json.loads((path / "state.json").read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            return f"unreadable state.json ({e})"
+        if not isinstance(state, dict):
+            return "state.json is not a JSON object"
+        for name, digest in (state.get("files") or {}).items():
+            f = path / name
+            if not f.is_file():
+                return f"`{name}` is missing"
+            try:
+                actual = _sha256(f)
+            except OSError as e:
+                return f"`{name}` is unreadable ({e})"
+            if actual != digest:
+                return f"`{name}` does not match its checksum (torn or altered after it was written)"
+        return None
+
+    def latest_good(self) -> Path | None:
+        """The newest intact checkpoint; each damaged newer one is reported with a warning and skipped.
+
+        Raises:
+            CheckpointError: checkpoints exist but none is intact.
+        """
+        done = self._complete()
+        damaged: list[str] = []
+        for path in reversed(done):
+            why = self.verify(path)
+            if why is None:
+                return path
+            log.warning("checkpoint %s is damaged: %s; falling back to the previous one", path, why)
+            damaged.append(f"`{path.name}` is damaged: {why}")
+        if damaged:
+            raise CheckpointError(
+                f"no intact checkpoint in `{self.root}`: {'; '.join(damaged)}. A damaged checkpoint is skipped to "
+                "resume from an older one, but none is intact here: start a fresh output_dir, or rerun without "
+                "--train.resume true"
+            )
+        return None
 
     def load(self, path: Path, *, models: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
              schedulers: dict[str, Any]) -> dict[str, Any]:
@@ -140,6 +187,72 @@ class CheckpointManager:
         except Exception as e:  # noqa: BLE001
             raise _damaged(path, e) from None
         return tensors, optim
+
+
+# Fields a resumed run may change: they decide how long the run goes on, how often it logs, evaluates and saves, and
+# where its outputs go, not what a step computes. Any field named `output_dir` or `output` is an output path too.
+RESUME_SAFE_FIELDS = frozenset({
+    "train.max_steps", "train.eval_every", "train.eval_batches", "train.log_every", "train.save_every",
+    "train.keep_checkpoints", "train.progress", "train.resume", "train.output_dir", "progress",
+})
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict) and obj:
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.removesuffix("."): obj}
+
+
+def config_fingerprint(config: dict[str, Any]) -> str:
+    """sha256 of the resolved config without its resume-safe fields."""
+    kept = {k: v for k, v in _flatten(config).items() if not _resume_safe(k)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _resume_safe(name: str) -> bool:
+    return name in RESUME_SAFE_FIELDS or name.rsplit(".", 1)[-1] in ("output_dir", "output")
+
+
+# How one global batch is split: these may change together with the number of processes as long as the global batch
+# (micro_batch_size x grad_accum x processes) stays the same; the steps then see the same data.
+BATCH_SPLIT_FIELDS = frozenset({"train.micro_batch_size", "train.grad_accum"})
+
+
+def global_batch(config: dict[str, Any], world_size: int) -> int | None:
+    train = config.get("train")
+    if not isinstance(train, dict):
+        return None
+    try:
+        return int(train["micro_batch_size"]) * int(train["grad_accum"]) * int(world_size)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any], *, same_global_batch: bool = False) -> list[str]:
+    """`dotted.name: old -> new` for every field that differs between two resolved configs, safe ones left out (and
+    the batch split, when `same_global_batch`: the run's global batch is unchanged)."""
+    a, b = _flatten(old), _flatten(new)
+    missing = object()
+    changes = []
+    for key in sorted(set(a) | set(b)):
+        if _resume_safe(key) or (same_global_batch and key in BATCH_SPLIT_FIELDS):
+            continue
+        x, y = a.get(key, missing), b.get(key, missing)
+        if x != y:
+            show = [("(absent)" if v is missing else json.dumps(v, default=str)) for v in (x, y)]
+            changes.append(f"{key}: {show[0]} -> {show[1]}")
+    return changes
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _damaged(path: Path, err: Exception) -> CheckpointError:

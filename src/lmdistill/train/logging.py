@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from lmdistill.errors import write_failure
-from lmdistill.io import write_text
+from lmdistill.io import append_durably, write_text
 
 
 class RunLogger:
@@ -42,12 +42,13 @@ class RunLogger:
             return
         row = {"step": step, "time": round(time.time(), 3), **record}
         try:
-            with open(self.path, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as e:
             raise write_failure("training log", self.path, e) from None
+        try:  # a full disk cuts the half-written line back off: the log holds whole lines only
+            append_durably(fd, (json.dumps(row) + "\n").encode("utf-8"), "training log", self.path)
+        finally:
+            os.close(fd)
         if self._tb is not None:
             for key, value in record.items():
                 if isinstance(value, int | float):

@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -22,9 +23,10 @@ from torch import Tensor, nn
 
 from lmdistill.config import TrainConfig
 from lmdistill.data import IGNORE, BatchSchedule, TokenBlocks
-from lmdistill.errors import ConfigError, NonFiniteError, TeacherUnavailableError
+from lmdistill.errors import CheckpointError, ConfigError, Interrupted, NonFiniteError, TeacherUnavailableError
+from lmdistill.io import StopFlag, lock_dir, resume_command, stop_on_signals
 from lmdistill.losses.objective import StepLoss
-from lmdistill.train.checkpoint import CheckpointManager
+from lmdistill.train.checkpoint import CheckpointManager, config_changes, config_fingerprint, global_batch
 from lmdistill.train.distributed import (
     deepspeed_defaults,
     enable_sharding_on_cpu,
@@ -179,6 +181,7 @@ class Trainer:
                                       world_size=acc.num_processes, rank=acc.process_index)
         self.ckpt = CheckpointManager(cfg.output_dir, keep=cfg.keep_checkpoints)
         self.run_info = run_info or {}
+        self.resumed_from: Path | None = None  # the checkpoint fit() resumed from
         self.is_main = acc.is_main_process
 
     @property
@@ -199,14 +202,27 @@ class Trainer:
                 models[name], optimizers[name] = full_training_state(self.accelerator, self.models[name],
                                                                      self.optimizers[name])
         if self.is_main:
-            extra = {"run": self.run_info, "last": last,
-                     "state": {name: obj.state_dict() for name, obj in self.state.items()}}
+            extra: dict[str, Any] = {"run": self.run_info, "last": last,
+                                     "state": {name: obj.state_dict() for name, obj in self.state.items()}}
+            if isinstance(self.run_info.get("config"), dict):
+                extra["config_fingerprint"] = config_fingerprint(self.run_info["config"])
+                extra["world_size"] = self.accelerator.num_processes
             self.ckpt.save(step, models=models, optimizers=optimizers, schedulers=self.schedulers, extra=extra)
         self.accelerator.wait_for_everyone()
 
     def _resume(self) -> tuple[int, dict[str, float]]:
-        """(step, last log record) of the newest complete checkpoint; (0, {}) when there is none."""
-        latest = self.ckpt.latest()
+        """(step, last log record) of the newest intact checkpoint; (0, {}) when there is none. A damaged newer one is
+        reported and skipped; a checkpoint written with a different config (safe fields aside) is refused."""
+        try:
+            latest = self.ckpt.latest_good()
+        except CheckpointError as none_intact:
+            newest = self.ckpt.latest()
+            if newest is not None and self.engine != "fsdp":
+                # Where loading names a structural reason (another model's weights, a torn file), that says more
+                # than a checksum; it raises. A checkpoint that loads despite its checksum is still refused.
+                self.ckpt.load(newest, models=self.unwrapped, optimizers=self.optimizers, schedulers=self.schedulers)
+            raise none_intact from None
+        self.resumed_from = latest
         if latest is None:
             return 0, {}
         if self.engine == "fsdp":
@@ -218,6 +234,19 @@ class Trainer:
             saved = self.ckpt.load(latest, models=self.unwrapped, optimizers=self.optimizers,
                                    schedulers=self.schedulers)
         extra = saved.get("extra", {})
+        old_cfg, new_cfg = (extra.get("run") or {}).get("config"), self.run_info.get("config")
+        if isinstance(old_cfg, dict) and isinstance(new_cfg, dict) and \
+                extra.get("config_fingerprint") != config_fingerprint(new_cfg):
+            old_batch = global_batch(old_cfg, int(extra.get("world_size", 1)))
+            same_batch = old_batch is not None and old_batch == global_batch(new_cfg, self.accelerator.num_processes)
+            changes = config_changes(old_cfg, new_cfg, same_global_batch=same_batch)
+            if changes:
+                raise CheckpointError(
+                    f"cannot resume from `{latest}`: it was written with a different config, and resuming would mix "
+                    "two runs. Changed: " + "; ".join(changes) + ". Rerun with the checkpoint's settings, or start a "
+                    "fresh output_dir (only step counts, eval/log/save cadence, output paths and, with the global "
+                    "batch kept, its split into micro-batches and processes may change on resume)"
+                )
         for name, obj in self.state.items():
             obj.load_state_dict(extra.get("state", {}).get(name, {}))
         return int(saved["step"]), dict(extra.get("last") or {})
@@ -313,7 +342,36 @@ class Trainer:
     # -- the whole run -----------------------------------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
+        """Train to cfg.max_steps. The output directory is locked for the run (one writer). A first SIGTERM/SIGINT
+        finishes the current optimizer step, writes a checkpoint and raises `Interrupted` (exit 143/130) naming the
+        resume command; a second one stops the process at once."""
+        lock = lock_dir(self.cfg.output_dir, "training run") if self.is_main else None
+        try:
+            with stop_on_signals("optimizer step") as stop:
+                return self._fit(stop)
+        finally:
+            if lock is not None:
+                lock.close()
+
+    def _stop_requested(self, stop: StopFlag) -> bool:
+        """Whether any rank was asked to stop (all ranks agree, so they save and stop at the same step)."""
+        if self.accelerator.num_processes == 1:
+            return bool(stop)
+        flag = torch.tensor([1.0 if stop else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def _interrupted(self, stop: StopFlag, done: int) -> Interrupted:
+        import signal
+
+        signum = stop.signum or int(signal.SIGTERM)
+        return Interrupted(
+            f"stopped by {signal.Signals(signum).name} after step {done} of {self.cfg.max_steps}; every finished step "
+            f"is in the checkpoint `{self.ckpt.root / f'step-{done:08d}'}`. Resume with:\n  "
+            f"{resume_command('--train.resume')}", signum)
+
+    def _fit(self, stop: StopFlag) -> TrainResult:
         cfg, acc = self.cfg, self.accelerator
+        self.resumed_from = None
         start, last = self._resume() if cfg.resume else (0, {})
         # Resumed from the final checkpoint (killed while exporting): the final evaluation was logged and the
         # checkpoint written before that, so neither is repeated.
@@ -321,7 +379,7 @@ class Trainer:
         # No checkpoint to resume from is a fresh start: a fresh log too (else its step-0 rows would repeat).
         logger = RunLogger(cfg.output_dir, enabled=self.is_main, resume_step=start if cfg.resume and start else None)
         if self.is_main and start:
-            acc.print(f"resumed from step {start} ({self.ckpt.latest()})")
+            acc.print(f"resumed from step {start} ({self.resumed_from})")
         if self.eval_fn is not None and start == 0:
             logger.log(0, self._evaluate(0))
         tokens, t_start, in_steps = 0.0, time.perf_counter(), 0.0
@@ -353,11 +411,20 @@ class Trainer:
                     saved = done
                 losses = " ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("loss"))
                 progress.update(task, completed=done, stats=f"{losses} | {last['tokens_per_s']:,.0f} tok/s")
+                if done < cfg.max_steps and self._stop_requested(stop):
+                    if done > saved:
+                        self._save(done, last)
+                    logger.close()
+                    raise self._interrupted(stop, done)
         if self.eval_fn is not None and not finished:
             logger.log(cfg.max_steps, self._evaluate(cfg.max_steps))
         if cfg.save_every and not finished:
             self._save(cfg.max_steps, last)
         logger.close()
+        if not finished and self._stop_requested(stop):  # stopped after the last step: resuming only exports
+            if not cfg.save_every:
+                self._save(cfg.max_steps, last)
+            raise self._interrupted(stop, cfg.max_steps)
         return TrainResult(cfg.max_steps, last, tokens / max(time.perf_counter() - t_start, 1e-9), in_steps)
 
 
