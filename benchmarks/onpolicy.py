@@ -7,6 +7,7 @@ Teacher SmolLM2-135M-Instruct; student pruned from it (the demo's layers); promp
     hard_sequence          lmbda=0, seq_kd, alpha=0: SFT on answers the teacher writes to the same prompts
     onpolicy_dense         lmbda=1, reverse KL on the student's own samples, the teacher's whole distribution
     onpolicy_topk          lmbda=1, top-k log-probs from the teacher behind `lmdistill serve` (a real subprocess)
+    onpolicy_topk_local    the same signal from the teacher in this process (tells the server apart from the signal)
     onpolicy_token         lmbda=1, sampled_token: the teacher's log-prob of each sampled token, policy gradient
     gkd_lmbda0.5           lmbda=0.5, dense reverse KL: half the steps on-policy, half on the dataset's answers
 
@@ -40,6 +41,7 @@ ARMS: dict[str, dict[str, str]] = {
     "hard_sequence": {"lmbda": "0", "seq_kd": "true", "loss.alpha": "0.0"},
     "onpolicy_dense": {"signal": "dense"},
     "onpolicy_topk": {"signal": "topk", "k": "20", "teacher_server.url": "SERVER"},
+    "onpolicy_topk_local": {"signal": "topk", "k": "20"},
     "onpolicy_token": {"signal": "sampled_token"},
     "gkd_lmbda0.5": {"lmbda": "0.5"},
 }
@@ -104,7 +106,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--keep-layers", default="0,6,12,18,24,29")
     p.add_argument("--seeds", default="0")
-    p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--arms", default=",".join(a for a in ARMS if a != "onpolicy_topk_local"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("runs/bench-onpolicy"))
     args = p.parse_args()

@@ -232,6 +232,14 @@ def test_soft_on_api_logprobs_lowers_kl_to_the_teacher(api_file, teacher_dir, st
     before, after = kl(student_dir), kl(summary["student_dir"])
     assert after < 0.7 * before, (before, after)
     assert math.isfinite(after)
+    # the honest baseline: its CE twin trains on exactly the same aligned API blocks (same init, steps, seed) with the
+    # divergence switched off (loss.alpha 0: CE on the ground truth alone; `hard` would split the file differently)
+    twin_args = [*args[:args.index("--train.output_dir") + 1], str(tmp_path / "ce"),
+                 *args[args.index("--train.output_dir") + 2:], "--loss.alpha", "0"]
+    twin = run_soft(load_config(SoftConfig, None, twin_args))
+    ce = kl(twin["student_dir"])
+    print(f"API top-{TOP_K} soft vs CE twin, held-out KL to the teacher: {after:.4f} vs {ce:.4f}")
+    assert after < ce, (after, ce)
 
 
 def test_student_pruned_from_the_served_teacher_and_the_shipped_config(api_file, teacher_dir, tmp_path):

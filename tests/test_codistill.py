@@ -155,6 +155,15 @@ def test_tiny_run_both_losses_fall_and_both_models_load(tokenizer_dir, text_file
     assert a[0] == 0.0 and a[5] == pytest.approx(0.3) and a[-1] == pytest.approx(0.6)
     ev0, ev1 = summary["eval_first"], summary["eval_last"]
     assert ev1["perplexity"] < ev0["perplexity"] and ev1["teacher_perplexity"] < ev0["teacher_perplexity"]
+    # the honest baseline: the CE twin is the same run with a = 0; its teacher trains exactly the same (the student's
+    # KD term never reaches the teacher), so its student is plain CE on the same terms against the same teacher
+    twin = run_codistill(_cfg(tokenizer_dir, text_file, tmp_path / "ce", **{
+        "loss.weight.schedule": "constant", "loss.weight.value": "0.0", "train.eval_every": "10"}))["eval_last"]
+    assert twin["teacher_perplexity"] == pytest.approx(ev1["teacher_perplexity"], rel=1e-5)
+    print(f"codistill vs CE twin: held-out KL to the teacher {ev1['kl_to_teacher']:.4f} vs {twin['kl_to_teacher']:.4f}, "
+          f"perplexity {ev1['perplexity']:.1f} vs {twin['perplexity']:.1f}")
+    # NOT asserted, measured: at 20 steps co-distillation does not beat its CE twin (KL 0.4114 vs 0.4118, perplexity
+    # 107.6 vs 107.1, agreement 0.504 vs 0.602): the teacher is barely ahead of the student yet (issue #16).
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     for key, hidden in (("teacher_dir", 48), ("student_dir", 16)):

@@ -4,6 +4,7 @@ report.html rendered in headless Chromium."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ from lmdistill.config import load_config
 from lmdistill.errors import ConfigError
 from lmdistill.recipes.arms import ARM_KINDS, ArmKind, ResourceMonitor, dense_bytes, id_bytes
 from lmdistill.recipes.compare import CompareConfig, run_compare
-from lmdistill.report import console_table, kd_gain_kept, winners
+from lmdistill.report import _winner_lines, console_table, kd_gain_kept, verdicts, winners
 
 ROOT = Path(__file__).parent.parent
 
@@ -84,6 +85,48 @@ def test_every_arm_has_a_row_and_the_report_files_exist(compared):
         assert f"](figures/{fig}.png)" in md and f'id="fig-{fig}"' in html
     assert "teacher" in md and "## Which arm won" in md and "Generations side by side" in html
     assert any("[1/5] ce" in m for m in messages)
+    # one seed: each arm runs in arms/<name>/seed-0, and its metrics get a bootstrap interval over the held-out blocks
+    assert saved["seeds"] == [0]
+    for a in ok:
+        assert f"arms/{a['name']}/seed-0" in a["student_dir"] and [r["seed"] for r in a["seeds"]] == [0]
+        assert a["interval_method"] == f"one seed: bootstrap over {saved['eval_blocks']} held-out blocks"
+        lo, hi = a["intervals"]["kl_to_teacher"]
+        assert lo <= a["metrics"]["kl_to_teacher"] <= hi and lo < hi
+        assert f"{a['name']} |" in md
+    assert "Cells: mean [95 % interval]" in md and "Cells: mean [95 % interval]" in html
+    assert set(saved["verdicts"]) >= {"kl_to_teacher", "perplexity", "agreement"}
+    for key, v in saved["verdicts"].items():
+        assert v["verdict"] in ("winner", "tie", "no interval")
+        assert (key in saved["winners"]) == (v["verdict"] == "winner")
+
+
+def test_every_arm_runs_once_per_seed(teacher_dir, student_dir, text_file, tmp_path):
+    """seeds: [0, 1]: two runs per arm, the mean and a t-interval per metric, a winner only when intervals clear."""
+    cfg = _compare_cfg(teacher_dir, student_dir, text_file, tmp_path, [{"name": "ce", "kind": "ce"},
+                                                                       {"name": "soft", "kind": "soft"}])
+    cfg = cfg.model_copy(update={"seeds": [0, 1], "train": cfg.train.model_copy(update={"max_steps": 2,
+                                                                                         "eval_every": 0})})
+    messages: list[str] = []
+    results = run_compare(cfg, echo=messages.append)
+    assert results["seeds"] == [0, 1] and any("[2/2] soft (" in m and "seed 1" in m for m in messages)
+    for arm in results["arms"]:
+        assert arm["status"] == "ok" and [r["seed"] for r in arm["seeds"]] == [0, 1]
+        dirs = [r["student_dir"] for r in arm["seeds"]]
+        assert all(Path(d).is_relative_to(tmp_path / "arms" / arm["name"] / f"seed-{s}")
+                   for s, d in zip((0, 1), dirs, strict=True))
+        kls = [r["metrics"]["kl_to_teacher"] for r in arm["seeds"]]
+        # different seeds train differently (CE on a pretrained student: the data order differs)
+        assert kls[0] != kls[1] and arm["metrics"]["kl_to_teacher"] == pytest.approx(sum(kls) / 2)
+        lo, hi = arm["intervals"]["kl_to_teacher"]
+        assert lo < min(kls) and hi > max(kls) and arm["interval_method"] == "t-interval over 2 seeds"
+        assert arm["intervals"]["wall_s"][0] <= arm["wall_s"] <= arm["intervals"]["wall_s"][1]  # also the run record
+    saved = json.loads(Path(results["report"]["results"]).read_text())
+    v = saved["verdicts"]["kl_to_teacher"]
+    by = {a["name"]: a for a in saved["arms"]}
+    clear = by["soft"]["intervals"]["kl_to_teacher"][1] < by["ce"]["intervals"]["kl_to_teacher"][0]
+    assert v["verdict"] == ("winner" if clear else "tie")
+    md = Path(results["report"]["markdown"]).read_text()
+    assert "t-interval over 2 seeds" in md and ("**KL(teacher ‖ student)**: tie: " in md) == (not clear)
 
 
 def test_skipped_and_failed_arms_show_their_reason(compared):
@@ -134,20 +177,61 @@ def test_arms_cannot_override_the_shared_terms(teacher_dir, student_dir, text_fi
 
 
 def test_winners_and_kd_gain():
-    def arm(name, kind, kl, agree, speed):
+    def arm(name, kind, kl, agree, speed, half=0.05):
         return {"name": name, "kind": kind, "status": "ok", "label": kind, "teacher_bytes_per_token": 0.0,
                 "metrics": {"kl_to_teacher": kl, "agreement": agree, "perplexity": 10.0,
-                            "student_tokens_per_s": speed}}
+                            "student_tokens_per_s": speed},
+                "intervals": {"kl_to_teacher": [kl - half, kl + half], "agreement": [agree - half, agree + half],
+                              "perplexity": [9.0, 11.0], "teacher_bytes_per_token": [0.0, 0.0]}}
 
     results = {"arms": [arm("ce", "ce", 2.0, 0.5, 900.0), arm("soft", "soft", 1.0, 0.7, 1000.0),
                         arm("top", "cached_topk", 1.2, 0.7, 800.0),
                         {"name": "s", "kind": "x", "status": "skipped", "reason": "r", "label": "x"}]}
-    w = winners(results)
-    assert w["kl_to_teacher"] == ["soft"] and w["agreement"] == ["soft", "top"]
-    assert w["perplexity"] == ["ce", "soft", "top"]
+    w, v = winners(results), verdicts(results)
+    # soft's interval [0.95, 1.05] clears top's [1.15, 1.25] and ce's: a winner
+    assert w["kl_to_teacher"] == ["soft"] and v["kl_to_teacher"]["verdict"] == "winner"
+    # equal means, or intervals that overlap: a tie, never a winner
+    assert "agreement" not in w and v["agreement"] == {"verdict": "tie", "best": "soft", "arms": ["soft", "top"]}
+    assert "perplexity" not in w and v["perplexity"]["verdict"] == "tie"
+    assert v["perplexity"]["arms"] == ["ce", "soft", "top"]
+    assert v["teacher_bytes_per_token"]["verdict"] == "tie"  # three exact zeros
     # every arm scores the same student architecture: its throughput is shown, never ranked
-    assert "student_tokens_per_s" not in w
+    assert "student_tokens_per_s" not in w and "student_tokens_per_s" not in v
     assert kd_gain_kept(results) == pytest.approx({"ce": 0.0, "soft": 1.0, "top": 0.8})
+    # an interval that overlaps by a hair is a tie; without intervals no winner is named
+    results["arms"][2]["intervals"]["kl_to_teacher"] = [1.04, 1.3]
+    assert "kl_to_teacher" not in winners(results)
+    for a in results["arms"]:
+        a.pop("intervals", None)
+    v = verdicts(results)
+    assert winners(results) == {} and v["kl_to_teacher"] == {"verdict": "no interval", "best": "soft",
+                                                              "arms": ["ce", "soft", "top"]}
+    lines = dict(_winner_lines(results))
+    assert lines["KL(teacher ‖ student)"].startswith("tie: one seed: no interval, no winner named")
+
+
+def test_intervals_over_seeds_and_over_blocks():
+    from lmdistill.report import bootstrap_blocks, summarize_seeds, t_interval
+
+    mean, lo, hi = t_interval([1.0, 2.0, 3.0])
+    # sd 1, n 3: half width t(0.975, 2) / sqrt(3) = 4.303 / 1.732
+    assert mean == 2.0 and hi - mean == pytest.approx(4.303 / 3 ** 0.5, rel=1e-4) and mean - lo == hi - mean
+    runs = [{"metrics": {"kl_to_teacher": kl, "perplexity": 10 * kl}, "wall_s": w, "teacher_bytes_per_token": 4.0}
+            for kl, w in ((1.0, 5.0), (2.0, 6.0), (3.0, 7.0))]
+    s = summarize_seeds(runs)
+    assert s["metrics"]["kl_to_teacher"] == 2.0 and s["wall_s"] == 6.0
+    assert s["intervals"]["kl_to_teacher"] == pytest.approx([lo, hi])
+    assert s["intervals"]["teacher_bytes_per_token"] == [4.0, 4.0] and s["interval_method"] == "t-interval over 3 seeds"
+    # one seed: percentile bootstrap over per-block sums [tokens, CE, KL, agreements]
+    blocks = [[10.0, 10.0 * c, 10.0 * c / 2, 5.0] for c in (1.0, 1.5, 2.0, 2.5, 3.0, 1.2, 2.2, 2.8)]
+    b = bootstrap_blocks(blocks)
+    kl_all = sum(r[2] for r in blocks) / sum(r[0] for r in blocks)
+    assert b["kl_to_teacher"][0] < kl_all < b["kl_to_teacher"][1] and b["agreement"] == (0.5, 0.5)
+    assert b["perplexity"][0] == pytest.approx(math.exp(2 * b["kl_to_teacher"][0]))
+    one = summarize_seeds(runs[:1], blocks)
+    assert one["interval_method"] == "one seed: bootstrap over 8 held-out blocks"
+    assert set(one["intervals"]) == {"kl_to_teacher", "perplexity", "teacher_bytes_per_token"}  # no wall_s interval
+    assert summarize_seeds(runs[:1])["interval_method"] == "one seed: no interval"
 
 
 def test_curves_on_an_arms_own_data_are_marked(tmp_path):

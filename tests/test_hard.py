@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ce_twin import ce_twin
 from conftest import SUBJECTS, soft_overrides
 from lmdistill.config import HardConfig, load_config
 from lmdistill.data import IGNORE, pack_text
@@ -100,6 +101,14 @@ def test_token_mode_raises_agreement_with_the_teacher(teacher_dir, student_dir, 
     first, last = summary["eval_first"], summary["eval_last"]
     assert last["agreement"] > first["agreement"] + 0.2, (first, last)
     assert last["kl_to_teacher"] < first["kl_to_teacher"]
+    # the honest baseline: the CE twin (same init, data, steps, seed) on the metric distillation targets
+    twin = ce_twin(teacher_dir, student_dir, text_file, tmp_path / "ce",
+                   **{"train.max_steps": "20", "train.eval_batches": "3"})["eval_last"]
+    print(f"hard-token vs CE twin, held-out KL to the teacher: {last['kl_to_teacher']:.4f} vs "
+          f"{twin['kl_to_teacher']:.4f}; agreement {last['agreement']:.3f} vs {twin['agreement']:.3f}")
+    assert last["agreement"] > twin["agreement"] + 0.1, (last, twin)
+    # NOT asserted, measured: on held-out KL to the teacher hard-token labels (alpha 1) do NOT beat the CE twin at this
+    # scale (1.999 vs 1.829 at 20 steps): argmax labels teach the teacher's top-1, not its distribution (issue #16).
     rows = [r for r in read_log(Path(summary["log"])) if "loss" in r]
     assert len(rows) == 20 and {"ce_teacher", "ce"} <= set(rows[0])
     assert rows[-1]["ce_teacher"] < rows[0]["ce_teacher"]
@@ -143,6 +152,12 @@ def test_token_mode_from_a_k1_cache_matches_the_teacher_and_needs_no_teacher(tea
     summary = run_hard(cfg)
     first, last = summary["eval_first"], summary["eval_last"]  # agreement with the cached top-1 on held-out blocks
     assert last["agreement"] > first["agreement"] + 0.2, (first, last)
+    # the honest baseline: the CE twin's agreement with the teacher's top-1 (the cached ids, checked above)
+    twin = ce_twin(teacher_dir, student_dir, text_file, tmp_path / "ce",
+                   **data, **{"train.max_steps": "20", "train.eval_batches": "3"})["eval_last"]
+    print(f"hard-token from a k=1 cache vs CE twin, held-out agreement: {last['agreement']:.3f} vs "
+          f"{twin['agreement']:.3f}")
+    assert last["agreement"] > twin["agreement"], (last, twin)  # measured: 0.411 vs 0.375 (60 documents)
     assert summary["teacher_cache"] == str(tmp_path / "cache")
     with pytest.raises(ConfigError, match="use it with mode=token"):
         hard_config(teacher_dir, student_dir, text_file, tmp_path, mode="sequence", **{

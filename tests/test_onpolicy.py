@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ce_twin import ce_twin_of
 from lmdistill.config import OnPolicyConfig, RolloutConfig, SoftConfig, TeacherServerConfig, load_config
 from lmdistill.data import IGNORE
 from lmdistill.errors import ConfigError, TeacherAPIError, TeacherUnavailableError
@@ -116,6 +117,15 @@ def test_each_signal_trains_the_student_toward_the_teacher_on_its_own_samples(te
     factor = {"dense": 0.8, "topk": 0.8, "sampled_token": 0.96}[signal]
     assert last["onpolicy_reverse_kl"] < factor * first["onpolicy_reverse_kl"], (first, last)
     assert summary["rollouts"]["completions"] == 16 * 4 * 2 and summary["phases_s"]["rollout"] > 0
+    # the honest baseline: the CE twin (SFT on the same responses, same init, steps, seed) on held-out KL
+    twin = ce_twin_of(onpolicy_args(teacher_dir, student_dir, chat_file, tmp_path / "ce",
+                                    **{"train.max_steps": "16"}))["eval_last"]
+    print(f"onpolicy {signal} vs CE twin, held-out KL to the teacher: {last['kl_to_teacher']:.4f} vs "
+          f"{twin['kl_to_teacher']:.4f}")
+    # NOT asserted for sampled_token, measured: its one-sample REINFORCE reward does not beat the CE twin on held-out
+    # KL at this scale (16 steps: 2.856 vs 2.183; dense 2.158, topk 2.170 do, by ~1 %) (issue #16).
+    if signal != "sampled_token":
+        assert last["kl_to_teacher"] < twin["kl_to_teacher"], (last, twin)
     rows = [r for r in read_log(Path(summary["log"])) if "loss" in r]
     assert len(rows) == 16 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
 

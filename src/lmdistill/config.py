@@ -38,6 +38,12 @@ class ModelConfig(BaseConfig):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: Precision = Field("fp32", description="Precision the weights are loaded in.")
     trust_remote_code: bool = Field(False, description="Run modelling code shipped with the checkpoint (off unless asked).")
+    allow_pickle: bool = Field(
+        False,
+        description="Also load `.bin`/`.pt` pickle weights when a checkpoint has no safetensors. Off by default because "
+        "unpickling runs arbitrary code stored in the file: turn it on only for a checkpoint you trust, or convert it "
+        "to safetensors once instead.",
+    )
 
 
 class LoraConfig(BaseConfig):
@@ -49,6 +55,23 @@ class LoraConfig(BaseConfig):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         description="Module names that get adapters; every one must exist in the student.",
     )
+
+
+class PruneConfig(BaseConfig):
+    """student.init=prune: which of the teacher's decoder layers the student keeps."""
+
+    method: Literal["keep_layers", "influence"] = Field(
+        "keep_layers",
+        description="`keep_layers`: exactly student.keep_layers; `influence` (ShortGPT style): score every teacher "
+        "layer by 1 - cos(input, output) of its hidden states on calibration batches and keep the len(keep_layers) "
+        "layers that change their input most, in their order.",
+    )
+    calibration_source: str = Field(
+        "embedded:wikipedia", description="method=influence: the text (as data.source) the layers are scored on."
+    )
+    calibration_batches: int = Field(4, ge=1, description="method=influence: batches of calibration text.")
+    calibration_batch_size: int = Field(4, ge=1, description="method=influence: sequences per calibration batch.")
+    calibration_block_size: int = Field(128, ge=8, description="method=influence: tokens per calibration sequence.")
 
 
 class StudentConfig(BaseConfig):
@@ -67,8 +90,10 @@ class StudentConfig(BaseConfig):
     )
     keep_layers: list[int] = Field(
         default_factory=lambda: [0, 6, 12, 18, 24, 29],
-        description="init=prune: indices of the teacher's decoder layers the student keeps (Minitron/DistilBERT style).",
+        description="init=prune: indices of the teacher's decoder layers the student keeps (Minitron/DistilBERT style); "
+        "with prune.method=influence only their number counts.",
     )
+    prune: PruneConfig = Field(default_factory=PruneConfig, description="init=prune: how the layers are chosen.")
     dtype: Precision = Field("fp32", description="Precision the student's master weights are kept in.")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     trust_remote_code: bool = Field(False, description="Run modelling code shipped with the checkpoint.")
@@ -749,7 +774,8 @@ class CompareConfig(StudentRunConfig):
     loss: LossConfig = Field(default_factory=LossConfig, description="The divergence of the soft-label arms.")
     train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(output_dir="runs/compare"),
-        description="Shared by every arm; arm i writes to <output_dir>/arms/<name>. Held-out metrics use "
+        description="Shared by every arm (train.seed: see `seeds`); an arm writes to "
+        "<output_dir>/arms/<name>/seed-<seed>. Held-out metrics use "
         "micro_batch_size x eval_batches blocks, during training (learning curves) and in the final scoring.",
     )
     generation: GenerationOptions = Field(default_factory=GenerationOptions)
@@ -757,6 +783,16 @@ class CompareConfig(StudentRunConfig):
     fail_fast: bool = Field(
         False, description="Stop at the first arm that fails (default: record the failure in the report and go on)."
     )
+    seeds: list[int] | None = Field(
+        None, description="Every arm runs once per seed (train.seed = s, in <output_dir>/arms/<name>/seed-<s>); the "
+        "report gives per metric the mean and a 95 % interval (t-interval over seeds when there are two or more, a "
+        "bootstrap over the held-out blocks with one). Default: [train.seed].",
+    )
+
+    @property
+    def run_seeds(self) -> list[int]:
+        """The seeds every arm runs with: `seeds`, or [train.seed] when it is not set."""
+        return list(self.seeds) if self.seeds else [self.train.seed]
 
     @model_validator(mode="after")
     def _unique_names(self) -> CompareConfig:
@@ -764,6 +800,8 @@ class CompareConfig(StudentRunConfig):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"arm names must be unique; repeated: {dupes}")
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            raise ValueError(f"seeds must be a non-empty list of distinct seeds, got {self.seeds}")
         if not self.arms:
             raise ValueError("compare needs at least one arm")
         return self

@@ -115,6 +115,26 @@ class MetricSums:
         return out
 
 
+def _per_block_sums(logits: Tensor, labels: Tensor, teacher_logits: Tensor | None) -> list[list[float]]:
+    """[target tokens, CE sum, KL(teacher || student) sum, agreements] of every block (row) of a batch."""
+    out = []
+    for b in range(labels.shape[0]):
+        mask = labels[b] != IGNORE
+        n = int(mask.sum())
+        if n == 0:
+            out.append([0.0, 0.0, 0.0, 0.0])
+            continue
+        logp = torch.log_softmax(logits[b][mask].float(), dim=-1)
+        y = labels[b][mask]
+        row = [float(n), float(F.nll_loss(logp, y, reduction="sum")), 0.0, 0.0]
+        if teacher_logits is not None:
+            lt = torch.log_softmax(teacher_logits[b][mask].float(), dim=-1)
+            row[2] = float((lt.exp() * (lt - logp)).nan_to_num(0.0).sum())
+            row[3] = float((logp.argmax(dim=-1) == lt.argmax(dim=-1)).sum())
+        out.append(row)
+    return out
+
+
 def held_out_batches(blocks: TokenBlocks, batch_size: int, max_batches: int | None,
                      device: torch.device | str) -> Iterator[dict[str, Tensor]]:
     """Consecutive batches of `blocks` in order (the same ones for every model scored), at most `max_batches`."""
@@ -164,11 +184,14 @@ def _synced_elapsed(start: float, tensor: Tensor) -> float:
 @torch.no_grad()
 def evaluate_models(models: Mapping[str, nn.Module], blocks: TokenBlocks, *, n_vocab: int,
                     teacher: nn.Module | None = None, batch_size: int = 4, max_batches: int | None = None,
-                    device: torch.device | str | None = None) -> dict[str, dict[str, float]]:
+                    device: torch.device | str | None = None,
+                    block_sums: dict[str, list[list[float]]] | None = None) -> dict[str, dict[str, float]]:
     """Several students on the same held-out batches; the teacher runs once per batch and serves them all.
 
     Returns {name: metrics} as `evaluate_blocks` computes them (`student_tokens_per_s` times each model's own forward),
-    plus `"teacher"`: the teacher's own perplexity, ECE and tokens/s when a teacher is given.
+    plus `"teacher"`: the teacher's own perplexity, ECE and tokens/s when a teacher is given. With `block_sums` (a
+    dict to fill) each model's per-block sums [target tokens, CE, KL to the teacher, top-1 agreements] are appended to
+    block_sums[name], one list per held-out block in order: what a bootstrap over blocks resamples.
     """
     if len(blocks) == 0 or not models:
         return {}
@@ -193,6 +216,8 @@ def evaluate_models(models: Mapping[str, nn.Module], blocks: TokenBlocks, *, n_v
                            use_cache=False).logits[..., :n_vocab]
             seconds[name] += _synced_elapsed(ts, logits)
             sums[name].add(logits, batch["labels"], t_logits)
+            if block_sums is not None:
+                block_sums.setdefault(name, []).extend(_per_block_sums(logits, batch["labels"], t_logits))
     out: dict[str, dict[str, float]] = {}
     for name, s in sums.items():
         out[name] = {**s.result(), "student_tokens_per_s": s.tokens / max(seconds[name], 1e-9)}
@@ -396,6 +421,13 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         lm_eval_tasks(cfg.lm_eval)  # fail before minutes of evaluation, not after
     device = resolve_device(cfg.device)
     tok, student, teacher, n_vocab = load_eval_models(cfg, device)
+    out = Path(cfg.output) if cfg.output else _default_output(cfg.student.name_or_path)
+    try:  # an output that cannot be written fails now, not after the evaluation
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        from lmdistill.errors import write_failure
+
+        raise write_failure("evaluation result", out, e) from None
     held = build_splits(cfg.data, tok).eval
     if len(held) == 0:
         raise DataError(
@@ -422,7 +454,6 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     }
     if cfg.lm_eval:
         result["lm_eval"] = run_lm_eval(student, tok, cfg.lm_eval, limit=cfg.lm_eval_limit, batch_size=cfg.batch_size)
-    out = Path(cfg.output) if cfg.output else _default_output(cfg.student.name_or_path)
     write_json(out, result, "evaluation result")
     result["output"] = str(out)
     return result

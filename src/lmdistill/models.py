@@ -6,14 +6,16 @@ import copy
 import hashlib
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lmdistill.assets import EMBEDDED_TEACHER, teacher_dir
-from lmdistill.config import CoModelConfig, LoraConfig, ModelConfig, Precision, StudentConfig
+from lmdistill.config import CoModelConfig, LoraConfig, ModelConfig, Precision, PruneConfig, StudentConfig
 from lmdistill.errors import ConfigError, ModelLoadError, VocabMismatchError
 from lmdistill.losses.head import Head
 
@@ -71,12 +73,24 @@ def load_causal_lm(cfg: ModelConfig | str, *, dtype: Precision | None = None) ->
     if isinstance(cfg, str):
         cfg = ModelConfig(name_or_path=cfg)
     path = resolve_model_path(cfg.name_or_path)
+    local = Path(str(path)).expanduser()
+    if not cfg.allow_pickle and local.is_dir() and not any(local.glob("*.safetensors")):
+        pickles = sorted(x.name for x in local.iterdir() if x.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
+        if pickles:
+            raise ModelLoadError(
+                f"the model `{cfg.name_or_path}` has only pickle weights ({', '.join(pickles[:5])}), which run "
+                "arbitrary code when loaded; lmdistill loads safetensors only. Convert it once (load it and "
+                "`save_pretrained(..., safe_serialization=True)`), or set allow_pickle=true on this model (e.g. "
+                "`--teacher.allow_pickle true`) if you trust where the file came from"
+            )
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
             revision=cfg.revision,
             dtype=DTYPES[dtype or cfg.dtype],
             trust_remote_code=cfg.trust_remote_code,
+            # safetensors only, unless the user opted in to pickle checkpoints (None: prefer safetensors, else .bin)
+            use_safetensors=None if cfg.allow_pickle else True,
         )
     except Exception as e:  # noqa: BLE001
         raise _load_error("model", cfg.name_or_path, e) from None
@@ -171,6 +185,82 @@ def prune_layers(model: Any, keep_layers: list[int]) -> nn.Module:
     return student
 
 
+@torch.no_grad()
+def layer_influence(model: Any, batches: Iterable[dict[str, torch.Tensor]]) -> list[float]:
+    """Per decoder layer, 1 - cos(input, output) of its hidden states, averaged over the real tokens of `batches`
+    (ShortGPT's block influence): ~0 for a layer that passes its input on unchanged, larger the more it changes it."""
+    layers = _decoder_layers(model)
+    sums = torch.zeros(len(layers), dtype=torch.float64)
+    mask: list[torch.Tensor] = []
+
+    def hook(i: int) -> Any:
+        def fn(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            x = args[0] if args else kwargs["hidden_states"]
+            y = output[0] if isinstance(output, tuple) else output
+            cos = F.cosine_similarity(x.float(), y.float(), dim=-1)  # [B, T]
+            sums[i] += float(((1.0 - cos) * mask[0]).sum())
+        return fn
+
+    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    was_training, tokens = model.training, 0.0
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for batch in batches:
+            ids = batch["input_ids"].to(device)
+            attn = batch.get("attention_mask")
+            attn = torch.ones_like(ids) if attn is None else attn.to(device)
+            mask[:] = [attn.float()]
+            tokens += float(attn.sum())
+            model(input_ids=ids, attention_mask=attn, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if tokens == 0:
+        raise ConfigError("student.prune.method=influence: the calibration text gave no tokens")
+    return [float(v) / tokens for v in sums]
+
+
+def most_influential(scores: list[float], n_keep: int) -> list[int]:
+    """The indices of the `n_keep` highest scores, in layer order (ties: the earlier layer)."""
+    if not 1 <= n_keep <= len(scores):
+        raise ConfigError(f"student.keep_layers asks for {n_keep} layers; the teacher has {len(scores)}")
+    ranked = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    return sorted(ranked[:n_keep])
+
+
+def calibration_batches(cfg: PruneConfig, tokenizer: Any) -> list[dict[str, torch.Tensor]]:
+    """The batches of student.prune.calibration_source that method=influence scores the layers on."""
+    from lmdistill.config import DataConfig
+    from lmdistill.data import build_splits
+
+    n = cfg.calibration_batches * cfg.calibration_batch_size
+    data = DataConfig(source=cfg.calibration_source, block_size=cfg.calibration_block_size, eval_documents=0,
+                      max_documents=max(8, 4 * n))
+    blocks = build_splits(data, tokenizer).train
+    if len(blocks) == 0:
+        raise ConfigError(f"student.prune.calibration_source `{cfg.calibration_source}` gave no text to score on")
+    out = []
+    for b in range(cfg.calibration_batches):
+        idx = list(range(b * cfg.calibration_batch_size, min((b + 1) * cfg.calibration_batch_size, len(blocks))))
+        if idx:
+            out.append(blocks.batch(idx))
+    return out
+
+
+def choose_layers(teacher: nn.Module, cfg: StudentConfig, tokenizer: Any) -> list[int]:
+    """The teacher layers an init=prune student keeps: student.keep_layers, or with prune.method=influence the
+    len(keep_layers) most influential ones on the calibration text."""
+    if cfg.prune.method == "keep_layers":
+        return list(cfg.keep_layers)
+    scores = layer_influence(teacher, calibration_batches(cfg.prune, tokenizer))
+    keep = most_influential(scores, len(cfg.keep_layers))
+    log.info("influence pruning keeps teacher layers %s (1 - cos per layer: %s)", keep,
+             ", ".join(f"{s:.4f}" for s in scores))
+    return keep
+
+
 def _decoder_layers(model: Any) -> nn.ModuleList:
     decoder = model.get_decoder()
     layers = getattr(decoder, "layers", None)
@@ -261,7 +351,7 @@ def build_student(cfg: StudentConfig | CoModelConfig, tokenizer: Any, *, teacher
     else:
         if teacher is None or not isinstance(cfg, StudentConfig):
             raise ConfigError("student.init=prune needs the teacher model; with a teacher cache use init=pretrained")
-        model = prune_layers(teacher, cfg.keep_layers)
+        model = prune_layers(teacher, choose_layers(teacher, cfg, tokenizer))
     model = model.to(DTYPES[cfg.dtype])
     model.requires_grad_(True)
     model.train()

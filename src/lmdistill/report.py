@@ -1,5 +1,10 @@
 """The comparison report: a table, the winner of each metric, figures, side-by-side generations.
 
+Every metric is shown as the mean over the arm's seeds and a 95 % interval: a t-interval over the seeds when there are
+two or more, a bootstrap over the held-out blocks with one (for the metrics that are sums over blocks: perplexity,
+KL to the teacher, agreement; the others then have none). A winner is named only when its interval clears every
+other arm's; otherwise the report says "tie".
+
 `write_report(results, out_dir)` turns the results of `lmdistill compare` into
     report.md        tables + figures/*.png linked beside it
     report.html      the same, self-contained: the figures are embedded as base64 PNGs, no external reference
@@ -51,6 +56,93 @@ CURVES: list[tuple[str, str]] = [("loss", "training loss (each arm's own objecti
                                  ("eval/perplexity", "held-out perplexity")]
 
 
+# two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+# run-record keys (besides the scored metrics) that are averaged over seeds and get an interval
+RUN_KEYS = ("wall_s", "prepare_s", "train_s", "peak_memory_mb", "prepare_peak_memory_mb", "train_tokens_per_s",
+            "teacher_bytes_per_token")
+# fixed by the method, not measured: the same at every seed, an exact (zero-width) interval
+EXACT_KEYS = ("teacher_bytes_per_token",)
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def t_quantile(df: int) -> float:
+    """The 97.5 % quantile of Student's t with `df` degrees of freedom (df >= 1)."""
+    return _T975[df - 1] if df <= len(_T975) else 1.96 + 2.4 / df
+
+
+def t_interval(values: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high): the 95 % t-interval of the mean of >= 2 values."""
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = t_quantile(n - 1) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def bootstrap_blocks(blocks: list[list[float]], resamples: int = BOOTSTRAP_RESAMPLES,
+                     seed: int = 0) -> dict[str, tuple[float, float]]:
+    """95 % percentile intervals of perplexity, CE, KL to the teacher and agreement from per-block sums
+    [tokens, CE, KL, agreements] (`evaluate_models(block_sums=...)`), resampling the blocks with replacement."""
+    import torch
+
+    rows = [b for b in blocks if b[0] > 0]
+    if len(rows) < 2:
+        return {}
+    x = torch.tensor(rows, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(rows), (resamples, len(rows)), generator=g)
+    sums = x[idx].sum(dim=1)  # [R, 4]
+    tokens = sums[:, 0]
+    stats = {"ce": sums[:, 1] / tokens, "kl_to_teacher": sums[:, 2] / tokens, "agreement": sums[:, 3] / tokens}
+    stats["perplexity"] = stats["ce"].clamp(max=50.0).exp()
+    q = torch.tensor([0.025, 0.975], dtype=torch.float64)
+    return {k: (float(torch.quantile(v, q)[0]), float(torch.quantile(v, q)[1])) for k, v in stats.items()}
+
+
+def summarize_seeds(per_seed: list[dict[str, Any]], blocks: list[list[float]] | None = None) -> dict[str, Any]:
+    """An arm over its seeds: {"metrics": means, <RUN_KEYS>: means, "intervals": {key: [low, high]},
+    "interval_method": how}. `per_seed` are the run rows (each with its "metrics"); `blocks` the per-block sums of
+    the one seed when there is one."""
+    n = len(per_seed)
+    metric_keys = sorted({k for r in per_seed for k, v in r["metrics"].items() if isinstance(v, int | float)})
+    out: dict[str, Any] = {"metrics": {}, "intervals": {}}
+    series: dict[str, list[float]] = {}
+    for key in metric_keys:
+        vals = [float(r["metrics"][key]) for r in per_seed if isinstance(r["metrics"].get(key), int | float)]
+        vals = [v for v in vals if math.isfinite(v)]
+        if vals:
+            series[key] = vals
+            out["metrics"][key] = sum(vals) / len(vals)
+    for key in RUN_KEYS:
+        vals = [float(r[key]) for r in per_seed if isinstance(r.get(key), int | float)]
+        if vals:
+            series[key] = vals
+            out[key] = sum(vals) / len(vals)
+    if n >= 2:
+        out["interval_method"] = f"t-interval over {n} seeds"
+        for key, vals in series.items():
+            if len(vals) >= 2:
+                _, lo, hi = t_interval(vals)
+                out["intervals"][key] = [lo, hi]
+    else:
+        boot = bootstrap_blocks(blocks or [])
+        out["interval_method"] = (f"one seed: bootstrap over {len(blocks or [])} held-out blocks" if boot
+                                  else "one seed: no interval")
+        out["intervals"] = {k: list(v) for k, v in boot.items() if k in out["metrics"]}
+    for key in EXACT_KEYS:
+        if key in series and len(set(series[key])) == 1:
+            out["intervals"][key] = [series[key][0], series[key][0]]
+    return out
+
+
+def interval(arm: dict[str, Any], key: str) -> tuple[float, float] | None:
+    """The arm's 95 % interval of a metric, None where it has none."""
+    iv = (arm.get("intervals") or {}).get(key)
+    return (float(iv[0]), float(iv[1])) if iv is not None else None
+
+
 @dataclass
 class Figure:
     name: str
@@ -71,24 +163,63 @@ def scored_arms(results: dict[str, Any]) -> list[dict[str, Any]]:
     return [a for a in results["arms"] if a["status"] == "ok" and a.get("metrics")]
 
 
-def winners(results: dict[str, Any]) -> dict[str, list[str]]:
-    """Best arm(s) per metric (ties share the win); metrics no arm has are left out. The teacher never competes."""
-    out: dict[str, list[str]] = {}
+def verdicts(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per ranked metric: {"verdict": "winner" | "tie" | "no interval", "best": the arm with the best mean, "arms":
+    the winner, or the arms whose intervals overlap the best one's (all arms when one lacks an interval)}.
+
+    A winner is named only when its 95 % interval clears every other arm's (strictly above or below it); a single
+    scored arm has no rival to clear. Metrics no arm has are left out. The teacher never competes.
+    """
+    out: dict[str, dict[str, Any]] = {}
     arms = scored_arms(results)
     for key, _, better, _ in METRICS:
         if not better:
             continue
-        vals = [(a["name"], v) for a in arms if (v := value(a, key)) is not None]
+        vals = [(a, v) for a in arms if (v := value(a, key)) is not None]
         if not vals:
             continue
-        best = min(v for _, v in vals) if better == "min" else max(v for _, v in vals)
-        tol = 1e-12 + 1e-9 * abs(best)
-        out[key] = [n for n, v in vals if abs(v - best) <= tol]
+        best, _ = (min if better == "min" else max)(vals, key=lambda av: av[1])
+        others = [a for a, _ in vals if a is not best]
+        b_iv = interval(best, key)
+        if others and (b_iv is None or any(interval(a, key) is None for a in others)):
+            out[key] = {"verdict": "no interval", "best": best["name"], "arms": [a["name"] for a, _ in vals]}
+            continue
+
+        overlap = [a["name"] for a in others if not _clears(b_iv, interval(a, key), better)]
+        out[key] = ({"verdict": "winner", "best": best["name"], "arms": [best["name"]]} if not overlap else
+                    {"verdict": "tie", "best": best["name"], "arms": [best["name"], *overlap]})
     return out
+
+
+def _clears(best: tuple[float, float] | None, other: tuple[float, float] | None, better: str) -> bool:
+    """Whether the best arm's interval lies strictly on the better side of the other's."""
+    if best is None or other is None:
+        return False
+    return best[1] < other[0] if better == "min" else best[0] > other[1]
+
+
+def winners(results: dict[str, Any]) -> dict[str, list[str]]:
+    """The arm per metric whose 95 % interval clears every other arm's; metrics with a tie (or no intervals) are
+    left out."""
+    return {k: v["arms"] for k, v in verdicts(results).items() if v["verdict"] == "winner"}
 
 
 def _fmt(v: float | None, fmt: Format) -> str:
     return "—" if v is None else fmt(v)
+
+
+def _fmt_iv(arm: dict[str, Any], key: str, fmt: Format) -> str:
+    """Mean and 95 % interval: "1.23 [1.20, 1.26]"; the mean alone where there is no interval or it is exact."""
+    v, iv = value(arm, key), interval(arm, key)
+    if v is None or iv is None or iv[0] == iv[1]:
+        return _fmt(v, fmt)
+    return f"{fmt(v)} [{fmt(iv[0])}, {fmt(iv[1])}]"
+
+
+def interval_note(results: dict[str, Any]) -> str:
+    """How the intervals of the table were made."""
+    methods = sorted({str(a["interval_method"]) for a in scored_arms(results) if a.get("interval_method")})
+    return "; ".join(methods) or "no interval"
 
 
 def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]], list[list[bool]]]:
@@ -99,7 +230,7 @@ def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]], lis
     for arm in results["arms"]:
         if arm["status"] != "ok":
             continue
-        rows.append([arm["name"], arm["label"]] + [_fmt(value(arm, k), f) for k, _, _, f in METRICS])
+        rows.append([arm["name"], arm["label"]] + [_fmt_iv(arm, k, f) for k, _, _, f in METRICS])
         flags.append([False, False] + [arm["name"] in win.get(k, []) for k, _, _, _ in METRICS])
     t = results.get("teacher_metrics")
     if t:
@@ -182,6 +313,10 @@ def make_figures(results: dict[str, Any], fig_dir: Path) -> list[Figure]:
             else:
                 missing.setdefault(title, []).append(a["name"])
             if final is not None and a.get("steps"):
+                iv = interval(a, key.removeprefix("eval/")) if key != "loss" else None
+                if iv is not None:
+                    ax.errorbar([a["steps"]], [final], yerr=[[final - iv[0]], [iv[1] - final]], fmt="none",
+                                ecolor=colors[a["name"]], capsize=3, zorder=3)
                 ax.scatter([a["steps"]], [final], marker="*", s=90, color=colors[a["name"]], zorder=4,
                            edgecolors="black", linewidths=0.5)
         ax.set_title(title, fontsize=10)
@@ -210,7 +345,8 @@ def make_figures(results: dict[str, Any], fig_dir: Path) -> list[Figure]:
         "learning_curves", "Learning curves",
         "Per arm, against optimizer steps: the training loss (each arm's own objective, so levels differ by method), "
         "and the held-out KL to the teacher and perplexity logged every train.eval_every steps. Stars: the final "
-        "scoring of every student against the frozen teacher on the same blocks."
+        "scoring of every student against the frozen teacher on the same blocks (with several seeds: the curves "
+        "of the first seed, the stars the mean over seeds), with its 95 % interval."
         + (f" Dashed KL curves are logged against another reference ({'; '.join(refs)})." if refs else "")
         + (f" Dashed held-out curves of some arms are logged on their own held-out data, not the shared blocks "
            f"({'; '.join(own_data)}); their stars are on the shared blocks." if own_data else "")
@@ -224,6 +360,10 @@ def make_figures(results: dict[str, Any], fig_dir: Path) -> list[Figure]:
             x, y = value(a, "teacher_bytes_per_token"), value(a, key)
             if x is None or y is None:
                 continue
+            iv = interval(a, key)
+            if iv is not None:
+                ax.errorbar([x], [y], yerr=[[y - iv[0]], [iv[1] - y]], fmt="none", ecolor=colors[a["name"]],
+                            capsize=3, zorder=2)
             ax.scatter([x], [y], s=60, color=colors[a["name"]], zorder=3)
             ax.annotate(a["name"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
         ax.set_xscale("symlog", linthresh=1.0)
@@ -241,7 +381,8 @@ def make_figures(results: dict[str, Any], fig_dir: Path) -> list[Figure]:
     plt.close(fig)
     figures.append(Figure("storage_vs_quality", "Storage vs quality",
                           "Each trained arm at its teacher bytes per token (0 for CE, V x 4 for a dense online "
-                          "teacher) against its final held-out KL to the teacher and perplexity.", path))
+                          "teacher) against its final held-out KL to the teacher and perplexity; bars: 95 % "
+                          "intervals.", path))
 
     # 3. final metrics
     keys = [("perplexity", "perplexity ↓"), ("kl_to_teacher", "KL to teacher ↓"), ("agreement", "agreement ↑"),
@@ -250,7 +391,11 @@ def make_figures(results: dict[str, Any], fig_dir: Path) -> list[Figure]:
     names = [a["name"] for a in arms]
     for ax, (key, label) in zip(axes, keys, strict=True):
         vals = [value(a, key) for a in arms]
-        ax.bar(range(len(arms)), [v if v is not None else 0 for v in vals], color=[colors[n] for n in names])
+        ivs = [interval(a, key) if v is not None else None for a, v in zip(arms, vals, strict=True)]
+        err = [[(v - iv[0]) if v is not None and iv else 0.0 for v, iv in zip(vals, ivs, strict=True)],
+               [(iv[1] - v) if v is not None and iv else 0.0 for v, iv in zip(vals, ivs, strict=True)]]
+        ax.bar(range(len(arms)), [v if v is not None else 0 for v in vals], color=[colors[n] for n in names],
+               yerr=err if any(ivs) else None, capsize=4, ecolor="black")
         ax.set_xticks(range(len(arms)), names, rotation=35, ha="right", fontsize=8)
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3, axis="y")
@@ -259,7 +404,8 @@ def make_figures(results: dict[str, Any], fig_dir: Path) -> list[Figure]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     figures.append(Figure("final_metrics", "Final held-out metrics",
-                          "The students after the same number of steps, scored on the same held-out blocks.", path))
+                          "The students after the same number of steps, scored on the same held-out blocks: the "
+                          f"mean and its 95 % interval ({interval_note(results)}).", path))
     return figures
 
 
@@ -272,13 +418,23 @@ def _terms_lines(results: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _winner_lines(results: dict[str, Any]) -> list[tuple[str, str]]:
-    win = winners(results)
+    ver = verdicts(results)
+    by = {a["name"]: a for a in scored_arms(results)}
     out = []
     for key, header, better, fmt in METRICS:
-        if key in win:
-            arm = next(a for a in scored_arms(results) if a["name"] == win[key][0])
-            out.append((header, f"{', '.join(win[key])} ({_fmt(value(arm, key), fmt)}, "
-                                f"{'lower' if better == 'min' else 'higher'} is better)"))
+        if key not in ver:
+            continue
+        v, direction = ver[key], "lower" if better == "min" else "higher"
+        best = f"{v['best']} {_fmt_iv(by[v['best']], key, fmt)}"
+        if v["verdict"] == "winner":
+            text = f"{v['best']} ({_fmt_iv(by[v['best']], key, fmt)}, {direction} is better; its 95 % interval " \
+                   "clears every other arm's)"
+        elif v["verdict"] == "tie":
+            text = f"tie: {', '.join(v['arms'])} (their 95 % intervals overlap; best mean {best}, {direction} is better)"
+        else:
+            text = (f"tie: {'one seed: no interval' if len(results.get('seeds') or [0]) < 2 else 'no interval'}, "
+                    f"no winner named (best mean {best}, {direction} is better)")
+        out.append((header, text))
     return out
 
 
@@ -319,7 +475,8 @@ def render_markdown(results: dict[str, Any], figures: list[Figure], fig_rel: str
     header, rows, flags = table_rows(results)
     out = [f"# {results['title']}", "",
            f"{results.get('created', '')} on {results.get('device', 'cpu')}; total {results.get('total_wall_s', '?')} s. "
-           "Bold: the best arm on that metric.", "", "## Equal terms", ""]
+           f"Cells: mean [95 % interval] ({interval_note(results)}). Bold: the arm whose interval clears every other "
+           "arm's on that metric.", "", "## Equal terms", ""]
     out += [f"- **{k}**: {v}" for k, v in _terms_lines(results)]
     out += ["", "## Results", "", _md_table(header, rows, flags), ""]
     if results.get("eval_blocks"):
@@ -400,7 +557,9 @@ def render_html(results: dict[str, Any], figures: list[Figure]) -> str:
     header, rows, flags = table_rows(results)
     body = [f"<h1>{e(results['title'])}</h1>",
             f"<p>{e(str(results.get('created', '')))} on {e(str(results.get('device', 'cpu')))}; total "
-            f"{e(str(results.get('total_wall_s', '?')))} s. Highlighted: the best arm on that metric.</p>",
+            f"{e(str(results.get('total_wall_s', '?')))} s. Cells: mean [95 % interval] "
+            f"({e(interval_note(results))}). Highlighted: the arm whose interval clears every other arm's on that "
+            "metric.</p>",
             "<h2>Equal terms</h2><ul>"]
     body += [f"<li><b>{e(k)}</b>: {e(v)}</li>" for k, v in _terms_lines(results)]
     body += ["</ul>", "<h2>Results</h2>",
@@ -446,7 +605,8 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = make_figures(results, out / "figures") if scored_arms(results) else []
-    results = {**results, "winners": winners(results), "kd_gain_kept": kd_gain_kept(results)}
+    results = {**results, "winners": winners(results), "verdicts": verdicts(results),
+               "kd_gain_kept": kd_gain_kept(results)}
     paths = {"markdown": out / "report.md", "html": out / "report.html", "results": out / "results.json"}
     write_text(paths["markdown"], render_markdown(results, figures), "comparison report")
     write_text(paths["html"], render_html(results, figures), "comparison report")

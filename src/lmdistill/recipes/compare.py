@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lmdistill.config import CompareConfig
-from lmdistill.errors import ConfigError, LmdistillError
+from lmdistill.errors import ConfigError, Interrupted, LmdistillError
 from lmdistill.recipes.arms import (
     ARM_KINDS,
     ArmContext,
@@ -54,6 +54,7 @@ class ArmResult:
     reason: str | None = None
     outcome: ArmOutcome | None = None
     monitor: ResourceMonitor | None = None
+    seed: int = 0
 
     @property
     def summary(self) -> dict[str, Any]:
@@ -92,44 +93,71 @@ def check_arms(cfg: CompareConfig) -> None:
         check_equal_terms(spec)
 
 
+def with_seed(cfg: CompareConfig, seed: int) -> CompareConfig:
+    """The comparison with train.seed = `seed` (model init, data order and sampling of every arm)."""
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed})})
+
+
 def run_arms(cfg: CompareConfig, echo: Callable[[str], None] | None = None) -> list[ArmResult]:
-    """Train every arm in order; skipped and failed arms are recorded with their reason."""
+    """Train every arm once per seed, in order; skipped and failed arms are recorded with their reason.
+
+    Returns one result per (arm, seed) run, arm by arm; an arm that is skipped or fails at one seed is not run at the
+    later ones (its last result carries the reason).
+    """
     echo = echo or _echo
     out_root = Path(cfg.train.output_dir)
     results: list[ArmResult] = []
     check_arms(cfg)
+    seeds = cfg.run_seeds
     for i, spec in enumerate(cfg.arms, 1):
         kind = ARM_KINDS[spec.kind]
         head = f"[{i}/{len(cfg.arms)}] {spec.name} ({kind.label})"
         reason = kind.unavailable()
         if reason:
             echo(f"{head}: SKIPPED: {reason}")
-            results.append(ArmResult(spec.name, spec.kind, kind.label, "skipped", reason))
+            results.append(ArmResult(spec.name, spec.kind, kind.label, "skipped", reason, seed=seeds[0]))
             continue
-        echo(f"{head} ...")
-        monitor = ResourceMonitor()
-        ctx = ArmContext(cfg=cfg, spec=spec, out_dir=out_root / "arms" / spec.name, monitor=monitor)
-        # A leftover cache or completions file would be resumed and make this arm's preparation look free.
-        shutil.rmtree(ctx.out_dir, ignore_errors=True)
-        try:
-            outcome = kind.run(ctx)
-        except SkipArm as e:
-            echo(f"{head}: SKIPPED: {e}")
-            results.append(ArmResult(spec.name, spec.kind, kind.label, "skipped", str(e)))
-            continue
-        except Exception as e:  # noqa: BLE001  (one arm's failure is reported, the others still run)
-            if cfg.fail_fast:
+        for seed in seeds:
+            shead = head + (f" seed {seed}" if len(seeds) > 1 else "")
+            echo(f"{shead} ...")
+            monitor = ResourceMonitor()
+            ctx = ArmContext(cfg=with_seed(cfg, seed), spec=spec, out_dir=out_root / "arms" / spec.name / f"seed-{seed}",
+                             monitor=monitor)
+            # A leftover cache or completions file would be resumed and make this arm's preparation look free.
+            shutil.rmtree(ctx.out_dir, ignore_errors=True)
+            try:
+                outcome = kind.run(ctx)
+            except Interrupted:  # a deliberate stop ends the comparison, it is not one arm's failure
                 raise
-            ctx.out_dir.mkdir(parents=True, exist_ok=True)
-            (ctx.out_dir / "error.txt").write_text(traceback.format_exc())
-            msg = f"{type(e).__name__}: {e}" if not isinstance(e, LmdistillError) else str(e)
-            echo(f"{head}: FAILED: {msg} (traceback in {ctx.out_dir / 'error.txt'})")
-            results.append(ArmResult(spec.name, spec.kind, kind.label, "failed", msg))
-            continue
-        result = ArmResult(spec.name, spec.kind, kind.label, "ok", None, outcome, monitor)
-        echo(f"{head}: done in {monitor.total_seconds:.1f} s")
-        results.append(result)
+            except SkipArm as e:
+                echo(f"{shead}: SKIPPED: {e}")
+                results.append(ArmResult(spec.name, spec.kind, kind.label, "skipped", str(e), seed=seed))
+                break
+            except Exception as e:  # noqa: BLE001  (one arm's failure is reported, the others still run)
+                if cfg.fail_fast:
+                    raise
+                where = f"traceback in {ctx.out_dir / 'error.txt'}"
+                try:
+                    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+                    (ctx.out_dir / "error.txt").write_text(traceback.format_exc())
+                except OSError as write_error:  # a full disk must not turn one arm's failure into a traceback
+                    where = f"its traceback could not be written: {write_error}"
+                msg = f"{type(e).__name__}: {e}" if not isinstance(e, LmdistillError) else str(e)
+                echo(f"{shead}: FAILED: {msg} ({where})")
+                results.append(ArmResult(spec.name, spec.kind, kind.label, "failed", msg, seed=seed))
+                break
+            result = ArmResult(spec.name, spec.kind, kind.label, "ok", None, outcome, monitor, seed=seed)
+            echo(f"{shead}: done in {monitor.total_seconds:.1f} s")
+            results.append(result)
     return results
+
+
+def group_runs(runs: list[ArmResult]) -> dict[str, list[ArmResult]]:
+    """{arm name: its runs in seed order}; an arm counts as ok only when every one of its runs is."""
+    out: dict[str, list[ArmResult]] = {}
+    for r in runs:
+        out.setdefault(r.name, []).append(r)
+    return out
 
 
 def held_out(cfg: CompareConfig) -> tuple[Any, Any]:
@@ -171,7 +199,6 @@ def score(cfg: CompareConfig, arms: list[ArmResult], tok: Any, held: Any,
         resolve_device,
         side_by_side,
     )
-    from lmdistill.losses.chunked_ce import chunked_token_logprobs
     from lmdistill.models import load_causal_lm, load_teacher
     from lmdistill.rollout import eos_ids_of, onpolicy_metrics
     from lmdistill.teachers import HFTeacher
@@ -179,68 +206,141 @@ def score(cfg: CompareConfig, arms: list[ArmResult], tok: Any, held: Any,
     echo = echo or _echo
     device = resolve_device("auto")
     teacher = load_teacher(cfg.teacher).to(device)
-    students = {a.name: load_causal_lm(a.summary["student_dir"]).to(device).eval()
-                for a in arms if a.status == "ok"}
+    groups = {n: rs for n, rs in group_runs(arms).items() if all(r.status == "ok" for r in rs)}
+    seeds = cfg.run_seeds
     n_blocks = min(len(held), cfg.train.micro_batch_size * cfg.train.eval_batches)
-    echo(f"scoring {len(students)} students and the teacher on {n_blocks} held-out blocks of {cfg.data.block_size} "
-         "tokens ...")
-    metrics = evaluate_models(students, held, n_vocab=len(tok), teacher=teacher,
-                              batch_size=cfg.train.micro_batch_size, max_batches=cfg.train.eval_batches,
-                              device=device)
+    per_seed = f" x {len(seeds)} seeds" if len(seeds) > 1 else ""
+    echo(f"scoring {len(groups)} students{per_seed} and the teacher on {n_blocks} held-out blocks of "
+         f"{cfg.data.block_size} tokens ...")
+    metrics: dict[str, dict[int, dict[str, float]]] = {n: {} for n in groups}
+    block_sums: dict[str, dict[int, list[list[float]]]] = {n: {} for n in groups}
+    teacher_metrics: dict[str, float] | None = None
     opts = cfg.generation
+    questions, scorer = None, None
     if opts.onpolicy_prompts:
         questions = build_splits(question_data(cfg), tok).eval
-        echo(f"on-policy scoring: {len(students)} students answer {len(questions)} held-out questions themselves ...")
         scorer = HFTeacher(teacher, len(tok))
-
-        def teacher_logprobs(batch: dict[str, Any]) -> Any:
-            t = scorer.targets(batch)
-            return chunked_token_logprobs(t.hidden, t.head, batch["labels"])
-
-        rollout = RolloutConfig(max_new_tokens=opts.max_new_tokens)
-        for name, student in students.items():
-            metrics[name].update(onpolicy_metrics(student, questions, teacher_logprobs, n_vocab=len(tok), cfg=rollout,
-                                                  seed=opts.seed, pad_id=tok.pad_token_id,
-                                                  eos_ids=eos_ids_of(teacher, tok), max_prompts=opts.onpolicy_prompts))
-    prompts = (prompts_from_text(opts.prompts, tok, cfg.data.stage == "chat") if opts.prompts
-               else prompts_from_blocks(held, opts.n_prompts, opts.prompt_tokens))
     generations: list[dict[str, Any]] = []
-    if prompts:
-        echo(f"generating for {len(prompts)} prompts (greedy + sampled) with the teacher and {len(students)} students")
-        generations = side_by_side({"teacher": teacher, **students}, tok, prompts, opts)
-    return {"metrics": metrics, "generations": generations, "device": str(device), "eval_blocks": n_blocks,
+    for seed in seeds:
+        runs = {n: r for n, rs in groups.items() for r in rs if r.seed == seed}
+        if not runs:
+            continue
+        students = {n: load_causal_lm(r.summary["student_dir"]).to(device).eval() for n, r in runs.items()}
+        sums: dict[str, list[list[float]]] = {}
+        scored = evaluate_models(students, held, n_vocab=len(tok), teacher=teacher,
+                                 batch_size=cfg.train.micro_batch_size, max_batches=cfg.train.eval_batches,
+                                 device=device, block_sums=sums)
+        teacher_metrics = teacher_metrics or scored.get("teacher")
+        for name in students:
+            metrics[name][seed] = scored[name]
+            block_sums[name][seed] = sums.get(name, [])
+        if questions is not None and scorer is not None:
+            echo(f"on-policy scoring: {len(students)} students answer {len(questions)} held-out questions themselves"
+                 + (f" (seed {seed})" if per_seed else "") + " ...")
+            teacher_logprobs = _teacher_logprobs(scorer)
+            rollout = RolloutConfig(max_new_tokens=opts.max_new_tokens)
+            for name, student in students.items():
+                metrics[name][seed].update(onpolicy_metrics(
+                    student, questions, teacher_logprobs, n_vocab=len(tok), cfg=rollout, seed=opts.seed,
+                    pad_id=tok.pad_token_id, eos_ids=eos_ids_of(teacher, tok), max_prompts=opts.onpolicy_prompts))
+        if seed == seeds[0]:
+            # the side-by-side generations are of the first seed's students
+            prompts = (prompts_from_text(opts.prompts, tok, cfg.data.stage == "chat") if opts.prompts
+                       else prompts_from_blocks(held, opts.n_prompts, opts.prompt_tokens))
+            if prompts:
+                echo(f"generating for {len(prompts)} prompts (greedy + sampled) with the teacher and {len(students)} "
+                     "students")
+                generations = side_by_side({"teacher": teacher, **students}, tok, prompts, opts)
+        del students
+    return {"metrics": metrics, "block_sums": block_sums, "teacher": teacher_metrics, "generations": generations,
+            "device": str(device), "eval_blocks": n_blocks,
             "generation_tokens_per_s": generation_tokens_per_s(generations)}
 
 
+def _teacher_logprobs(scorer: Any) -> Callable[[dict[str, Any]], Any]:
+    from lmdistill.losses.chunked_ce import chunked_token_logprobs
+
+    def teacher_logprobs(batch: dict[str, Any]) -> Any:
+        t = scorer.targets(batch)
+        return chunked_token_logprobs(t.hidden, t.head, batch["labels"])
+
+    return teacher_logprobs
+
+
+def arm_row(runs: list[ArmResult], scored: dict[str, Any]) -> dict[str, Any]:
+    """One arm's row of results.json: its runs' mean per metric, a 95 % interval and the run of every seed."""
+    from lmdistill.report import summarize_seeds
+
+    bad = next((r for r in runs if r.status != "ok"), None)
+    if bad is not None:
+        return {**bad.row(), "seed": bad.seed}
+    name = runs[0].name
+    per = []
+    for r in runs:
+        row = {**r.row(), "seed": r.seed}
+        if r.seed in scored["metrics"].get(name, {}):
+            row["metrics"] = scored["metrics"][name][r.seed]
+        per.append(row)
+    out = dict(per[0])
+    if not all("metrics" in p for p in per):
+        return out
+    blocks = scored.get("block_sums", {}).get(name, {}).get(runs[0].seed) if len(runs) == 1 else None
+    out.update(summarize_seeds(per, blocks))
+    out["seeds"] = per
+    out["generation_tokens_per_s"] = scored.get("generation_tokens_per_s", {}).get(name)
+    return out
+
+
+def check_output_dir(cfg: CompareConfig) -> None:
+    """Refuse an output directory that cannot be created before any arm trains (not after the first one, when a failed
+    arm's error.txt cannot be written either)."""
+    from lmdistill.errors import write_failure
+
+    out = Path(cfg.train.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_failure("comparison output directory", out, e) from None
+
+
+def check_model_pair(cfg: CompareConfig, teacher_tokenizer: Any) -> None:
+    """A pretrained student must share the teacher's tokenizer: every arm is scored against the teacher token by
+    token, so a mismatched pair would train each arm and then fail it. Refused once, before the first arm."""
+    from lmdistill.models import load_tokenizer, shared_vocab_size
+
+    if cfg.student.init != "pretrained" or not cfg.student.name_or_path:
+        return  # prune and config students take the teacher's tokenizer
+    student_tokenizer = load_tokenizer(cfg.student.name_or_path, trust_remote_code=cfg.student.trust_remote_code)
+    shared_vocab_size(teacher_tokenizer, student_tokenizer)
+
+
 def run_compare(cfg: CompareConfig, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Train every arm, score them all, write the report; returns results (also in report/results.json)."""
+    """Train every arm (once per seed), score them all, write the report; returns results (also in
+    report/results.json)."""
     from lmdistill.report import write_report
 
     echo = echo or _echo
     t0 = time.perf_counter()
     check_arms(cfg)
+    check_output_dir(cfg)
     echo(f"preparing the held-out data ({cfg.data.source}) ...")
     tok, held = held_out(cfg)
-    arms = run_arms(cfg, echo)
-    if any(a.status == "ok" for a in arms):
-        scored = score(cfg, arms, tok, held, echo)
+    check_model_pair(cfg, tok)
+    runs = run_arms(cfg, echo)
+    if any(r.status == "ok" for r in runs):
+        scored = score(cfg, runs, tok, held, echo)
     else:
         scored = {"metrics": {}, "generations": []}
-    rows = []
-    for a in arms:
-        row = a.row()
-        if a.name in scored["metrics"]:
-            row["metrics"] = scored["metrics"][a.name]
-            row["generation_tokens_per_s"] = scored.get("generation_tokens_per_s", {}).get(a.name)
-        rows.append(row)
+    rows = [arm_row(rs, scored) for rs in group_runs(runs).values()]
     results: dict[str, Any] = {
         "title": cfg.title,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "device": scored.get("device", "cpu"),
         "teacher": cfg.teacher.name_or_path,
         "equal_terms": _equal_terms(cfg),
+        "seeds": cfg.run_seeds,
         "eval_blocks": scored.get("eval_blocks", 0),
-        "teacher_metrics": scored["metrics"].get("teacher"),
+        "teacher_metrics": scored.get("teacher"),
         "arms": rows,
         "generations": scored["generations"],
         "config": cfg.model_dump(mode="json"),
@@ -253,7 +353,10 @@ def run_compare(cfg: CompareConfig, echo: Callable[[str], None] | None = None) -
 
 def _equal_terms(cfg: CompareConfig) -> dict[str, Any]:
     s = cfg.student
-    student = {"prune": f"pruned from the teacher, layers {s.keep_layers}",
+    pruned = (f"pruned from the teacher, layers {s.keep_layers}" if s.prune.method == "keep_layers" else
+              f"pruned from the teacher, its {len(s.keep_layers)} most influential layers (1 - cos(input, output) on "
+              f"{s.prune.calibration_source})")
+    student = {"prune": pruned,
                "config": f"random init from {json.dumps(s.arch)}",
                "pretrained": f"checkpoint {s.name_or_path}"}[s.init]
     return {
@@ -262,7 +365,7 @@ def _equal_terms(cfg: CompareConfig) -> dict[str, Any]:
         "data": f"{cfg.data.source} ({cfg.data.stage}), blocks of {cfg.data.block_size} tokens",
         "steps": cfg.train.max_steps,
         "batch": f"{cfg.train.micro_batch_size} x {cfg.train.grad_accum} accumulation",
-        "seed": cfg.train.seed,
+        "seeds": ", ".join(str(x) for x in cfg.run_seeds),
         "divergence": f"{cfg.loss.kind} (T={cfg.loss.temperature}, alpha={cfg.loss.alpha})",
     }
 
@@ -289,4 +392,4 @@ def raise_if_failed(results: dict[str, Any], output_dir: str | Path) -> None:
     failed = [a["name"] for a in results["arms"] if a["status"] == "failed"]
     if failed:
         raise ArmsFailed(f"{len(failed)} arm(s) failed: {', '.join(failed)}; the report and "
-                         f"{Path(output_dir) / 'arms'}/<name>/error.txt have the details")
+                         f"{Path(output_dir) / 'arms'}/<name>/seed-<seed>/error.txt have the details")

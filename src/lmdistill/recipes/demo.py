@@ -7,7 +7,7 @@ Student: layers pruned from the teacher. Every arm gets the same data, student, 
     lmdistill demo --quick    1-2 minutes: three arms, a 2-layer student, a few steps (the CI smoke test)
 
 On a GPU the same command uses it (accelerate picks the device); make it larger with --steps, --block-size,
---batch-size, --keep-layers, --train-documents. `--print-config` shows the compare config it builds, which
+--batch-size, --keep-layers, --train-documents; --seeds 0,1,2 runs every arm once per seed (intervals over seeds). `--print-config` shows the compare config it builds, which
 `lmdistill compare --config FILE` runs as is (configs/demo.yaml and configs/demo-quick.yaml are those files).
 """
 
@@ -61,8 +61,10 @@ QUICK = DemoSize(
 )
 
 
-def demo_config(quick: bool = False, output_dir: str | None = None, **changes: Any) -> CompareConfig:
-    """The compare config of `lmdistill demo` (or `--quick`), with DemoSize fields in `changes` replaced."""
+def demo_config(quick: bool = False, output_dir: str | None = None, seeds: tuple[int, ...] | None = None,
+                **changes: Any) -> CompareConfig:
+    """The compare config of `lmdistill demo` (or `--quick`), with DemoSize fields in `changes` replaced; `seeds`
+    (default: one) runs every arm once per seed, for intervals over seeds."""
     size = replace(QUICK if quick else FULL, **{k: v for k, v in changes.items() if v is not None})
     unknown = [a for a in size.arms if a not in ARM_KINDS]
     if unknown:
@@ -90,6 +92,7 @@ def demo_config(quick: bool = False, output_dir: str | None = None, **changes: A
         "generation": {"n_prompts": size.prompts, "prompt_tokens": min(12, size.block_size // 2),
                        "max_new_tokens": size.new_tokens, "onpolicy_prompts": size.onpolicy_prompts},
         "arms": arms,
+        **({"seeds": list(seeds)} if seeds else {}),
     })
 
 
@@ -117,13 +120,15 @@ def _names(text: str | None) -> tuple[str, ...] | None:
 @click.option("--output-dir", help="Where runs and the report go (default runs/demo or runs/demo-quick).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
               help="Autocast precision (bf16/fp16 on a GPU).")
+@click.option("--seeds", help="Comma-separated seeds, e.g. 0,1,2: every arm runs once per seed and the report gives "
+              "t-intervals over them (default: one seed, intervals by bootstrap over the held-out blocks).")
 @click.option("--print-config", is_flag=True, help="Print the compare config the demo would run, and exit.")
 def demo_command(quick: bool, steps: int | None, block_size: int | None, batch_size: int | None,
                  keep_layers: str | None, train_documents: int | None, arms: str | None, output_dir: str | None,
-                 precision: str, print_config: bool) -> None:
+                 precision: str, seeds: str | None, print_config: bool) -> None:
     """Compare the distillation methods on the embedded default (SmolLM2-135M-Instruct, Wikipedia), then print the
     table and the path to report.html."""
-    cfg = demo_config(quick, output_dir, steps=steps, block_size=block_size, batch_size=batch_size,
+    cfg = demo_config(quick, output_dir, _ints(seeds) or None, steps=steps, block_size=block_size, batch_size=batch_size,
                       keep_layers=_ints(keep_layers), train_documents=train_documents, arms=_names(arms))
     cfg.train.precision = precision  # type: ignore[assignment]
     if print_config:
@@ -142,7 +147,8 @@ def run_demo(cfg: CompareConfig) -> dict[str, Any]:
     from lmdistill.recipes.compare import compare_command
 
     device = f"GPU ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "CPU"
-    click.echo(f"lmdistill demo on {device}: {len(cfg.arms)} arms x {cfg.train.max_steps} steps of "
+    n_seeds = f" x {len(cfg.run_seeds)} seeds" if len(cfg.run_seeds) > 1 else ""
+    click.echo(f"lmdistill demo on {device}: {len(cfg.arms)} arms{n_seeds} x {cfg.train.max_steps} steps of "
                f"{cfg.train.micro_batch_size} x {cfg.data.block_size} tokens; student = teacher layers "
                f"{cfg.student.keep_layers}; output in {cfg.train.output_dir}/")
     t0 = time.perf_counter()
