@@ -426,9 +426,40 @@ def hard_nan_teacher(c: Ctx):
     return ["hard", "--mode", "token", *args[1:]], ["training step 1", "NaN/inf hidden states"]
 
 
+def label_missing_dataset(c: Ctx):
+    return label_argv(c.teacher_dir, c.tmp / "none.jsonl", c.tmp / "newcache"), ["none.jsonl", "not found"]
+
+
+def label_empty_dataset(c: Ctx):
+    return label_argv(c.teacher_dir, c.write("empty.jsonl", ""), c.tmp / "newcache"), ["empty.jsonl", "is empty"]
+
+
+def label_missing_teacher(c: Ctx):
+    return label_argv(c.tmp / "no-teacher", c.text_file, c.tmp / "newcache"), ["could not load", "no-teacher",
+                                                                               "does not exist"]
+
+
+def label_block_longer_than_teacher(c: Ctx):
+    return label_argv(c.teacher_dir, c.text_file, c.tmp / "newcache", **{"data.block_size": "100000"}), [
+        "data.block_size=100000", "longer than the model's context"]
+
+
+def label_unwritable_output(c: Ctx):
+    blocker = c.write("a-file", "not a directory")  # as root, permissions would not stop the write; a file does
+    return label_argv(c.teacher_dir, c.text_file, blocker / "cache"), ["a-file"]
+
+
+def label_draws_out_of_range(c: Ctx):
+    return label_argv(c.teacher_dir, c.text_file, c.tmp / "newcache", **{"cache.encoding": "sampled",
+                                                                         "cache.draws": "0"}), [
+        "cache.draws", "greater than or equal to 1"]
+
+
 CACHE_CASES = {
     f.__name__: f
-    for f in (label_k_larger_than_vocab, label_into_cache_of_another_teacher, label_nan_teacher,
+    for f in (label_missing_dataset, label_empty_dataset, label_missing_teacher, label_block_longer_than_teacher,
+              label_unwritable_output, label_draws_out_of_range,
+              label_k_larger_than_vocab, label_into_cache_of_another_teacher, label_nan_teacher,
               cache_of_another_tokenizer, cache_of_other_data, cache_shard_truncated, cache_shard_corrupt,
               cache_unfinished, hard_nan_teacher)
 }
