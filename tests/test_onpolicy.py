@@ -103,6 +103,138 @@ def test_policy_gradient_is_the_advantage_weighted_score_function():
     assert out.parts["reverse_kl"].item() == pytest.approx(-float(rewards.sum()))
 
 
+def test_clipped_policy_gradient_by_hand_and_reuse_one_is_reinforce():
+    """PPO's clipped surrogate against the sampling policy: value and gradient inside and outside the clip, for a
+    positive and a negative advantage; without stored sampling log-probs (reuse 1) it is exactly REINFORCE."""
+    from lmdistill.losses import reverse_kl_policy_gradient
+
+    labels = torch.tensor([[IGNORE, 3, 4, 5, 6, 7]])
+    sample = torch.tensor([[0.0, -1.0, -1.0, -1.0, -1.0, -1.0]])
+    advantage = torch.tensor([0.0, 0.5, 0.5, -0.5, -0.5, 0.5])
+    teacher = sample + advantage  # r = log p_T - log p_sample
+    shift = torch.tensor([0.0, 0.1, 0.3, -0.3, 0.3, -0.3])
+    logp = (sample + shift).requires_grad_()
+    out = reverse_kl_policy_gradient(logp, teacher, labels, sample_logprobs=sample, clip=0.2)
+    out.loss_sum.backward()
+    ratio = shift.exp()
+    # token 1: A > 0 inside the clip; 2: A > 0 above 1 + eps (clipped); 3: A < 0 below 1 - eps (clipped);
+    # 4: A < 0 above the clip and 5: A > 0 below it (the unclipped term is the smaller: not clipped)
+    surrogate = torch.tensor([0.0, ratio[1] * 0.5, 1.2 * 0.5, 0.8 * -0.5, ratio[4] * -0.5, ratio[5] * 0.5])
+    assert out.loss_sum.item() == pytest.approx(-float(surrogate.sum()), rel=1e-6)
+    grad = -ratio * advantage
+    grad[2] = grad[3] = 0.0
+    grad[0] = 0.0
+    torch.testing.assert_close(logp.grad[0], grad)
+    assert out.parts["reverse_kl"].item() == pytest.approx(-float(advantage.sum()))
+
+    # reuse 1: the ratio is 1, the loss and its gradient are bitwise the REINFORCE ones (ratio from logp.detach())
+    lp = torch.tensor([[0.0, -1.0, -2.0, -0.5, -0.1, -3.0]], requires_grad=True)
+    ref = lp.detach().clone().requires_grad_()
+    new = reverse_kl_policy_gradient(lp, teacher, labels, discount=0.5)
+    new.loss_sum.backward()
+    mask = labels != IGNORE
+    from lmdistill.losses.objective import discounted
+
+    a = discounted((teacher - ref.detach()) * mask, mask, 0.5)
+    old = -(torch.exp(ref - ref.detach()) * a * mask).sum()
+    old.backward()
+    assert torch.equal(new.loss_sum, old) and torch.equal(lp.grad, ref.grad)
+    assert torch.equal(lp.grad[mask], -a[mask])
+
+
+def test_reuse_must_divide_save_every(teacher_dir, student_dir, chat_file, tmp_path):
+    with pytest.raises(ConfigError, match=r"train.save_every \(3\) must be a multiple of rollout.reuse \(2\)"):
+        onpolicy_config(teacher_dir, student_dir, chat_file, tmp_path, **{"rollout.reuse": "2",
+                                                                          "train.save_every": "3"})
+    with pytest.raises(ConfigError, match="reuse"):
+        onpolicy_config(teacher_dir, student_dir, chat_file, tmp_path, **{"rollout.reuse": "0"})
+    assert onpolicy_config(teacher_dir, student_dir, chat_file, tmp_path,
+                           **{"rollout.reuse": "2", "train.save_every": "4"}).rollout.reuse == 2
+
+
+def test_reuse_trains_several_steps_on_one_rollout_with_a_clipped_ratio(teacher_dir, student_dir, chat_file, tmp_path,
+                                                                        monkeypatch):
+    import lmdistill.recipes.onpolicy as onpolicy
+    from lmdistill.losses import reverse_kl_policy_gradient
+
+    calls: list[dict] = []
+
+    def spy(logprobs, teacher_logprobs, labels, discount=0.0, sample_logprobs=None, clip=0.2):
+        calls.append({"logp": logprobs.detach().clone(), "teacher": teacher_logprobs, "labels": labels,
+                      "sample": sample_logprobs, "clip": clip})
+        return reverse_kl_policy_gradient(logprobs, teacher_logprobs, labels, discount, sample_logprobs, clip)
+
+    monkeypatch.setattr(onpolicy, "reverse_kl_policy_gradient", spy)
+    eps = 0.002
+    cfg = onpolicy_config(teacher_dir, student_dir, chat_file, tmp_path, signal="sampled_token",
+                          **{"rollout.reuse": "2", "rollout.clip": str(eps), "train.max_steps": "4",
+                             "train.lr": "1e-2", "data.eval_documents": "0"})
+    summary = run_onpolicy(cfg)
+    assert summary["rollouts"]["completions"] == 4 * 4 * 2 // 2  # two rollouts for four steps
+    assert len(calls) == 4
+    pushed_out = 0
+    for first, second in (calls[0:2], calls[2:4]):
+        assert first["sample"] is not None and first["sample"] is second["sample"]
+        assert torch.equal(first["labels"], second["labels"]) and torch.equal(first["teacher"], second["teacher"])
+        mask = first["labels"] != IGNORE
+        # the first step of a window trains with the weights that sampled: ratio 1
+        torch.testing.assert_close(first["logp"][mask], first["sample"][mask], rtol=0, atol=1e-5)
+        ratio = (second["logp"] - second["sample"]).exp()[mask]
+        assert float((ratio - 1).abs().max()) > 1e-3  # the second step's policy is no longer the sampling one
+        # where the ratio has left the clip in the direction of its advantage, the token gets no gradient
+        lp = second["logp"].clone().requires_grad_()
+        reverse_kl_policy_gradient(lp, second["teacher"], second["labels"], 0.0, second["sample"], eps) \
+            .loss_sum.backward()
+        advantage = (second["teacher"] - second["sample"])[mask]
+        out = ((advantage > 0) & (ratio > 1 + eps)) | ((advantage < 0) & (ratio < 1 - eps))
+        pushed_out += int(out.sum())
+        assert torch.equal(lp.grad[mask][out], torch.zeros(int(out.sum())))
+        torch.testing.assert_close(lp.grad[mask][~out], -(ratio * advantage)[~out])
+    assert pushed_out > 0
+    rows = [r for r in read_log(Path(summary["log"])) if "loss" in r]
+    assert len(rows) == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+
+
+def test_reuse_resumes_bitwise_at_a_window_boundary_and_samples_again_inside_one(teacher_dir, student_dir, chat_file,
+                                                                                  tmp_path, monkeypatch, caplog):
+    from safetensors.torch import load_file
+
+    from lmdistill.errors import Interrupted
+    from lmdistill.train.loop import Trainer
+
+    extra = {"train.max_steps": "4", "train.save_every": "2", "signal": "sampled_token", "rollout.reuse": "2",
+             "data.eval_documents": "0"}
+    full = run_onpolicy(onpolicy_config(teacher_dir, student_dir, chat_file, tmp_path / "full", **extra))
+    part = tmp_path / "part"
+    shutil.copytree(tmp_path / "full", part)
+    shutil.rmtree(part / "checkpoints" / "step-00000004")
+    shutil.rmtree(part / "student")
+    (part / "summary.json").unlink()
+    resumed = run_onpolicy(onpolicy_config(teacher_dir, student_dir, chat_file, part, **extra,
+                                           **{"train.resume": "true"}))
+    a = load_file(str(Path(full["student_dir"]) / "model.safetensors"))
+    b = load_file(str(Path(resumed["student_dir"]) / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["rollouts"]["completions"] == 4 * 2  # one window: one rollout of 4 prompts x 2
+
+    # a stop after step 3 checkpoints inside the window [2, 4): the resumed run samples step 3 again, and says so
+    asked = {"n": 0}
+
+    def stop_after_three(self, stop):
+        asked["n"] += 1
+        return asked["n"] == 3
+
+    monkeypatch.setattr(Trainer, "_stop_requested", stop_after_three)
+    with pytest.raises(Interrupted):
+        run_onpolicy(onpolicy_config(teacher_dir, student_dir, chat_file, tmp_path / "stopped", **extra))
+    assert (tmp_path / "stopped" / "checkpoints" / "step-00000003").is_dir()
+    with caplog.at_level("WARNING", logger="lmdistill.recipes.onpolicy"):
+        again = run_onpolicy(onpolicy_config(teacher_dir, student_dir, chat_file, tmp_path / "stopped", **extra,
+                                             **{"train.resume": "true"}))
+    assert "inside the rollout reuse window that began at step 2" in caplog.text
+    assert again["rollouts"]["completions"] == 4 * 2
+
+
 # ------------------------------------------------------------------------------------------- local teacher, signals
 
 

@@ -170,28 +170,44 @@ def discounted(rewards: Tensor, mask: Tensor, discount: float) -> Tensor:
 
 
 def reverse_kl_policy_gradient(logprobs: Tensor, teacher_logprobs: Tensor, labels: Tensor,
-                               discount: float = 0.0) -> StepLoss:
+                               discount: float = 0.0, sample_logprobs: Tensor | None = None,
+                               clip: float = 0.2) -> StepLoss:
     """On-policy distillation from the teacher's log-prob of each sampled token alone.
 
-    The per-token reward r_t = log p_T(y_t) - log p_S(y_t) is minus the reverse KL's single-sample estimate; as an
-    advantage (optionally discounted over the following tokens of the completion) it weighs the score function:
+    The per-token reward r_t = log p_T(y_t) - log p_sample(y_t) is minus the reverse KL's single-sample estimate; as
+    an advantage (optionally discounted over the following tokens of the completion) it weighs PPO's clipped
+    importance-weighted score function against the policy that sampled the tokens:
 
-        loss = - sum_t ratio_t * A_t,   ratio_t = p_S(y_t) / p_sample(y_t)
+        loss = - sum_t min(ratio_t * A_t, clip(ratio_t, 1 - clip, 1 + clip) * A_t),
+        ratio_t = p_S(y_t) / p_sample(y_t)
 
-    With one update per rollout the sampling policy is the current one, so ratio = 1 in value and the gradient is
-    -A_t * grad log p_S(y_t) (REINFORCE with the teacher as the reward model).
+    With one update per rollout (`sample_logprobs` None) the sampling policy is the current one: the reward uses
+    log p_S detached, ratio = 1 in value, nothing is clipped and the gradient is -A_t * grad log p_S(y_t) (REINFORCE
+    with the teacher as the reward model). When a batch of rollouts is reused for several updates, the sampling
+    log-probs are those stored at rollout time; a token whose ratio has left [1 - clip, 1 + clip] in the direction
+    its advantage pushes it gets no gradient.
 
     Args:
         logprobs: [B, T] the student's log p(y_t), with graph (`token_logprobs`).
         teacher_logprobs: [B, T] the teacher's log p(y_t) of the same tokens.
         labels: [B, T] the sampled tokens, IGNORE_INDEX where nothing was sampled.
+        discount: a token's advantage adds discount^j times the reward j labelled positions later.
+        sample_logprobs: [B, T] the sampling policy's log p(y_t) (no graph); None: the current policy's.
+        clip: PPO's epsilon, >= 0.
 
     Returns:
-        StepLoss with the loss sum and parts `reverse_kl` (sum of log p_S - log p_T) and `teacher_nll`.
+        StepLoss with the loss sum and parts `reverse_kl` (sum of log p_sample - log p_T) and `teacher_nll`.
     """
+    if clip < 0:
+        raise LossArgumentError(f"clip must be >= 0, got {clip}")
     mask = labels != IGNORE_INDEX
-    rewards = (teacher_logprobs - logprobs.detach()) * mask
+    behaviour = logprobs.detach() if sample_logprobs is None else sample_logprobs.detach().to(logprobs.dtype)
+    rewards = (teacher_logprobs - behaviour) * mask
     advantage = discounted(rewards, mask, discount)
-    ratio = torch.exp(logprobs - logprobs.detach())
-    total = -(ratio * advantage * mask).sum()
+    ratio = torch.exp(logprobs - behaviour)
+    unclipped = ratio * advantage
+    clipped = ratio.clamp(1.0 - clip, 1.0 + clip) * advantage
+    # where both agree (inside the clip) the unclipped term is taken, so its gradient is the plain score function
+    surrogate = torch.where(unclipped <= clipped, unclipped, clipped)
+    total = -(surrogate * mask).sum()
     return StepLoss(total, {"reverse_kl": -rewards.sum(), "teacher_nll": -(teacher_logprobs * mask).sum()})

@@ -10,12 +10,17 @@ student's tokens only) and **update**. The teacher's signal is one of
 - `sampled_token`: only its log-prob of each sampled token; the reward log p_T - log p_S drives a policy gradient
   (`lmdistill.losses.reverse_kl_policy_gradient`).
 
+Rollout reuse: with `rollout.reuse` > 1 one batch of rollouts (and its teacher scores) is trained on for that many
+steps; the `sampled_token` loss is then PPO's clipped ratio against the sampling policy's log-probs, stored at
+rollout time. A run resumed inside a window samples again from the current weights (with a warning).
+
 GKD's mix: a step is on-policy with probability `lmbda` (a coin seeded by the step); the other steps train on the
 data's responses (or, with `seq_kd`, on answers the teacher writes) exactly as `soft` does, so `lmbda=0` is `soft`.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Iterator
@@ -37,6 +42,8 @@ from lmdistill.rollout import as_batch, eos_ids_of, onpolicy_metrics, prompt_ids
 from lmdistill.served_teacher import ServedTeacher
 from lmdistill.teachers import HFTeacher, model_outputs, topk_targets
 from lmdistill.train.loop import StepInfo, StepLoss, Trained, TrainResult
+
+log = logging.getLogger(__name__)
 
 
 class PhaseClock:
@@ -88,28 +95,60 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
         assert t.tail_logprob is not None
         return {"target_ids": t.ids, "target_logprobs": t.logprobs, "target_tail": t.tail_logprob}
 
-    def rollout(models: dict[str, nn.Module], batch: dict[str, Tensor], step: StepInfo) -> dict[str, Tensor]:
-        on = on_policy(step.step)
+    reuse = cfg.rollout.reuse
+    # the rollouts of the current reuse window: micro-batch i of every step in it trains on cache["batches"][i]
+    cache: dict[str, Any] = {"window": None, "sampled_at": None, "batches": [], "step": None, "i": 0}
+
+    def fresh_rollout(models: dict[str, nn.Module], batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        on = on_policy(step)
         writer = models["student"] if on else teacher.model if cfg.seq_kd and teacher else None
         if writer is not None:
             with clock.phase("rollout"):
-                r = sample_completions(writer, prompt_ids(batch), batch["index"].tolist(), step=step.step,
+                r = sample_completions(writer, prompt_ids(batch), batch["index"].tolist(), step=step,
                                        seed=cfg.train.seed, cfg=cfg.rollout, block_size=block, pad_id=pad, eos_ids=eos)
             device = batch["input_ids"].device
             batch = {k: v.to(device) for k, v in as_batch(r, block, pad).items()}
             for key, value in (("completions", len(r.completions)), ("truncated", r.truncated),
                                ("skipped_prompts", r.skipped), ("completion_tokens", sum(map(len, r.completions)))):
                 clock.counts[key] += value
+            if reuse > 1 and on and cfg.signal == "sampled_token":
+                # the sampling policy's log-probs (temperature 1), which later updates' ratios are taken against;
+                # with reuse 1 the update's own forward gives them (the weights are the sampling ones)
+                with torch.no_grad():
+                    out = model_outputs(models["student"], batch, n_vocab, cfg.loss.fused)
+                    batch["sample_logprob"] = token_logprobs(out, batch["labels"]).float()
         with clock.phase("teacher"):
             batch.update(score(batch))
         batch["on_policy"] = torch.tensor(on)
         return batch
 
+    def rollout(models: dict[str, nn.Module], batch: dict[str, Tensor], step: StepInfo) -> dict[str, Tensor]:
+        if reuse == 1:
+            return fresh_rollout(models, batch, step.step)
+        s = step.step
+        if cache["step"] != s:
+            cache["step"], cache["i"] = s, 0
+        i = cache["i"]
+        cache["i"] += 1
+        window = s - s % reuse
+        if cache["window"] == window and cache["sampled_at"] != s:
+            return dict(cache["batches"][i])
+        if i == 0:
+            if s != window:
+                log.warning("resumed at step %d, inside the rollout reuse window that began at step %d: its rollouts "
+                            "were not checkpointed, so they are sampled again at step %d from the current weights: "
+                            "steps %d to %d train on other samples than an uninterrupted run's", s, window, s, s,
+                            min(window + reuse, cfg.train.max_steps) - 1)
+            cache.update(window=window, sampled_at=s, batches=[])
+        cache["batches"].append(fresh_rollout(models, batch, s))
+        return dict(cache["batches"][i])
+
     def loss(models: dict[str, nn.Module], batch: dict[str, Tensor], step: StepInfo) -> dict[str, StepLoss]:
         out = model_outputs(models["student"], batch, n_vocab, cfg.loss.fused)
         if cfg.signal == "sampled_token":
             return {"student": reverse_kl_policy_gradient(token_logprobs(out, batch["labels"]),
-                                                          batch["teacher_logprob"], batch["labels"], cfg.discount)}
+                                                          batch["teacher_logprob"], batch["labels"], cfg.discount,
+                                                          batch.get("sample_logprob"), cfg.rollout.clip)}
         if cfg.signal == "dense":
             assert teacher is not None
             targets: Any = Hidden(batch["teacher_hidden"], lm_head(teacher.model, n_vocab))
