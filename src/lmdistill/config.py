@@ -172,6 +172,28 @@ class LossConfig(DivergenceConfig):
     )
 
 
+class HiddenLossConfig(BaseConfig):
+    """Layer-wise distillation (online teacher only): match the student's hidden states to the teacher's."""
+
+    weight: float = Field(0.0, ge=0.0, description="Total loss += weight * sum over pairs of the hidden loss (0: off).")
+    kind: Literal["mse", "cosine"] = Field(
+        "mse", description="Per-token hidden loss: `mse` (mean over the hidden dim) or `cosine` (1 - cos)."
+    )
+    pairs: list[tuple[int, int]] | None = Field(
+        None,
+        description="[student_layer, teacher_layer] pairs, each the hidden state after that decoder layer; null: the "
+        "pruning map of a student.init=prune student (its layer i <-> the teacher layer it was copied from). Where "
+        "widths differ a learned linear projection (trained with the student, not exported) maps student -> teacher.",
+    )
+
+
+class SoftLossConfig(LossConfig):
+    """`soft`'s loss: the divergence and CE of `LossConfig`, plus layer-wise distillation with an online teacher."""
+
+    hidden: HiddenLossConfig = Field(default_factory=HiddenLossConfig,
+                                     description="Layer-wise distillation (hidden-state matching).")
+
+
 class TrainConfig(BaseConfig):
     output_dir: str = Field("runs/soft", description="Where checkpoints, logs and the final student go.")
     max_steps: int = Field(100, ge=1, description="Optimizer steps.")
@@ -338,7 +360,7 @@ class StudentRunConfig(BaseConfig):
 class SoftConfig(StudentRunConfig):
     """`lmdistill soft`: soft-label distillation with an online teacher (or a soft-label cache)."""
 
-    loss: LossConfig = Field(default_factory=LossConfig)
+    loss: SoftLossConfig = Field(default_factory=SoftLossConfig)
     teacher_cache: str | None = Field(
         None,
         description="A soft-label cache directory written by `lmdistill label`: train from its sparse targets with no "
@@ -451,6 +473,15 @@ class RolloutConfig(BaseConfig):
     temperature: float = Field(1.0, gt=0.0, description="Sampling temperature (1: the student's own distribution).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus mass kept when sampling.")
     max_new_tokens: int = Field(64, ge=1, description="Longest completion (also capped by what data.block_size leaves).")
+    reuse: int = Field(
+        1, ge=1,
+        description="Optimizer steps trained on one batch of rollouts (and its teacher scores): sampled at the steps "
+        "s with s % reuse == 0, micro-batch i of steps s+1 .. s+reuse-1 reuses micro-batch i of step s.",
+    )
+    clip: float = Field(
+        0.2, ge=0.0,
+        description="signal=sampled_token: PPO's clip of the ratio p_student / p_sampling policy (matters when reuse > 1).",
+    )
 
 
 class TeacherServerConfig(BaseConfig):
@@ -512,6 +543,10 @@ class OnPolicyConfig(StudentRunConfig):
         if self.signal == "sampled_token" and self.lmbda < 1:
             raise ValueError("signal=sampled_token rewards the student's own samples; off-policy steps (lmbda < 1) "
                              "need a distribution to match: use signal=dense or topk with lmbda < 1")
+        if self.train.save_every % self.rollout.reuse:
+            raise ValueError(f"train.save_every ({self.train.save_every}) must be a multiple of rollout.reuse "
+                             f"({self.rollout.reuse}): a checkpoint inside a reuse window would lose its cached "
+                             "rollouts, and the resumed run would sample different ones")
         return self
 
 

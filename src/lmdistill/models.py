@@ -351,7 +351,10 @@ def build_student(cfg: StudentConfig | CoModelConfig, tokenizer: Any, *, teacher
     else:
         if teacher is None or not isinstance(cfg, StudentConfig):
             raise ConfigError("student.init=prune needs the teacher model; with a teacher cache use init=pretrained")
-        model = prune_layers(teacher, choose_layers(teacher, cfg, tokenizer))
+        kept = choose_layers(teacher, cfg, tokenizer)
+        model = prune_layers(teacher, kept)
+        # the pruning map, the default pairs of layer-wise distillation (a plain attribute: not exported)
+        model.lmdistill_kept_layers = kept  # type: ignore[assignment]
     model = model.to(DTYPES[cfg.dtype])
     model.requires_grad_(True)
     model.train()
@@ -370,10 +373,17 @@ def decoder_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     Goes through the model's own forward (so DDP/FSDP wrappers and peft adapters see the call) and asks for logits at
     no position (`logits_to_keep` = empty index tensor).
     """
+    return decoder_hidden_states(model, input_ids, attention_mask)[-1]
+
+
+def decoder_hidden_states(model: nn.Module, input_ids: torch.Tensor,
+                          attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """Every hidden state [B, T, H] of one forward without logits: the embeddings, then the output of each decoder
+    layer (the last one after the final norm), as `decoder_hidden` computes the last."""
     none = torch.zeros(0, dtype=torch.long, device=input_ids.device)
     out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=none,
                 use_cache=False)
-    return out.hidden_states[-1]
+    return tuple(out.hidden_states)
 
 
 def lm_head(model: Any, n_vocab: int) -> Head:

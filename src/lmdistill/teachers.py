@@ -18,7 +18,7 @@ from lmdistill.errors import NonFiniteError
 from lmdistill.losses.divergences import LOGPROB_FLOOR
 from lmdistill.losses.head import Hidden
 from lmdistill.losses.sparse import SparseTargets
-from lmdistill.models import decoder_hidden, lm_head
+from lmdistill.models import decoder_hidden, decoder_hidden_states, lm_head
 
 
 class SparseTeacher(Protocol):
@@ -38,6 +38,18 @@ def model_outputs(model: nn.Module, batch: dict[str, Tensor], n_vocab: int, fuse
     return out.logits[..., :n_vocab]
 
 
+def model_layers(model: nn.Module, batch: dict[str, Tensor], n_vocab: int,
+                 fused: bool) -> tuple[Hidden | Tensor, tuple[Tensor, ...]]:
+    """`model_outputs` and, from the same forward, every hidden state (the embeddings, then each decoder layer's
+    output; the last after the final norm): what layer-wise distillation takes."""
+    if fused:
+        states = decoder_hidden_states(model, batch["input_ids"], batch.get("attention_mask"))
+        return Hidden(states[-1], lm_head(model, n_vocab)), states
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False,
+                output_hidden_states=True)
+    return out.logits[..., :n_vocab], tuple(out.hidden_states)
+
+
 class HFTeacher:
     """A frozen Hugging Face causal LM running online in the training step.
 
@@ -54,6 +66,14 @@ class HFTeacher:
         assert isinstance(out, Hidden)
         check_finite(out.hidden, "hidden states", batch.get("attention_mask"))
         return out
+
+    @torch.no_grad()
+    def layers(self, batch: dict[str, Tensor], fused: bool) -> tuple[Hidden | Tensor, tuple[Tensor, ...]]:
+        """`targets` (fused) or `logits`, and every hidden state of the same forward (layer-wise distillation)."""
+        out, states = model_layers(self.model, batch, self.n_vocab, fused)
+        for i, state in enumerate(states):
+            check_finite(state, f"hidden states (layer output {i})", batch.get("attention_mask"))
+        return out, states
 
     @torch.no_grad()
     def logits(self, batch: dict[str, Tensor]) -> Tensor:

@@ -11,23 +11,29 @@ one of three, the rest of the recipe is the same:
   per batch, no teacher in memory;
 - `api_logprobs FILE` (`lmdistill generate` with logprobs): a black-box teacher's top-k log-probs stored with its
   completions, which are also the data; `lmdistill.api_targets` aligns them with the student's tokens.
+
+With an online teacher, `loss.hidden` adds layer-wise distillation (lmdistill.losses.hidden): weight * the MSE or
+1 - cosine between paired layers' hidden states, summed over the target tokens like the rest.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from lmdistill.api_targets import InBatchTeacher, load_api_splits
 from lmdistill.cache.format import read_manifest
 from lmdistill.cache.reader import CachedTeacher, evaluate_with_cache
-from lmdistill.config import LossConfig, SoftConfig
-from lmdistill.data import TokenBlocks
+from lmdistill.config import LossConfig, SoftConfig, SoftLossConfig
+from lmdistill.data import IGNORE, TokenBlocks
+from lmdistill.errors import ConfigError
 from lmdistill.evaluate import evaluate_blocks
+from lmdistill.losses.hidden import HiddenProjections, attach_projections, check_pairs, default_pairs, layer_losses
 from lmdistill.losses.objective import Targets, distill_loss
 from lmdistill.recipes.common import Recipe, Setup, build_setup, describe, print_main, run_recipe
-from lmdistill.teachers import HFTeacher, SparseTeacher, model_outputs
+from lmdistill.teachers import HFTeacher, SparseTeacher, model_layers, model_outputs
 from lmdistill.train.loop import StepInfo, StepLoss, Trained
 
 
@@ -36,6 +42,33 @@ def soft_step_loss(student: nn.Module, batch: dict[str, Tensor], targets: Target
     """alpha * KD_sum + (1 - alpha) * CE_sum of the student over this micro-batch's target tokens."""
     out = model_outputs(student, batch, n_vocab, loss.fused)
     return distill_loss(out, targets, batch["labels"], loss.alpha, loss)
+
+
+def hidden_step_loss(student: nn.Module, batch: dict[str, Tensor], teacher: HFTeacher, loss: SoftLossConfig,
+                     pairs: list[tuple[int, int]], projections: HiddenProjections | None) -> StepLoss:
+    """`soft_step_loss` + loss.hidden.weight * the summed hidden losses of `pairs` (each logged as hidden_<s>_<t>),
+    with the teacher's and the student's hidden states from one forward each."""
+    targets, teacher_states = teacher.layers(batch, loss.fused)
+    out, student_states = model_layers(student, batch, teacher.n_vocab, loss.fused)
+    base = distill_loss(out, targets, batch["labels"], loss.alpha, loss)
+    parts = layer_losses(student_states, teacher_states, pairs, batch["labels"] != IGNORE, loss.hidden.kind,
+                         projections)
+    total = base.loss_sum + loss.hidden.weight * sum(parts.values(), torch.zeros((), device=base.loss_sum.device))
+    return StepLoss(total, {**base.parts, **parts})
+
+
+def layer_pairs(cfg: SoftConfig, setup: Setup) -> tuple[list[tuple[int, int]], HiddenProjections]:
+    """The checked layer pairs, and the projections (attached to the student, not exported) where widths differ."""
+    assert setup.teacher is not None
+    s_cfg: Any = setup.student.config
+    t_cfg: Any = setup.teacher.config
+    pairs = [(int(s), int(t)) for s, t in cfg.loss.hidden.pairs] if cfg.loss.hidden.pairs is not None else \
+        default_pairs(getattr(setup.student, "lmdistill_kept_layers", None))
+    check_pairs(pairs, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
+    projections = HiddenProjections(pairs, s_cfg.hidden_size, t_cfg.hidden_size, seed=cfg.train.seed)
+    projections.to(next(setup.student.parameters()).dtype)
+    attach_projections(setup.student, projections)
+    return pairs, projections
 
 
 def open_cache(root: str, setup: Setup, data_params: dict[str, Any], **checks: Any) -> tuple[CachedTeacher,
@@ -55,9 +88,15 @@ def open_cache(root: str, setup: Setup, data_params: dict[str, Any], **checks: A
 
 def run_soft(cfg: SoftConfig) -> dict[str, Any]:
     """Train a student from an online teacher, a soft-label cache or API log-probs; returns the run summary."""
+    online = cfg.teacher_cache is None and cfg.api_logprobs is None
+    if cfg.loss.hidden.weight > 0 and not online:
+        raise ConfigError(
+            "layer-wise distillation (loss.hidden.weight > 0) needs the teacher's hidden states, which only an online "
+            f"teacher has; {'teacher_cache' if cfg.teacher_cache is not None else 'api_logprobs'} stores log-probs "
+            "only. Drop it to run the teacher online, or set --loss.hidden.weight 0"
+        )
     if cfg.teacher_cache is not None:
         read_manifest(cfg.teacher_cache)  # a missing or unfinished cache fails before any model is loaded
-    online = cfg.teacher_cache is None and cfg.api_logprobs is None
     setup = build_setup(cfg, teacher=online, data=cfg.api_logprobs is None)
     n_vocab = setup.n_vocab
     eval_kw: dict[str, Any] = {"n_vocab": n_vocab, "batch_size": cfg.train.micro_batch_size,
@@ -87,6 +126,9 @@ def run_soft(cfg: SoftConfig) -> dict[str, Any]:
             teacher = eval_teacher = HFTeacher(setup.teacher, n_vocab)
             source = f"teacher {sum(p.numel() for p in setup.teacher.parameters()) / 1e6:.1f}M params"
     info = {**describe(setup, train, held), **extra}
+    hidden = layer_pairs(cfg, setup) if cfg.loss.hidden.weight > 0 else None
+    if hidden is not None:
+        info["hidden_pairs"] = [list(p) for p in hidden[0]]
 
     def targets(batch: dict[str, Tensor]) -> Targets:
         if isinstance(teacher, HFTeacher):
@@ -94,6 +136,9 @@ def run_soft(cfg: SoftConfig) -> dict[str, Any]:
         return teacher.targets(batch)
 
     def loss(models: dict[str, nn.Module], batch: dict[str, Tensor], step: StepInfo) -> dict[str, StepLoss]:
+        if hidden is not None:
+            assert isinstance(teacher, HFTeacher)
+            return {"student": hidden_step_loss(models["student"], batch, teacher, cfg.loss, *hidden)}
         return {"student": soft_step_loss(models["student"], batch, targets(batch), cfg.loss, n_vocab)}
 
     def evaluate(models: dict[str, nn.Module]) -> dict[str, float]:
