@@ -282,6 +282,17 @@ def read_curves(log_path: str | None) -> dict[str, list[tuple[int, float]]]:
     return curves
 
 
+def _saved(fig: Any, fig_dir: Path, name: str) -> Path:
+    """Write `fig` as `<fig_dir>/<name>.png` and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = fig_dir / f"{name}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def make_figures(results: dict[str, Any], fig_dir: Path) -> list[Figure]:
     import matplotlib
 
@@ -333,10 +344,7 @@ def make_figures(results: dict[str, Any], fig_dir: Path) -> list[Figure]:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = fig_dir / "learning_curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    path = _saved(fig, fig_dir, "learning_curves")
     note = " ".join(f"No {t} was logged by: {', '.join(n)}." for t, n in missing.items())
     refs = sorted({f"{a['name']}: {a['kl_reference']}" for a in arms
                    if a.get("kl_reference") not in (None, "teacher")})
@@ -375,10 +383,7 @@ def make_figures(results: dict[str, Any], fig_dir: Path) -> list[Figure]:
         axes[1].axhline(t["perplexity"], color="gray", ls="--", lw=1, label="teacher")
         axes[1].legend(fontsize=8)
     fig.suptitle("storage vs quality: lower-left is better", fontsize=10)
-    fig.tight_layout()
-    path = fig_dir / "storage_vs_quality.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    path = _saved(fig, fig_dir, "storage_vs_quality")
     figures.append(Figure("storage_vs_quality", "Storage vs quality",
                           "Each trained arm at its teacher bytes per token (0 for CE, V x 4 for a dense online "
                           "teacher) against its final held-out KL to the teacher and perplexity; bars: 95 % "
@@ -399,10 +404,7 @@ def make_figures(results: dict[str, Any], fig_dir: Path) -> list[Figure]:
         ax.set_xticks(range(len(arms)), names, rotation=35, ha="right", fontsize=8)
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    path = fig_dir / "final_metrics.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    path = _saved(fig, fig_dir, "final_metrics")
     figures.append(Figure("final_metrics", "Final held-out metrics",
                           "The students after the same number of steps, scored on the same held-out blocks: the "
                           f"mean and its 95 % interval ({interval_note(results)}).", path))
