@@ -12,6 +12,7 @@ from typing import Any
 from accelerate.utils import set_seed
 from torch import nn
 
+from lmdistill.cache.reader import CachedTeacher
 from lmdistill.config import CodistillConfig, CoModelConfig, ModelConfig, StudentRunConfig, dump_config
 from lmdistill.data import DataSplits, TokenBlocks, build_splits, check_block_size
 from lmdistill.errors import ModelLoadError, write_failure
@@ -110,6 +111,21 @@ def _co_model(cfg: CoModelConfig, tokenizer: Any, *, seed: int, what: str) -> nn
         except ModelLoadError:
             pass  # a bare checkpoint without a tokenizer: only the embedding size can be checked
     return build_student(cfg, tokenizer, seed=seed, what=what)
+
+
+def open_cache(root: str, setup: Setup, data_params: dict[str, Any], **checks: Any) -> tuple[CachedTeacher,
+                                                                                                CachedTeacher | None]:
+    """The cache's train split and, when it was labelled, its eval split, checked against this run's tokenizer, data
+    and `checks` (temperature, loss kind)."""
+    assert setup.splits is not None
+
+    def split(name: str) -> CachedTeacher:
+        return CachedTeacher(root, name, tokenizer=setup.tokenizer, blocks=getattr(setup.splits, name),
+                             data_params=data_params, **checks)
+
+    train = split("train")
+    has_eval = "eval" in train.manifest.header["data"]["splits"] and len(setup.splits.eval) > 0
+    return train, split("eval") if has_eval else None
 
 
 def teacher_config(cfg: ModelConfig) -> Any:

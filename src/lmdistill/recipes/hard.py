@@ -32,8 +32,7 @@ from lmdistill.evaluate import evaluate_blocks
 from lmdistill.losses import SparseTargets, ce_sum_and_count, mix
 from lmdistill.losses.chunked_ce import chunked_ce_sums
 from lmdistill.models import decoder_hidden, lm_head
-from lmdistill.recipes.common import Recipe, build_setup, describe, print_main, run_recipe
-from lmdistill.recipes.soft import open_cache
+from lmdistill.recipes.common import Recipe, build_setup, describe, open_cache, print_main, run_recipe
 from lmdistill.teachers import HFTeacher, Hidden
 from lmdistill.train.loop import StepInfo, StepLoss, Trained
 

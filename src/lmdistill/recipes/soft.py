@@ -25,14 +25,14 @@ from torch import Tensor, nn
 
 from lmdistill.api_targets import InBatchTeacher, load_api_splits
 from lmdistill.cache.format import read_manifest
-from lmdistill.cache.reader import CachedTeacher, evaluate_with_cache
+from lmdistill.cache.reader import evaluate_with_cache
 from lmdistill.config import LossConfig, SoftConfig, SoftLossConfig
 from lmdistill.data import IGNORE, TokenBlocks
 from lmdistill.errors import ConfigError
 from lmdistill.evaluate import evaluate_blocks
 from lmdistill.losses.hidden import HiddenProjections, attach_projections, check_pairs, default_pairs, layer_losses
 from lmdistill.losses.objective import Targets, distill_loss
-from lmdistill.recipes.common import Recipe, Setup, build_setup, describe, print_main, run_recipe
+from lmdistill.recipes.common import Recipe, Setup, build_setup, describe, open_cache, print_main, run_recipe
 from lmdistill.teachers import HFTeacher, SparseTeacher, model_layers, model_outputs
 from lmdistill.train.loop import StepInfo, StepLoss, Trained
 
@@ -69,21 +69,6 @@ def layer_pairs(cfg: SoftConfig, setup: Setup) -> tuple[list[tuple[int, int]], H
     projections.to(next(setup.student.parameters()).dtype)
     attach_projections(setup.student, projections)
     return pairs, projections
-
-
-def open_cache(root: str, setup: Setup, data_params: dict[str, Any], **checks: Any) -> tuple[CachedTeacher,
-                                                                                                CachedTeacher | None]:
-    """The cache's train split and, when it was labelled, its eval split, checked against this run's tokenizer, data
-    and `checks` (temperature, loss kind)."""
-    assert setup.splits is not None
-
-    def split(name: str) -> CachedTeacher:
-        return CachedTeacher(root, name, tokenizer=setup.tokenizer, blocks=getattr(setup.splits, name),
-                             data_params=data_params, **checks)
-
-    train = split("train")
-    has_eval = "eval" in train.manifest.header["data"]["splits"] and len(setup.splits.eval) > 0
-    return train, split("eval") if has_eval else None
 
 
 def run_soft(cfg: SoftConfig) -> dict[str, Any]:
