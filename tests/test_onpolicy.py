@@ -197,24 +197,14 @@ def test_reuse_trains_several_steps_on_one_rollout_with_a_clipped_ratio(teacher_
 
 def test_reuse_resumes_bitwise_at_a_window_boundary_and_samples_again_inside_one(teacher_dir, student_dir, chat_file,
                                                                                   tmp_path, monkeypatch, caplog):
-    from safetensors.torch import load_file
 
     from lmdistill.errors import Interrupted
     from lmdistill.train.loop import Trainer
 
     extra = {"train.max_steps": "4", "train.save_every": "2", "signal": "sampled_token", "rollout.reuse": "2",
              "data.eval_documents": "0"}
-    full = run_onpolicy(onpolicy_config(teacher_dir, student_dir, chat_file, tmp_path / "full", **extra))
-    part = tmp_path / "part"
-    shutil.copytree(tmp_path / "full", part)
-    shutil.rmtree(part / "checkpoints" / "step-00000004")
-    shutil.rmtree(part / "student")
-    (part / "summary.json").unlink()
-    resumed = run_onpolicy(onpolicy_config(teacher_dir, student_dir, chat_file, part, **extra,
-                                           **{"train.resume": "true"}))
-    a = load_file(str(Path(full["student_dir"]) / "model.safetensors"))
-    b = load_file(str(Path(resumed["student_dir"]) / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    full, resumed = run_and_resume_from_step_2(teacher_dir, student_dir, chat_file, tmp_path, extra)
+    assert same_student(full, resumed)
     assert resumed["rollouts"]["completions"] == 4 * 2  # one window: one rollout of 4 prompts x 2
 
     # a stop after step 3 checkpoints inside the window [2, 4): the resumed run samples step 3 again, and says so
@@ -282,8 +272,8 @@ def test_lmbda_zero_is_soft_on_the_same_data(teacher_dir, student_dir, chat_file
     assert losses[0] == losses[1]
 
 
-def test_resume_draws_the_same_rollouts_and_ends_bitwise_equal(teacher_dir, student_dir, chat_file, tmp_path):
-    extra = {"train.max_steps": "4", "train.save_every": "2", "signal": "topk", "k": "4", "lmbda": "0.5"}
+def run_and_resume_from_step_2(teacher_dir, student_dir, chat_file, tmp_path, extra: dict[str, str]):
+    """An uninterrupted 4-step run, and a copy of it rolled back to its step-2 checkpoint and resumed."""
     full = run_onpolicy(onpolicy_config(teacher_dir, student_dir, chat_file, tmp_path / "full", **extra))
     part = tmp_path / "part"
     shutil.copytree(tmp_path / "full", part)
@@ -292,11 +282,21 @@ def test_resume_draws_the_same_rollouts_and_ends_bitwise_equal(teacher_dir, stud
     (part / "summary.json").unlink()
     resumed = run_onpolicy(onpolicy_config(teacher_dir, student_dir, chat_file, part, **extra,
                                            **{"train.resume": "true"}))
+    return full, resumed
+
+
+def same_student(a_summary: dict, b_summary: dict) -> bool:
     from safetensors.torch import load_file
 
-    a = load_file(str(Path(full["student_dir"]) / "model.safetensors"))
-    b = load_file(str(Path(resumed["student_dir"]) / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a = load_file(str(Path(a_summary["student_dir"]) / "model.safetensors"))
+    b = load_file(str(Path(b_summary["student_dir"]) / "model.safetensors"))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_draws_the_same_rollouts_and_ends_bitwise_equal(teacher_dir, student_dir, chat_file, tmp_path):
+    extra = {"train.max_steps": "4", "train.save_every": "2", "signal": "topk", "k": "4", "lmbda": "0.5"}
+    full, resumed = run_and_resume_from_step_2(teacher_dir, student_dir, chat_file, tmp_path, extra)
+    assert same_student(full, resumed)
     assert resumed["rollouts"]["completions"] > 0  # the resumed steps sampled again, and drew the same tokens
 
 
