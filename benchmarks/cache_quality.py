@@ -1,7 +1,9 @@
 """What does each soft-label cache encoding cost in bytes, and what does it keep of online distillation's gain?
 
-    python benchmarks/cache_quality.py                  # ~12 min on an idle 2-core CPU
+    python benchmarks/cache_quality.py                  # ~13 min on an idle 2-core CPU (11 arms, ~1 min each)
     python benchmarks/cache_quality.py --steps 8        # quick look
+    python benchmarks/cache_quality.py --steps 48 --topk "" --sampled 32 --seeds 0,1,2 \\
+        --extra topk16-int8,topk4+s24-int8,topk8+s18-int8   # docs/cache_format.md's table, ~12 min per seed
 
 The embedded default: SmolLM2-135M-Instruct teaches a 6-layer student pruned from it (layers 0, 6, 12, 18, 24, 29)
 on the offline Wikipedia summaries. Every arm starts from the same pruned weights and trains the same steps on the
@@ -13,6 +15,8 @@ differ only in their targets):
               replayed: the same numbers an online teacher gives, without paying its forward once per arm)
   top-k       forward KL against a cache of the k most probable ids (+ tail mass for k > 1; k = 1 is the hard label)
   sampled n   RS-KD: forward KL estimated from n teacher draws per position (distinct ids + counts)
+  top-k +n tail draws   cache.encoding topk_sampled: the exact top-k head and tail mass plus n systematic draws of
+              the teacher's tail outside it (the RS-KD estimator with zero variance on the head)
 
 Each cache is written by the real writer (lmdistill.cache.CacheWriter) and read by the real reader (CachedTeacher),
 and the student's loss is recipes.soft.soft_step_loss, the function `lmdistill soft --teacher_cache` runs.
@@ -100,7 +104,7 @@ def train_and_eval(name: str, student0: nn.Module, train: TokenBlocks, held: Tok
     model.train()
     cfg = TrainConfig(output_dir=str(workdir / name), max_steps=args.steps, micro_batch_size=args.micro_batch,
                       lr=args.lr, warmup_steps=max(1, args.steps // 10), eval_every=0, save_every=0, progress=False,
-                      seed=0)
+                      seed=args.seed)
     def fn(models: dict[str, nn.Module], batch: dict[str, Tensor], step: Any) -> dict[str, StepLoss]:
         return {"student": loss_fn(models["student"], batch)}
 
@@ -144,8 +148,11 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--topk", default="1,8,32,128")
     p.add_argument("--sampled", default="8,32,64")
-    p.add_argument("--extra", default="topk16-int8",
-                   help="extra arms: topkK-VALUES or sampledN-VALUES (VALUES in fp32/fp16/bf16/int8)")
+    p.add_argument("--extra", default="topk16-int8,topk8+s18-int8",
+                   help="extra arms: topkK-VALUES, sampledN-VALUES or topkK+sN-VALUES (the exact top-K head plus N "
+                   "systematic draws of the tail, cache.encoding topk_sampled); VALUES in fp32/fp16/bf16/int8")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (batch order, sampled draws); with several, "
+                   "every arm runs once per seed and the table shows mean +- a 95 %% t-interval")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args()
@@ -178,71 +185,100 @@ def main() -> None:
           f"({teacher.tokens / teacher.seconds:,.0f} tokens/s); {len(train)} train blocks x {args.block_size}, "
           f"{len(held)} held-out blocks; vocab {n_vocab:,}", flush=True)
 
+    kd = LossConfig(kind="forward_kl", alpha=1.0, fused=True)
+    dense_bytes = n_vocab * 2  # fp16 full distribution
+    arms: list[tuple[str, dict[str, Any]]] = []
+    for k in [int(x) for x in args.topk.split(",") if x]:
+        arms.append((f"top-{k}" + (" +tail" if k > 1 else " (hard)"), {"encoding": "topk", "k": k,
+                                                                      "tail": k > 1, "values": "fp16"}))
+    for n in [int(x) for x in args.sampled.split(",") if x]:
+        arms.append((f"sampled n={n} int8", {"encoding": "sampled", "draws": n, "values": "int8"}))
+    for spec in [x for x in args.extra.split(",") if x]:
+        kind, values = spec.split("-")
+        if kind.startswith("topk") and "+s" in kind:
+            k_, n_ = kind[4:].split("+s")
+            arms.append((f"top-{k_} +{n_} tail draws {values}", {"encoding": "topk_sampled", "k": int(k_),
+                                                                  "draws": int(n_), "values": values}))
+        elif kind.startswith("topk"):
+            arms.append((f"top-{kind[4:]} +tail {values}", {"encoding": "topk", "k": int(kind[4:]), "tail": True,
+                                                           "values": values}))
+        else:
+            arms.append((f"sampled n={kind[7:]} {values}", {"encoding": "sampled", "draws": int(kind[7:]),
+                                                           "values": values}))
+    seeds = [int(x) for x in args.seeds.split(",") if x]
+
     work = Path(tempfile.mkdtemp(prefix="cache_quality_"))
-    results: dict[str, dict[str, Any]] = {}
+    runs: list[dict[str, dict[str, Any]]] = []  # one {arm: metrics} per seed
     try:
         init = evaluate_blocks(student0, held_ix, n_vocab=n_vocab, batch_size=8, teacher_logits_fn=held_logits)
         print(f"  {'initial student':<22} KL {init['kl_to_teacher']:.4f}  ppl {init['perplexity']:8.2f}")
-        kd = LossConfig(kind="forward_kl", alpha=1.0, fused=True)
-        dense_bytes = n_vocab * 2  # fp16 full distribution
-        results["ce"] = {**train_and_eval("ce", student0, train, held_ix, eval_teacher,
-                                          lambda m, b: ce_step_loss(m, b, n_vocab), args, work, n_vocab),
-                         "bytes_per_token": 0.0}
-        results["online"] = {**train_and_eval("online", student0, train, held_ix, eval_teacher,
-                                              lambda m, b: soft_step_loss(m, b, teacher.targets(b), kd, n_vocab), args, work,
-                                              n_vocab),
-                             "bytes_per_token": float(dense_bytes),
-                             "label_tokens_per_s": teacher.tokens / teacher.seconds}
-        arms: list[tuple[str, dict[str, Any]]] = []
-        for k in [int(x) for x in args.topk.split(",") if x]:
-            arms.append((f"top-{k}" + (" +tail" if k > 1 else " (hard)"), {"encoding": "topk", "k": k,
-                                                                          "tail": k > 1, "values": "fp16"}))
-        for n in [int(x) for x in args.sampled.split(",") if x]:
-            arms.append((f"sampled n={n} int8", {"encoding": "sampled", "draws": n, "values": "int8"}))
-        for spec in [x for x in args.extra.split(",") if x]:
-            kind, values = spec.split("-")
-            if kind.startswith("topk"):
-                arms.append((f"top-{kind[4:]} +tail {values}", {"encoding": "topk", "k": int(kind[4:]), "tail": True,
-                                                               "values": values}))
-            else:
-                arms.append((f"sampled n={kind[7:]} {values}", {"encoding": "sampled", "draws": int(kind[7:]),
-                                                               "values": values}))
-        for name, cache in arms:
-            root = work / name.replace(" ", "_").replace("=", "").replace("(", "").replace(")", "").replace("+", "")
-            info = write_cache(root, train, teacher, n_vocab, **cache)
-            cached = CachedTeacher(root, "train", blocks=train, temperature=1.0, kind="forward_kl")
-            metrics = train_and_eval(name, student0, train, held_ix, eval_teacher,
-                                     lambda m, b, c=cached: soft_step_loss(m, b, c.targets(b), kd, n_vocab), args, work,
-                                     n_vocab)
-            results[name] = {**metrics, **info}
+        for seed in seeds:
+            args.seed = seed
+            print(f"seed {seed}", flush=True)
+            results: dict[str, dict[str, Any]] = {}
+            results["ce"] = {**train_and_eval("ce", student0, train, held_ix, eval_teacher,
+                                              lambda m, b: ce_step_loss(m, b, n_vocab), args, work, n_vocab),
+                             "bytes_per_token": 0.0}
+            results["online"] = {**train_and_eval("online", student0, train, held_ix, eval_teacher,
+                                                  lambda m, b: soft_step_loss(m, b, teacher.targets(b), kd, n_vocab),
+                                                  args, work, n_vocab),
+                                 "bytes_per_token": float(dense_bytes),
+                                 "label_tokens_per_s": teacher.tokens / teacher.seconds}
+            for name, cache in arms:
+                root = work / f"s{seed}" / "".join(c for c in name.replace(" ", "_") if c.isalnum() or c in "_-")
+                info = write_cache(root, train, teacher, n_vocab, seed=seed, **cache)
+                cached = CachedTeacher(root, "train", blocks=train, temperature=1.0, kind="forward_kl")
+                metrics = train_and_eval(name, student0, train, held_ix, eval_teacher,
+                                         lambda m, b, c=cached: soft_step_loss(m, b, c.targets(b), kd, n_vocab), args,
+                                         work, n_vocab)
+                results[name] = {**metrics, **info}
+            for r in results.values():  # the share of this seed's online-KD gain over CE that each arm keeps
+                gain = results["ce"]["kl_to_teacher"] - results["online"]["kl_to_teacher"]
+                r["kept_percent"] = ((results["ce"]["kl_to_teacher"] - r["kl_to_teacher"]) / gain * 100
+                                     if gain > 0 else float("nan"))
+            runs.append(results)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    ce_kl, on_kl = results["ce"]["kl_to_teacher"], results["online"]["kl_to_teacher"]
-    gain = ce_kl - on_kl
+    def stat(name: str, key: str) -> tuple[float, float]:
+        """Mean over seeds and the half-width of its 95 % t-interval (0 for one seed)."""
+        xs = torch.tensor([float(r[name][key]) for r in runs], dtype=torch.float64)
+        if len(xs) < 2:
+            return float(xs[0]), 0.0
+        t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}.get(len(xs), 2.0)
+        return float(xs.mean()), t * float(xs.std()) / len(xs) ** 0.5
+
+    def cell(name: str, key: str, width: int, fmt: str) -> str:
+        m, hw = stat(name, key)
+        return f"{m:{fmt}}" + (f" +-{hw:{fmt}}" if len(runs) > 1 else "")
+
     print()
     print(f"held-out: {int(init['tokens']):,} tokens; initial student KL {init['kl_to_teacher']:.4f}, "
           f"ppl {init['perplexity']:.2f}; teacher ppl {init['teacher_perplexity']:.2f}; {args.steps} steps x "
-          f"{args.micro_batch} x {args.block_size} tokens per arm; alpha=1")
-    header = (f"{'arm':<24} {'bytes/token':>11} {'vs dense':>9} {'label tok/s':>11} {'held-out KL':>11} "
-              f"{'ppl':>8} {'agree':>6} {'kept':>7}")
+          f"{args.micro_batch} x {args.block_size} tokens per arm; alpha=1; seeds {seeds}"
+          + (" (mean +- 95 % t-interval over seeds)" if len(runs) > 1 else ""))
+    wide = len(runs) > 1
+    kw, pw, aw = (20, 18, 16) if wide else (11, 8, 7)
+    header = (f"{'arm':<28} {'bytes/token':>11} {'vs dense':>9} {'label tok/s':>11} {'held-out KL':>{kw}} "
+              f"{'ppl':>{pw}} {'agree':>6} {'kept':>{aw}}")
     print(header)
     print("-" * len(header))
-    for name, r in results.items():
+    summary: dict[str, dict[str, Any]] = {}
+    for name, r in runs[0].items():
         b = r["bytes_per_token"]
-        kept = (ce_kl - r["kl_to_teacher"]) / gain * 100 if gain > 0 else float("nan")
-        r["kept_percent"] = kept
         lab = f"{r['label_tokens_per_s']:,.0f}" if "label_tokens_per_s" in r else "-"
-        print(f"{name:<24} {b:>11.1f} {b / dense_bytes:>9.4f} {lab:>11} {r['kl_to_teacher']:>11.4f} "
-              f"{r['perplexity']:>8.2f} {r['agreement']:>6.3f} {kept:>6.1f}%")
-    winners = [n for n, r in results.items() if 0 < r["bytes_per_token"] <= 64 and r["kept_percent"] >= 95]
-    print(f"\ndense fp16 = {dense_bytes:,} bytes/token. <= 64 bytes/token keeping >= 95 % of the online-KD gain: "
-          f"{', '.join(winners) if winners else 'none'}")
+        summary[name] = {key: stat(name, key) for key in ("kl_to_teacher", "perplexity", "agreement", "kept_percent")}
+        summary[name]["bytes_per_token"] = b
+        print(f"{name:<28} {b:>11.1f} {b / dense_bytes:>9.4f} {lab:>11} {cell(name, 'kl_to_teacher', kw, '.4f'):>{kw}} "
+              f"{cell(name, 'perplexity', pw, '.2f'):>{pw}} {stat(name, 'agreement')[0]:>6.3f} "
+              f"{cell(name, 'kept_percent', aw, '.1f'):>{aw - 1}}%")
+    winners = [n for n, s_ in summary.items() if 0 < s_["bytes_per_token"] <= 64 and s_["kept_percent"][0] >= 95]
+    print(f"\ndense fp16 = {dense_bytes:,} bytes/token. <= 64 bytes/token keeping >= 95 % of the online-KD gain "
+          f"(mean over seeds): {', '.join(winners) if winners else 'none'}")
     print(f"total {time.perf_counter() - t_start:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps({"init": init, "results": results, "args": vars(args) | {"json": None}},
-                                        indent=2, default=str))
-
+        args.json.write_text(json.dumps({"init": init, "runs": runs, "summary": summary,
+                                         "args": vars(args) | {"json": None}}, indent=2, default=str))
 
 if __name__ == "__main__":
     main()

@@ -147,6 +147,25 @@ def test_soft_trains_from_the_cache_without_a_teacher_and_lowers_heldout_kl(teac
     assert torch.isfinite(torch.tensor(list(kl.values()))).all()
 
 
+def test_label_topk_sampled_then_soft_trains_from_it(teacher_dir, student_dir, text_file, tmp_path):
+    from lmdistill.cache import read_manifest
+    from lmdistill.recipes.label import run_label
+    from lmdistill.recipes.soft import run_soft
+
+    data = {"data.block_size": "32", "data.eval_documents": "20", "data.max_documents": "40"}
+    label = load_config(LabelConfig, None, _args(teacher_dir, text_file, tmp_path / "cache", **data, **{
+        "cache.encoding": "topk_sampled", "cache.k": "4", "cache.draws": "12", "cache.values": "int8"}))
+    summary = run_label(label)
+    manifest = read_manifest(tmp_path / "cache")
+    assert manifest.header["version"] == 2 and manifest.encoding["kind"] == "topk_sampled"
+    assert summary["bytes_per_token"] < 4 * 3 + 2 + 12 * 2 + 2  # plus digests/offsets/headers
+    soft = load_config(SoftConfig, None, soft_overrides(teacher_dir, student_dir, text_file, tmp_path / "run", **{
+        "teacher_cache": str(tmp_path / "cache"), "train.max_steps": "12", **data}))
+    result = run_soft(soft)
+    first, last = result["eval_first"], result["eval_last"]  # the RS-KD estimate against the cache's eval split
+    assert last["kl_to_teacher"] < first["kl_to_teacher"], (first, last)
+
+
 def test_a_missing_cache_fails_before_any_model_is_loaded(teacher_dir, student_dir, text_file, tmp_path, monkeypatch):
     from lmdistill.errors import CacheError
     from lmdistill.recipes import soft

@@ -10,7 +10,14 @@ import torch
 from click.testing import CliRunner
 
 from lmdistill.cache import CacheWriter, build_header
-from lmdistill.cache.estimate import dense_bytes, measure_cache, paper_rows, sampled_bytes, topk_bytes
+from lmdistill.cache.estimate import (
+    dense_bytes,
+    measure_cache,
+    paper_rows,
+    sampled_bytes,
+    topk_bytes,
+    topk_sampled_bytes,
+)
 from lmdistill.cli import main
 from lmdistill.config import CacheConfig
 from lmdistill.data import TokenBlocks
@@ -41,7 +48,7 @@ def test_byte_arithmetic():
     assert rows[-1].bytes_per_token == 2.5 * 5 + 1 and not rows[-1].bound
 
 
-@pytest.mark.parametrize(("encoding", "values"), [("topk", "int8"), ("sampled", "fp16")])
+@pytest.mark.parametrize(("encoding", "values"), [("topk", "int8"), ("sampled", "fp16"), ("topk_sampled", "int8")])
 def test_measured_cache_matches_its_files(tmp_path, encoding, values):
     g = torch.Generator().manual_seed(0)
     vocab, n, T = 500, 9, 10
@@ -61,6 +68,10 @@ def test_measured_cache_matches_its_files(tmp_path, encoding, values):
     assert m["bytes_per_token"] == pytest.approx(on_disk / (n * T))
     if encoding == "topk":
         assert m["target_bytes_per_token"] == topk_bytes(6, vocab, 1)
+    elif encoding == "topk_sampled":
+        # 6 x (2-byte id + 1-byte value) + tail mass + the tail's mean log-prob + 20 x 2-byte draw ids
+        assert m["target_bytes_per_token"] == 6 * 3 + 1 + 1 + 20 * 2 == topk_sampled_bytes(6, 20, vocab, 1)
+        assert m["ids_per_token"] == 26
     else:
         d = m["ids_per_token"]
         assert 1 <= d <= 20
@@ -70,6 +81,9 @@ def test_measured_cache_matches_its_files(tmp_path, encoding, values):
     assert f"{m['bytes_per_token']:.2f} bytes/token on disk" in out.output
     if encoding == "sampled":
         assert "distinct, measured" in out.output
+    if encoding == "topk_sampled":
+        assert "top-6 + tail mass + 20 systematic tail draws" in out.output
+        assert "top-6 + tail + 20 tail draws" in out.output
 
 
 def test_estimate_needs_a_corpus_or_a_cache():

@@ -1,14 +1,21 @@
 """The soft-label cache: run the teacher once, store a sparse picture of each distribution, train many times.
 
 - :mod:`~lmdistill.cache.format`: the directory layout, manifest, id packing and value encodings.
-- :class:`CacheWriter` (writer.py): top-k and sampled encodings, shards by global block range, resume, rank merge.
+- :class:`CacheWriter` (writer.py): top-k, sampled and top-k + sampled-tail encodings, shards by global block range, resume, rank merge.
 - :class:`CachedTeacher` (reader.py): verified, memory-mapped sparse targets for training batches.
 - :mod:`~lmdistill.cache.estimate`: bytes per token, on paper and measured.
 """
 
 from lmdistill.cache.format import Manifest, ShardEntry, read_manifest
 from lmdistill.cache.reader import CachedTeacher, evaluate_with_cache
-from lmdistill.cache.writer import CacheWriter, build_header, sampled_rows, teacher_fingerprint, topk_rows
+from lmdistill.cache.writer import (
+    CacheWriter,
+    build_header,
+    sampled_rows,
+    teacher_fingerprint,
+    topk_rows,
+    topk_sampled_rows,
+)
 
 __all__ = [
     "CacheWriter",
@@ -21,4 +28,5 @@ __all__ = [
     "sampled_rows",
     "teacher_fingerprint",
     "topk_rows",
+    "topk_sampled_rows",
 ]

@@ -6,6 +6,8 @@ The often-quoted figure: the full distribution over a 100,000-token vocabulary f
 - top-k with tail: ``k x (id bytes + value bytes) + value bytes`` (the tail log-mass),
 - sampled (RS-KD, n draws): ``d x (id bytes + count bytes + value bytes) + count bytes`` for ``d <= n`` distinct
   ids (``d`` depends on the teacher's entropy; a real cache reports it),
+- top-k head + n tail draws (``topk_sampled``): the top-k with tail bytes, one value (the tail's mean log-prob) and
+  ``n x id bytes`` (the draws' ids, repeats included),
 
 where ids take the fewest whole bytes the vocabulary allows (1, 2, 3 or 4). On disk a shard adds a 16-byte digest
 and an 8-byte row offset per block and a small safetensors header; ``--cache`` reports them separately.
@@ -23,7 +25,7 @@ from lmdistill.cache.format import VALUE_BYTES, count_dtype, id_bytes, read_mani
 from lmdistill.config import EstimateConfig
 
 DTYPE_BYTES = {**VALUE_BYTES, "fp8": 1}
-_TARGET_TENSORS = ("ids", "logprobs", "tail_logprob", "counts", "n_ids")
+_TARGET_TENSORS = ("ids", "logprobs", "tail_logprob", "counts", "n_ids", "tail_ids", "tail_mean_logprob")
 
 
 def dense_bytes(vocab: int, value_bytes: int) -> int:
@@ -37,6 +39,11 @@ def topk_bytes(k: int, vocab: int, value_bytes: int, tail: bool = True) -> int:
 def sampled_bytes(distinct: float, draws: int, vocab: int, value_bytes: int) -> float:
     count = 1 if count_dtype(draws).itemsize == 1 else 2
     return distinct * (id_bytes(vocab) + count + value_bytes) + count
+
+
+def topk_sampled_bytes(k: int, draws: int, vocab: int, value_bytes: int) -> int:
+    """Bytes per token of the top-k head (+ tail mass and the tail's mean log-prob) and ``draws`` tail ids."""
+    return topk_bytes(k, vocab, value_bytes, tail=True) + value_bytes + draws * id_bytes(vocab)
 
 
 @dataclass
@@ -125,7 +132,9 @@ def measure_cache(root: str | Path) -> dict[str, Any]:
 
 
 def describe_encoding(enc: dict[str, Any]) -> str:
-    core = f"top-{enc['k']}{' + tail' if enc['tail'] else ''}" if enc["kind"] == "topk" else f"sampled n={enc['draws']}"
+    core = {"topk": lambda: f"top-{enc['k']}{' + tail' if enc['tail'] else ''}",
+            "sampled": lambda: f"sampled n={enc['draws']}",
+            "topk_sampled": lambda: f"top-{enc['k']} + tail mass + {enc['draws']} systematic tail draws"}[enc["kind"]]()
     return f"{core}, {enc['values']} values, {enc['id_bytes']}-byte ids, vocab {enc['vocab']:,}, T={enc['temperature']:g}"
 
 
@@ -161,6 +170,10 @@ def run_estimate(cfg: EstimateConfig) -> dict[str, Any]:
         click.echo("")
     assert vocab is not None and tokens is not None
     rows = paper_rows(vocab, tokens, dtype, ks, draws, distinct)
+    if cfg.cache is not None and enc["kind"] == "topk_sampled":
+        k, n = int(enc["k"]), int(enc["draws"])
+        b = topk_sampled_bytes(k, n, vocab, DTYPE_BYTES[dtype])
+        rows.append(Row(f"top-{k} + tail + {n} tail draws", b, b * tokens))
     click.echo(f"soft-label storage for {tokens:.4g} tokens, vocabulary {vocab:,}, values {dtype} "
                f"({DTYPE_BYTES[dtype]} byte{'s' if DTYPE_BYTES[dtype] > 1 else ''}), ids {id_bytes(vocab)} "
                f"byte{'s' if id_bytes(vocab) > 1 else ''}:")

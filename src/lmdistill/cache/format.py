@@ -14,7 +14,9 @@ one that was labelled) and ``row_offsets`` [n + 1] (rows of block i are ``row_of
 
 - ``topk``: ``ids`` [R, K], ``logprobs`` [R, K] (descending), ``tail_logprob`` [R] when ``tail``;
 - ``sampled``: ``n_ids`` [R] (distinct ids per row), ``ids`` / ``counts`` / ``logprobs`` [sum n_ids] (flat, rows in
-  order, ids ascending within a row).
+  order, ids ascending within a row);
+- ``topk_sampled`` (format version 2): the ``topk`` head ``ids`` / ``logprobs`` [R, K] and ``tail_logprob`` [R], plus
+  ``tail_mean_logprob`` [R] and the ids of the n tail draws ``tail_ids`` [R, n] (ascending, repeats allowed).
 
 Bytes are a pure function of the inputs: tensors are written in sorted order, the safetensors metadata is a single
 key (``lmdistill``: sorted JSON with split, shard index and block range) and nothing holds a timestamp, so a resumed
@@ -36,7 +38,11 @@ from lmdistill.errors import CacheError
 from lmdistill.losses.divergences import LOGPROB_FLOOR
 
 FORMAT = "lmdistill-soft-label-cache"
-VERSION = 1
+VERSION = 2  # the newest format this lmdistill writes; a cache records the lowest version its encoding needs
+READABLE_VERSIONS = (1, 2)
+ENCODINGS = ("topk", "sampled", "topk_sampled")
+# the format version each encoding needs: caches of the version-1 encodings stay byte-identical to earlier releases'
+_ENCODING_VERSION = {"topk": 1, "sampled": 1, "topk_sampled": 2}
 MANIFEST = "manifest.json"
 JOURNAL_GLOB = "manifest.rank-*-of-*.json"
 DIGEST_BYTES = 16
@@ -73,6 +79,12 @@ def unpack_ids(packed: Tensor, width: int) -> Tensor:
         b = packed.to(torch.int64)
         return b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
     return packed.to(torch.int64)
+
+
+def format_version(encoding: str) -> int:
+    """The cache format version a cache of this encoding kind is written as (1 for topk / sampled, 2 for
+    topk_sampled), so readers that predate an encoding refuse its caches by version instead of misreading them."""
+    return _ENCODING_VERSION[encoding]
 
 
 def count_dtype(draws: int) -> torch.dtype:
@@ -264,12 +276,22 @@ def read_manifest(root: str | Path) -> Manifest:
         raise CacheError(f"`{path}` is not valid JSON ({e}); relabel the cache with `lmdistill label`") from None
     if raw.get("format") != FORMAT:
         raise CacheError(f"`{path}` is not a soft-label cache manifest (format {raw.get('format')!r})")
-    if raw.get("version") != VERSION:
+    if raw.get("version") not in READABLE_VERSIONS:
         raise CacheError(
-            f"`{path}` has cache format version {raw.get('version')}; this lmdistill reads version {VERSION}. "
-            "Relabel with this version's `lmdistill label`"
+            f"`{path}` has cache format version {raw.get('version')}; this lmdistill reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}. Relabel with this version's `lmdistill label`"
         )
     shards = [ShardEntry.from_json(s) for s in raw.pop("shards", [])]
     for shard in shards:
         contained_shard_path(root, shard.file)
+    # an encoding this lmdistill does not know, or one newer than the version the manifest declares, is refused here
+    # rather than misread (a version-1 reader would take a topk_sampled cache for a sampled one)
+    encoding = raw.get("encoding")
+    kind = encoding.get("kind") if isinstance(encoding, dict) else None
+    if encoding is not None and (kind not in ENCODINGS or raw["version"] < _ENCODING_VERSION[kind]):
+        raise CacheError(
+            f"`{path}` declares encoding {kind!r} in format version {raw['version']}; this lmdistill reads "
+            f"{', '.join(f'{e} (version >= {v})' for e, v in _ENCODING_VERSION.items())}. The manifest is damaged or "
+            "from another lmdistill: relabel with `lmdistill label`"
+        )
     return Manifest(header=raw, shards=shards, root=root)

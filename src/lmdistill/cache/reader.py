@@ -104,10 +104,11 @@ class CachedTeacher:
         self.scale = 1.0
         if temperature is not None:
             self._check_temperature(temperature)
-        if kind is not None and self.kind == "sampled" and kind != "forward_kl":
+        if kind is not None and self.kind != "topk" and kind != "forward_kl":
             raise CacheError(
-                f"cache `{self.root}` holds sampled targets, which give an unbiased estimate of forward KL only; "
-                f"loss.kind={kind} needs a top-k cache (`lmdistill label --cache.encoding topk`) or loss.kind=forward_kl"
+                f"cache `{self.root}` holds {self.kind} targets (sampled draws), which give an unbiased estimate of "
+                f"forward KL only; loss.kind={kind} needs a top-k cache (`lmdistill label --cache.encoding topk`) or "
+                "loss.kind=forward_kl"
             )
 
     # -- checks at open -----------------------------------------------------------------------------------------------
@@ -161,7 +162,8 @@ class CachedTeacher:
             # p^(Tc/Ts) renormalised over the stored ids is exactly the tempered top-k distribution
             self.scale = cached / temperature
             return
-        why = ("the tail mass" if self.kind == "topk" else "the sampled draws") + f" were computed at T={cached:g}"
+        what = {"topk": "the tail mass", "sampled": "the sampled draws", "topk_sampled": "the tail mass and its draws"}
+        why = f"{what.get(self.kind, 'the targets')} were computed at T={cached:g}"
         raise CacheError(
             f"temperature mismatch: cache `{self.root}` holds teacher log-probs at temperature {cached:g} and "
             f"loss.temperature={temperature:g} asks for another; {why} and cannot be re-tempered. Set "
@@ -230,7 +232,8 @@ class CachedTeacher:
         return SparseTargets(
             ids=out["ids"].to(device), logprobs=out["logprobs"].to(device),
             tail_logprob=None if "tail" not in out else out["tail"].to(device),
-            weights=None if "weights" not in out else out["weights"].to(device), estimator=self.kind,
+            weights=None if "weights" not in out else out["weights"].to(device),
+            estimator="topk" if self.kind == "topk" else "sampled",
         )
 
     def _read_rows(self, shard: _Shard, r0: int, r1: int) -> dict[str, Tensor]:
@@ -241,12 +244,35 @@ class CachedTeacher:
             if enc["tail"]:
                 out["tail"] = decode_values(shard.rows("tail_logprob", r0, r1), enc["values"], c)
             return out
+        if self.kind == "topk_sampled":
+            return self._read_topk_sampled(shard, r0, r1)
         assert shard.id_offsets is not None
         s0, s1 = int(shard.id_offsets[r0]), int(shard.id_offsets[r1])
         return {"n": shard.id_offsets[r0 + 1 : r1 + 1] - shard.id_offsets[r0:r1],
                 "ids": unpack_ids(shard.rows("ids", s0, s1), enc["id_bytes"]),
                 "logprobs": decode_values(shard.rows("logprobs", s0, s1), enc["values"], c),
                 "counts": shard.rows("counts", s0, s1).to(torch.float32)}
+
+    def _read_topk_sampled(self, shard: _Shard, r0: int, r1: int) -> dict[str, Tensor]:
+        """Head and tail mass as top-k; the n tail draws per row ([rows, n], ascending, repeats allowed) as distinct
+        ids with counts, as a sampled shard stores them; a draw equal to a head id is the "no draw" filler."""
+        enc, c = self.enc, self.enc.get("int8_range", 0.0)
+        head = unpack_ids(shard.rows("ids", r0, r1), enc["id_bytes"])
+        draws = unpack_ids(shard.rows("tail_ids", r0, r1), enc["id_bytes"])
+        if draws.shape != (r1 - r0, int(enc["draws"])):
+            raise CacheError(f"shard `{shard.path}` holds tail_ids of shape {tuple(draws.shape)}, the manifest says "
+                             f"{enc['draws']} draws per row; {_RELABEL}")
+        real = ~(draws.unsqueeze(-1) == head.unsqueeze(-2)).any(-1)
+        vocab = int(enc["vocab"])
+        keys = (torch.arange(r1 - r0).unsqueeze(-1) * vocab + draws)[real]  # sorted: rows in order, ids ascending
+        uniq, counts = torch.unique_consecutive(keys, return_counts=True)
+        n = torch.bincount(uniq // vocab, minlength=r1 - r0)
+        # every draw of a row carries the row's mean tail log-prob (only the loss value reads it)
+        mean = decode_values(shard.rows("tail_mean_logprob", r0, r1), enc["values"], c)
+        return {"n": n, "ids": uniq % vocab, "logprobs": torch.repeat_interleave(mean, n),
+                "counts": counts.to(torch.float32), "head_ids": head,
+                "head_logprobs": decode_values(shard.rows("logprobs", r0, r1), enc["values"], c),
+                "tail": decode_values(shard.rows("tail_logprob", r0, r1), enc["values"], c)}
 
     def _assemble(self, per_block: list[dict[str, Tensor]], mask: Tensor) -> dict[str, Tensor]:
         """Scatter stored rows (target positions only) back to [B, T, K]; -1 ids elsewhere."""
@@ -275,9 +301,38 @@ class CachedTeacher:
         ids_r[row, col] = flat["ids"]
         lp_r[row, col] = flat["logprobs"]
         w_r[row, col] = flat["counts"] / float(self.enc["draws"])
+        if self.kind == "topk_sampled":
+            ids_r, lp_r, w_r = self._with_head(per_block, ids_r, lp_r, w_r)
+            k = ids_r.shape[-1]
         ids, lp, w = torch.full((B, T, k), -1, dtype=torch.int64), torch.zeros(B, T, k), torch.zeros(B, T, k)
         ids[mask], lp[mask], w[mask] = ids_r, lp_r, w_r
         return {"ids": ids, "logprobs": lp, "weights": w}
+
+    @staticmethod
+    def _with_head(per_block: list[dict[str, Tensor]], tail_ids: Tensor, tail_lp: Tensor,
+                   tail_frac: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """topk_sampled rows as one sampled target: the head ids with weight p_T(v), then the tail draws with weight
+        m * c_v / n (m = tail mass), all renormalised so the weights sum to 1 (stored values are rounded).
+
+        Args:
+            tail_ids, tail_lp, tail_frac: [rows, D] padded tail draws (-1 ids), their log-probs and c_v / n.
+
+        Returns:
+            ids, log-probs and weights [rows, K + D]; the log-probs shifted by the same renormalisation.
+        """
+        head_ids = torch.cat([p["head_ids"] for p in per_block])
+        head_lp = torch.cat([p["head_logprobs"] for p in per_block])
+        tail = torch.cat([p["tail"] for p in per_block])
+        # stored mass of each row: head probabilities + tail mass; log of it renormalises both parts
+        log_z = torch.logaddexp(torch.logsumexp(head_lp, -1), tail)
+        has_draws = tail_frac.sum(-1) > 0
+        # a row without draws (k = V, or a tail too small to keep) gets no tail term: its head alone is renormalised
+        log_z = torch.where(has_draws, log_z, torch.logsumexp(head_lp, -1))
+        head_w = (head_lp - log_z.unsqueeze(-1)).exp()
+        tail_w = torch.where(tail_ids >= 0, (tail - log_z).exp().unsqueeze(-1) * tail_frac, torch.zeros_like(tail_frac))
+        ids = torch.cat([head_ids, tail_ids], -1)
+        lp = torch.cat([head_lp, tail_lp], -1) - log_z.unsqueeze(-1)
+        return ids, torch.where(ids >= 0, lp, torch.zeros_like(lp)), torch.cat([head_w, tail_w], -1)
 
     def close(self) -> None:
         self._open.clear()
@@ -285,10 +340,12 @@ class CachedTeacher:
 
 @torch.no_grad()
 def evaluate_with_cache(student: nn.Module, cached: SparseTeacher, blocks: TokenBlocks, *, n_vocab: int,
-                        batch_size: int = 4, max_batches: int | None = None) -> dict[str, float]:
+                        batch_size: int = 4, max_batches: int | None = None,
+                        byte_lengths: Tensor | None = None) -> dict[str, float]:
     """Held-out metrics of `student` with the teacher side read from a cache (no teacher model).
 
-    ce / perplexity / ece are against the ground truth. ``kl_to_teacher`` is the forward KL against the *cached*
+    ce / perplexity / ece (and bits_per_byte, with the student tokenizer's `byte_lengths` table) are against the
+    ground truth. ``kl_to_teacher`` is the forward KL against the *cached*
     targets: for top-k with a tail, KL between the (K+1)-bucket coarsenings (a lower bound of the full KL, equal to
     it at K = V); without a tail, KL to the renormalised top-k; for a sampled cache, the unbiased RS-KD estimate of
     the full KL. ``agreement``: the student's top-1 equals the teacher's most probable stored id (for top-k, exactly
@@ -306,7 +363,7 @@ def evaluate_with_cache(student: nn.Module, cached: SparseTeacher, blocks: Token
     for batch in held_out_batches(blocks, batch_size, max_batches, device):
         logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., :n_vocab]
         labels = batch["labels"]
-        sums.add(logits, labels)
+        sums.add(logits, labels, byte_lengths=byte_lengths)
         t = cached.targets(batch)
         mask = labels != IGNORE
         kl += float(sparse_divergence(

@@ -36,13 +36,13 @@ from lmdistill.cache.format import (
     FORMAT,
     JOURNAL_GLOB,
     MANIFEST,
-    VERSION,
     Manifest,
     ShardEntry,
     block_digests,
     count_dtype,
     differing_fields,
     encode_values,
+    format_version,
     id_bytes,
     identity,
     journal_name,
@@ -106,6 +106,55 @@ def sampled_rows(logprobs: Tensor, draws: int, generator: torch.Generator) -> di
             "logprobs": logprobs[row, ids]}
 
 
+def topk_sampled_rows(logprobs: Tensor, k: int, draws: int, generator: torch.Generator) -> dict[str, Tensor]:
+    """The exact top-k head (as :func:`topk_rows` with a tail) plus `draws` systematic samples of the tail.
+
+    The tail is the teacher's distribution outside the k ids, renormalised: ``r(v) = p_T(v) / m`` with ``m`` the tail
+    mass. Systematic sampling draws one uniform ``u`` per row and takes the ids at the points ``(i + u) / n`` of the
+    tail's cumulative distribution (ids in vocabulary order), ``i = 0 .. n-1``: each id's count ``c_v`` is then
+    ``floor(n r(v))`` or ``ceil(n r(v))`` with ``E[c_v] = n r(v)`` (unbiased, like i.i.d. draws, and with far less
+    variance: an id with ``n r(v) >= 1`` is never missed). Weights ``m c_v / n`` next to the head's ``p_T(v)`` thus
+    have expectation ``p_T(v)`` for every id, which is what the sampled forward-KL estimator needs
+    (:mod:`lmdistill.losses.sparse`).
+
+    Stored per draw: its id only (``n`` per row, ascending, an id drawn twice appears twice), because a tail is flat
+    enough that most ids are drawn once, where an id + count pair costs more. The draws' own log-probs are not kept:
+    the estimator's gradient never uses them, and its value needs only ``sum_v m r(v) log p_T(v)`` over the tail,
+    which one number per row gives exactly: the tail's mean log-prob ``sum_v r(v) log p_T(v)``, assigned to every
+    draw (the draws' weights sum to ``m``). A row whose tail mass is 0 (k = V) stores its top-1 id ``n`` times: a
+    tail draw equal to a head id means "no draw" to the reader.
+
+    Args:
+        logprobs: [R, V] fp32 teacher log-probs at the cache temperature.
+
+    Returns:
+        ids [R, K], logprobs [R, K], tail_logprob [R] (as topk), tail_mean_logprob [R] (0 without a tail), and the
+        draws tail_ids [R, n] int64 (ascending within a row).
+    """
+    out = topk_rows(logprobs, k, tail=True)
+    rows, vocab = logprobs.shape
+    rest = logprobs.scatter(-1, out["ids"], float("-inf"))
+    has_tail = torch.isfinite(out["tail_logprob"])
+    # the tail's cumulative distribution; a row without a tail gets a harmless uniform one, and its draws are dropped
+    r = torch.where(has_tail.unsqueeze(-1), (rest - out["tail_logprob"].unsqueeze(-1)).exp(),
+                    torch.full_like(rest, 1.0 / vocab))
+    cdf = r.cumsum(-1)
+    cdf = cdf / cdf[:, -1:].clamp_min(1e-30)  # exactly 1 at the end, whatever the float sum
+    u = torch.rand(rows, 1, generator=generator, device=logprobs.device, dtype=torch.float64)
+    points = ((torch.arange(draws, device=logprobs.device, dtype=torch.float64) + u) / draws).to(cdf.dtype)
+    picked = torch.searchsorted(cdf, points.contiguous(), right=True).clamp_max(vocab - 1)  # [R, n], ascending
+    # float rounding can land a point on an id of zero tail mass (a head id or a -inf one): move it to its left
+    # neighbour with mass, which is where the rounded cdf step came from
+    bad = r.gather(-1, picked) <= 0
+    if bool(bad.any()):
+        last_with_mass = torch.where(r > 0, torch.arange(vocab, device=r.device), -1).cummax(-1).values
+        picked = torch.where(bad, last_with_mass.gather(-1, picked).clamp_min(0), picked)
+    picked = torch.where(has_tail.unsqueeze(-1), picked, out["ids"][:, :1])
+    mean = torch.where(r > 0, r * rest, torch.zeros_like(r)).sum(-1)  # r = 0 where rest = -inf: no 0 * inf
+    out.update(tail_ids=picked, tail_mean_logprob=torch.where(has_tail, mean, torch.zeros_like(mean)))
+    return out
+
+
 def shard_seed(seed: int, split: str, index: int) -> int:
     """A 63-bit seed per (cache seed, split, shard): shards draw independently of which rank writes them."""
     digest = hashlib.sha256(f"{seed}/{split}/{index}".encode()).digest()
@@ -145,7 +194,7 @@ def split_info(blocks: TokenBlocks) -> dict[str, Any]:
 def build_header(*, teacher: dict[str, str], tokenizer_fingerprint: str, vocab: int, data_params: dict[str, Any],
                  splits: dict[str, TokenBlocks], cfg: CacheConfig) -> dict[str, Any]:
     """Everything manifest.json holds besides the shard list."""
-    if cfg.encoding == "topk" and cfg.k > vocab:
+    if cfg.encoding in ("topk", "topk_sampled") and cfg.k > vocab:
         raise ConfigError(f"cache.k={cfg.k} is larger than the vocabulary ({vocab} tokens); use k <= {vocab}")
     encoding: dict[str, Any] = {"kind": cfg.encoding, "values": cfg.values, "temperature": cfg.temperature,
                                 "id_bytes": id_bytes(vocab), "vocab": vocab}
@@ -153,11 +202,13 @@ def build_header(*, teacher: dict[str, str], tokenizer_fingerprint: str, vocab: 
         encoding["int8_range"] = cfg.int8_range
     if cfg.encoding == "topk":
         encoding.update(k=cfg.k, tail=cfg.tail)
+    elif cfg.encoding == "topk_sampled":
+        encoding.update(k=cfg.k, tail=True, draws=cfg.draws, seed=cfg.seed)
     else:
         encoding.update(draws=cfg.draws, seed=cfg.seed)
     return {
         "format": FORMAT,
-        "version": VERSION,
+        "version": format_version(cfg.encoding),
         "teacher": teacher,
         "tokenizer": {"fingerprint": tokenizer_fingerprint, "vocab": vocab},
         "data": {"params": data_params, "splits": {name: split_info(b) for name, b in splits.items()}},
@@ -298,21 +349,25 @@ class CacheWriter:
                 else:
                     if generator is None:
                         generator = torch.Generator(device=rows.device).manual_seed(shard_seed(enc["seed"], split, j))
-                    part = sampled_rows(rows, enc["draws"], generator)
+                    if enc["kind"] == "topk_sampled":
+                        part = topk_sampled_rows(rows, enc["k"], enc["draws"], generator)
+                    else:
+                        part = sampled_rows(rows, enc["draws"], generator)
             parts.append({k: v.cpu() for k, v in part.items()})
             if on_batch is not None:
                 on_batch(int(mask.sum()))
         sub = TokenBlocks(*(t[lo:hi] for t in (blocks.input_ids, blocks.labels, blocks.attention_mask)))
         tensors = self._pack(parts, sub)
         # one metadata key: safetensors writes a metadata map in hash order, which differs from run to run
-        about = json.dumps({"blocks": [lo, hi], "format": FORMAT, "shard": j, "split": split, "version": VERSION},
-                           sort_keys=True)
+        about = json.dumps({"blocks": [lo, hi], "format": FORMAT, "shard": j, "split": split,
+                            "version": self.header["version"]}, sort_keys=True)
         data = safetensors_save(dict(sorted(tensors.items())), metadata={"lmdistill": about})
         rel = shard_name(split, j)
         write_bytes(self.root / rel, data, "soft-label cache shard")
         rows_n = int(tensors["row_offsets"][-1])
-        entry = ShardEntry(split=split, index=j, file=rel, blocks=(lo, hi), rows=rows_n,
-                           ids=int(tensors["ids"].shape[0] if enc["kind"] == "sampled" else rows_n * enc["k"]),
+        stored = {"topk": rows_n * enc.get("k", 0), "sampled": int(tensors["ids"].shape[0]),
+                  "topk_sampled": rows_n * (enc.get("k", 0) + enc.get("draws", 0))}
+        entry = ShardEntry(split=split, index=j, file=rel, blocks=(lo, hi), rows=rows_n, ids=stored[enc["kind"]],
                            bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
         self.done[(split, j)] = entry
         self._write_journal()
@@ -328,9 +383,13 @@ class CacheWriter:
         width = enc["id_bytes"]
         out["ids"] = pack_ids(cat["ids"], width)
         out["logprobs"] = encode_values(cat["logprobs"], enc["values"], enc.get("int8_range", 0.0))
-        if enc["kind"] == "topk":
+        if enc["kind"] in ("topk", "topk_sampled"):
             if enc["tail"]:
                 out["tail_logprob"] = encode_values(cat["tail_logprob"], enc["values"], enc.get("int8_range", 0.0))
+            if enc["kind"] == "topk_sampled":
+                out["tail_ids"] = pack_ids(cat["tail_ids"], width)
+                out["tail_mean_logprob"] = encode_values(cat["tail_mean_logprob"], enc["values"],
+                                                         enc.get("int8_range", 0.0))
         else:
             cdt = count_dtype(enc["draws"])
             out["n_ids"] = cat["n_ids"].to(torch.int32).to(cdt)

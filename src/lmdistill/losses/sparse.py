@@ -34,7 +34,9 @@ are fixed given the logits, so by linearity ``E[\hat L] = \sum_v p_T(v) (\log p_
 KL(p_T || p_S)``. The gradient w.r.t. the student's logits is ``-\sum_v w_v \nabla \log p_S(v)``, linear in ``w``
 too, so ``E[\nabla \hat L] = \nabla KL(p_T || p_S)``: unbiased in value *and* gradient. With draws from a proposal
 ``q`` instead, weights ``w_v = c_v / n \cdot p_T(v) / q(v)`` keep ``E[w_v] = p_T(v)`` and the same argument holds;
-this function takes whatever weights the cache stores. Reverse KL, JSD, the skews and TVD are non-linear in
+this function takes whatever weights the cache stores. A ``topk_sampled`` cache uses that freedom: its top-k ids carry
+their exact ``p_T(v)`` (zero variance) and the ids drawn from the tail outside them carry ``m c_v / n`` (``m`` the tail
+mass, ``c_v`` out of ``n`` draws of the renormalised tail), so ``E[w_v] = p_T(v)`` for every id again. Reverse KL, JSD, the skews and TVD are non-linear in
 ``p_T``, so plugging in sampled weights would be biased: those kinds are refused.
 
 Conventions shared with :func:`~lmdistill.losses.divergence`: fp32 arithmetic, the student's logits divided by
