@@ -68,7 +68,9 @@ def test_every_arm_has_a_row_and_the_report_files_exist(compared):
     assert [a["name"] for a in ok] == ["ce", "soft", "soft_rkl"]
     for a in ok:
         m = a["metrics"]
-        assert {"perplexity", "kl_to_teacher", "agreement", "ece", "student_tokens_per_s"} <= set(m)
+        assert {"perplexity", "bits_per_byte", "kl_to_teacher", "agreement", "ece", "student_tokens_per_s"} <= set(m)
+        lo, hi = a["intervals"]["bits_per_byte"]
+        assert lo <= m["bits_per_byte"] <= hi and saved["teacher_metrics"]["bits_per_byte"] < m["bits_per_byte"]
         assert a["wall_s"] > 0 and a["train_s"] > 0 and a["peak_memory_mb"] is not None
         assert Path(a["log"]).is_file() and Path(a["student_dir"], "config.json").is_file()
         assert f"| {a['name']} |" in md and f"<td class=\"l\">{a['name']}</td>" in html
@@ -94,7 +96,8 @@ def test_every_arm_has_a_row_and_the_report_files_exist(compared):
         assert lo <= a["metrics"]["kl_to_teacher"] <= hi and lo < hi
         assert f"{a['name']} |" in md
     assert "Cells: mean [95 % interval]" in md and "Cells: mean [95 % interval]" in html
-    assert set(saved["verdicts"]) >= {"kl_to_teacher", "perplexity", "agreement"}
+    assert set(saved["verdicts"]) >= {"kl_to_teacher", "perplexity", "bits_per_byte", "agreement"}
+    assert "held-out bits / byte" in md and "held-out bits / byte" in html
     for key, v in saved["verdicts"].items():
         assert v["verdict"] in ("winner", "tie", "no interval")
         assert (key in saved["winners"]) == (v["verdict"] == "winner")

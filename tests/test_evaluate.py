@@ -143,6 +143,8 @@ def test_run_eval_writes_metrics_and_side_by_side_generations(teacher_dir, stude
     assert {"perplexity", "kl_to_teacher", "agreement", "ece", "student_tokens_per_s"} <= set(m)
     assert m["kl_to_teacher"] > 0 and 0 <= m["agreement"] <= 1 and m["tokens"] == 2 * 4 * 32
     assert saved["teacher_metrics"]["perplexity"] < m["perplexity"]  # the trained teacher beats a random student
+    assert saved["teacher_metrics"]["bits_per_byte"] < m["bits_per_byte"]  # and per byte, on the same targets
+    assert m["bytes"] == saved["teacher_metrics"]["bytes"] > 0
     assert len(saved["generations"]) == 2
     for g in saved["generations"]:
         assert set(g["outputs"]) == {"teacher", "student"}

@@ -2,7 +2,9 @@
 
 Per target token: cross-entropy (-> perplexity), KL(teacher || student), top-1 agreement with the teacher, and the
 expected calibration error of the student's top-1 prediction against the ground-truth next token. Plus throughput and
-greedy / sampled generations of teacher and student side by side for the same prompts.
+greedy / sampled generations of teacher and student side by side for the same prompts. Per byte of the target text:
+bits per byte (the CE sum in bits over the bytes the target tokens spell), which does not depend on the tokenizer, so
+models of different vocabularies compare on equal terms.
 
 The training loop calls `evaluate_blocks` every `train.eval_every` steps (logged as `eval/*`), so every run has
 learning curves of these metrics; `compare` scores all its students with `evaluate_models` on the same batches.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +29,7 @@ from torch import Tensor, nn
 from lmdistill.config import BaseConfig, DataConfig, GenerationOptions, ModelConfig
 from lmdistill.data import IGNORE, TokenBlocks
 from lmdistill.io import write_json
+from lmdistill.token_bytes import ByteOffsetError, token_byte_lengths, tokenizer_name
 
 ECE_BINS = 15
 
@@ -83,10 +87,18 @@ class MetricSums:
     agree: float = 0.0
     teacher_ce: float = 0.0
     has_teacher: bool = False
+    n_bytes: int = 0
+    has_bytes: bool = False
     calib: CalibrationHistogram = field(default_factory=CalibrationHistogram)
 
-    def add(self, student_logits: Tensor, labels: Tensor, teacher_logits: Tensor | None = None) -> None:
-        """student_logits/teacher_logits [B, T, V] (sliced to the shared vocab), labels [B, T] with -100 ignored."""
+    def add(self, student_logits: Tensor, labels: Tensor, teacher_logits: Tensor | None = None,
+            byte_lengths: Tensor | None = None) -> None:
+        """student_logits/teacher_logits [B, T, V] (sliced to the shared vocab), labels [B, T] with -100 ignored.
+
+        byte_lengths: [len(tokenizer)] bytes each token id spells (`byte_lengths_of`), for bits per byte: the bytes
+        of the target tokens are summed. A special-token target (the EOS between packed documents) spells 0 bytes but
+        its CE counts: predicting where a document ends is part of modelling the text (the usual convention).
+        """
         mask = labels != IGNORE
         if not mask.any():
             return
@@ -94,6 +106,9 @@ class MetricSums:
         y = labels[mask]
         logp = torch.log_softmax(s, dim=-1)
         self.tokens += int(y.numel())
+        if byte_lengths is not None:
+            self.has_bytes = True
+            self.n_bytes += target_bytes(y, byte_lengths)
         self.ce += float(F.nll_loss(logp, y, reduction="sum"))
         conf, pred = logp.max(dim=-1)
         self.calib.add(conf.exp(), pred == y)
@@ -106,27 +121,62 @@ class MetricSums:
             self.teacher_ce += float(F.nll_loss(lt, y, reduction="sum"))
 
     def result(self) -> dict[str, float]:
+        """Per-token means; with byte lengths also `bits_per_byte` and the target `bytes` (and `teacher_bits_per_byte`
+        with a teacher), left out when the targets spell no byte at all."""
         n = max(self.tokens, 1)
         out = {"ce": self.ce / n, "perplexity": math.exp(min(self.ce / n, 50.0)), "ece": self.calib.ece(),
                "tokens": float(self.tokens)}
+        if self.has_bytes and self.n_bytes > 0:
+            out.update(bits_per_byte=bits_per_byte(self.ce, self.n_bytes), bytes=float(self.n_bytes))
         if self.has_teacher:
             out.update(kl_to_teacher=self.kl / n, agreement=self.agree / n,
                        teacher_perplexity=math.exp(min(self.teacher_ce / n, 50.0)))
+            if self.has_bytes and self.n_bytes > 0:
+                out["teacher_bits_per_byte"] = bits_per_byte(self.teacher_ce, self.n_bytes)
         return out
 
 
-def _per_block_sums(logits: Tensor, labels: Tensor, teacher_logits: Tensor | None) -> list[list[float]]:
-    """[target tokens, CE sum, KL(teacher || student) sum, agreements] of every block (row) of a batch."""
+def bits_per_byte(ce_sum: float, n_bytes: float) -> float:
+    """Bits per byte of text: the CE sum in nats over the target tokens / (ln 2 * the bytes those tokens spell)."""
+    return ce_sum / (math.log(2) * n_bytes)
+
+
+def target_bytes(targets: Tensor, byte_lengths: Tensor) -> int:
+    """Bytes spelled by target token ids `targets` (any shape, no -100) under the table `byte_lengths` [V]."""
+    return int(byte_lengths.to(targets.device)[targets].sum())
+
+
+_WARNED_NO_BYTES: set[str] = set()
+
+
+def byte_lengths_of(tokenizer: Any) -> Tensor | None:
+    """[len(tokenizer)] bytes each token spells (0 for special tokens), or None, with one warning per tokenizer, for
+    a tokenizer whose tokens' bytes are unknown (then bits per byte is left out; the other metrics are reported)."""
+    try:
+        return token_byte_lengths(tokenizer)
+    except ByteOffsetError as e:
+        name = tokenizer_name(tokenizer)
+        if name not in _WARNED_NO_BYTES:
+            _WARNED_NO_BYTES.add(name)
+            warnings.warn(f"no bits per byte: {e}", stacklevel=2)
+        return None
+
+
+def _per_block_sums(logits: Tensor, labels: Tensor, teacher_logits: Tensor | None,
+                    byte_lengths: Tensor | None = None) -> list[list[float]]:
+    """[target tokens, CE sum, KL(teacher || student) sum, agreements, target bytes (0 without `byte_lengths`)] of
+    every block (row) of a batch."""
     out = []
     for b in range(labels.shape[0]):
         mask = labels[b] != IGNORE
         n = int(mask.sum())
         if n == 0:
-            out.append([0.0, 0.0, 0.0, 0.0])
+            out.append([0.0, 0.0, 0.0, 0.0, 0.0])
             continue
         logp = torch.log_softmax(logits[b][mask].float(), dim=-1)
         y = labels[b][mask]
-        row = [float(n), float(F.nll_loss(logp, y, reduction="sum")), 0.0, 0.0]
+        n_bytes = float(target_bytes(y, byte_lengths)) if byte_lengths is not None else 0.0
+        row = [float(n), float(F.nll_loss(logp, y, reduction="sum")), 0.0, 0.0, n_bytes]
         if teacher_logits is not None:
             lt = torch.log_softmax(teacher_logits[b][mask].float(), dim=-1)
             row[2] = float((lt.exp() * (lt - logp)).nan_to_num(0.0).sum())
@@ -150,8 +200,9 @@ def held_out_batches(blocks: TokenBlocks, batch_size: int, max_batches: int | No
 def evaluate_blocks(student: nn.Module, blocks: TokenBlocks, *, n_vocab: int, batch_size: int = 4,
                     max_batches: int | None = None,
                     teacher_logits_fn: Callable[[dict[str, Tensor]], Tensor] | None = None,
-                    device: torch.device | str | None = None) -> dict[str, float]:
-    """Metrics of `student` on held-out blocks; with `teacher_logits_fn` also KL to the teacher and agreement."""
+                    device: torch.device | str | None = None, byte_lengths: Tensor | None = None) -> dict[str, float]:
+    """Metrics of `student` on held-out blocks; with `teacher_logits_fn` also KL to the teacher and agreement; with
+    `byte_lengths` (the student tokenizer's [V] table, `byte_lengths_of`) also bits per byte."""
     if len(blocks) == 0:
         return {}
     was_training = student.training
@@ -165,7 +216,7 @@ def evaluate_blocks(student: nn.Module, blocks: TokenBlocks, *, n_vocab: int, ba
         logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., :n_vocab]
         student_s += _synced_elapsed(ts, logits)
         t_logits = teacher_logits_fn(batch)[..., :n_vocab] if teacher_logits_fn is not None else None
-        sums.add(logits, batch["labels"], t_logits)
+        sums.add(logits, batch["labels"], t_logits, byte_lengths)
     out = sums.result()
     # eval_tokens_per_s: the whole evaluation (teacher included); student_tokens_per_s: the student's forward alone.
     out["eval_tokens_per_s"] = sums.tokens / max(time.perf_counter() - t0, 1e-9)
@@ -185,13 +236,16 @@ def _synced_elapsed(start: float, tensor: Tensor) -> float:
 def evaluate_models(models: Mapping[str, nn.Module], blocks: TokenBlocks, *, n_vocab: int,
                     teacher: nn.Module | None = None, batch_size: int = 4, max_batches: int | None = None,
                     device: torch.device | str | None = None,
-                    block_sums: dict[str, list[list[float]]] | None = None) -> dict[str, dict[str, float]]:
+                    block_sums: dict[str, list[list[float]]] | None = None, byte_lengths: Tensor | None = None,
+                    teacher_byte_lengths: Tensor | None = None) -> dict[str, dict[str, float]]:
     """Several students on the same held-out batches; the teacher runs once per batch and serves them all.
 
     Returns {name: metrics} as `evaluate_blocks` computes them (`student_tokens_per_s` times each model's own forward),
-    plus `"teacher"`: the teacher's own perplexity, ECE and tokens/s when a teacher is given. With `block_sums` (a
-    dict to fill) each model's per-block sums [target tokens, CE, KL to the teacher, top-1 agreements] are appended to
-    block_sums[name], one list per held-out block in order: what a bootstrap over blocks resamples.
+    plus `"teacher"`: the teacher's own perplexity, ECE, bits per byte and tokens/s when a teacher is given. With
+    `block_sums` (a dict to fill) each model's per-block sums [target tokens, CE, KL to the teacher, top-1 agreements,
+    target bytes] are appended to block_sums[name], one list per held-out block in order: what a bootstrap over blocks
+    resamples. `byte_lengths` is the students' [V] token-byte table (`byte_lengths_of`); `teacher_byte_lengths` the
+    teacher's own (default: the same), so its bits per byte is over its own tokens of the same text.
     """
     if len(blocks) == 0 or not models:
         return {}
@@ -202,6 +256,7 @@ def evaluate_models(models: Mapping[str, nn.Module], blocks: TokenBlocks, *, n_v
     sums = {name: MetricSums() for name in models}
     seconds = dict.fromkeys(models, 0.0)
     teacher_sums, teacher_s = MetricSums(), 0.0
+    t_bytes = teacher_byte_lengths if teacher_byte_lengths is not None else byte_lengths
     for batch in held_out_batches(blocks, batch_size, max_batches, device):
         t_logits = None
         if teacher is not None:
@@ -209,15 +264,16 @@ def evaluate_models(models: Mapping[str, nn.Module], blocks: TokenBlocks, *, n_v
             t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                use_cache=False).logits[..., :n_vocab]
             teacher_s += _synced_elapsed(ts, t_logits)
-            teacher_sums.add(t_logits, batch["labels"])
+            teacher_sums.add(t_logits, batch["labels"], byte_lengths=t_bytes)
         for name, model in models.items():
             ts = time.perf_counter()
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            use_cache=False).logits[..., :n_vocab]
             seconds[name] += _synced_elapsed(ts, logits)
-            sums[name].add(logits, batch["labels"], t_logits)
+            sums[name].add(logits, batch["labels"], t_logits, byte_lengths)
             if block_sums is not None:
-                block_sums.setdefault(name, []).extend(_per_block_sums(logits, batch["labels"], t_logits))
+                block_sums.setdefault(name, []).extend(_per_block_sums(logits, batch["labels"], t_logits,
+                                                                       byte_lengths))
     out: dict[str, dict[str, float]] = {}
     for name, s in sums.items():
         out[name] = {**s.result(), "student_tokens_per_s": s.tokens / max(seconds[name], 1e-9)}
@@ -435,7 +491,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             "lower data.block_size"
         )
     metrics = evaluate_models({"student": student}, held, n_vocab=n_vocab, teacher=teacher, batch_size=cfg.batch_size,
-                              max_batches=cfg.max_batches, device=device)
+                              max_batches=cfg.max_batches, device=device, byte_lengths=byte_lengths_of(tok))
     opts = cfg.generation
     prompts = (prompts_from_text(opts.prompts, tok, cfg.data.stage == "chat") if opts.prompts
                else prompts_from_blocks(held, opts.n_prompts, opts.prompt_tokens))
@@ -469,11 +525,15 @@ def eval_command(cfg: EvalConfig) -> dict[str, Any]:
     result = run_eval(cfg)
     m = result["metrics"]
     line = f"perplexity {m['perplexity']:.3f}  ECE {m['ece']:.4f}  student {m['student_tokens_per_s']:,.0f} tokens/s"
+    if "bits_per_byte" in m:
+        line += f"  bits/byte {m['bits_per_byte']:.4f}"
     if "kl_to_teacher" in m:
         line += f"  KL(teacher||student) {m['kl_to_teacher']:.4f}  agreement {m['agreement']:.3f}"
     print(line)
     if result.get("teacher_metrics"):
-        print(f"teacher perplexity {result['teacher_metrics']['perplexity']:.3f}")
+        t = result["teacher_metrics"]
+        print(f"teacher perplexity {t['perplexity']:.3f}"
+              + (f"  bits/byte {t['bits_per_byte']:.4f}" if "bits_per_byte" in t else ""))
     for i, g in enumerate(result["generations"], 1):
         print(f"--- prompt {i}: {g['prompt']!r}")
         for name, o in g["outputs"].items():

@@ -2,8 +2,9 @@
 
 Every metric is shown as the mean over the arm's seeds and a 95 % interval: a t-interval over the seeds when there are
 two or more, a bootstrap over the held-out blocks with one (for the metrics that are sums over blocks: perplexity,
-KL to the teacher, agreement; the others then have none). A winner is named only when its interval clears every
-other arm's; otherwise the report says "tie".
+bits per byte, KL to the teacher, agreement; the others then have none). A winner is named only when its interval
+clears every other arm's; otherwise the report says "tie". Bits per byte (lower is better) does not depend on the
+tokenizer: it compares students of different vocabularies, and the teacher, on the same text.
 
 `write_report(results, out_dir)` turns the results of `lmdistill compare` into
     report.md        tables + figures/*.png linked beside it
@@ -40,6 +41,7 @@ def _scaled(decimals: int) -> Format:
 # scoring throughput differs between arms only by timing noise, and naming a winner on it would be a false claim.
 METRICS: list[tuple[str, str, str, Format]] = [
     ("perplexity", "held-out perplexity", "min", _scaled(2)),
+    ("bits_per_byte", "held-out bits / byte", "min", "{:.4f}".format),
     ("kl_to_teacher", "KL(teacher ‖ student)", "min", "{:.4f}".format),
     ("agreement", "top-1 agreement", "max", "{:.3f}".format),
     ("ece", "ECE", "min", "{:.4f}".format),
@@ -83,8 +85,9 @@ def t_interval(values: list[float]) -> tuple[float, float, float]:
 
 def bootstrap_blocks(blocks: list[list[float]], resamples: int = BOOTSTRAP_RESAMPLES,
                      seed: int = 0) -> dict[str, tuple[float, float]]:
-    """95 % percentile intervals of perplexity, CE, KL to the teacher and agreement from per-block sums
-    [tokens, CE, KL, agreements] (`evaluate_models(block_sums=...)`), resampling the blocks with replacement."""
+    """95 % percentile intervals of perplexity, CE, KL to the teacher, agreement and bits per byte from per-block
+    sums [tokens, CE, KL, agreements, bytes] (`evaluate_models(block_sums=...)`; bits per byte only when every block
+    has its bytes), resampling the blocks with replacement."""
     import torch
 
     rows = [b for b in blocks if b[0] > 0]
@@ -93,10 +96,12 @@ def bootstrap_blocks(blocks: list[list[float]], resamples: int = BOOTSTRAP_RESAM
     x = torch.tensor(rows, dtype=torch.float64)
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(len(rows), (resamples, len(rows)), generator=g)
-    sums = x[idx].sum(dim=1)  # [R, 4]
+    sums = x[idx].sum(dim=1)  # [R, 4 or 5]
     tokens = sums[:, 0]
     stats = {"ce": sums[:, 1] / tokens, "kl_to_teacher": sums[:, 2] / tokens, "agreement": sums[:, 3] / tokens}
     stats["perplexity"] = stats["ce"].clamp(max=50.0).exp()
+    if x.shape[1] > 4 and bool((x[:, 4] > 0).any()):
+        stats["bits_per_byte"] = sums[:, 1] / (math.log(2) * sums[:, 4])
     q = torch.tensor([0.025, 0.975], dtype=torch.float64)
     return {k: (float(torch.quantile(v, q)[0]), float(torch.quantile(v, q)[1])) for k, v in stats.items()}
 
@@ -234,7 +239,7 @@ def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]], lis
         flags.append([False, False] + [arm["name"] in win.get(k, []) for k, _, _, _ in METRICS])
     t = results.get("teacher_metrics")
     if t:
-        ref = {"perplexity": t.get("perplexity"), "ece": t.get("ece"), "student_tokens_per_s": t.get("student_tokens_per_s")}
+        ref = {k: t.get(k) for k in ("perplexity", "bits_per_byte", "ece", "student_tokens_per_s")}
         rows.append(["teacher", f"reference: {results.get('teacher')}"]
                     + [_fmt(ref.get(k), f) if k in ref else "—" for k, _, _, f in METRICS])
         flags.append([False] * len(header))

@@ -192,6 +192,7 @@ def score(cfg: CompareConfig, arms: list[ArmResult], tok: Any, held: Any,
     from lmdistill.config import RolloutConfig
     from lmdistill.data import build_splits
     from lmdistill.evaluate import (
+        byte_lengths_of,
         evaluate_models,
         generation_tokens_per_s,
         prompts_from_blocks,
@@ -229,7 +230,7 @@ def score(cfg: CompareConfig, arms: list[ArmResult], tok: Any, held: Any,
         sums: dict[str, list[list[float]]] = {}
         scored = evaluate_models(students, held, n_vocab=len(tok), teacher=teacher,
                                  batch_size=cfg.train.micro_batch_size, max_batches=cfg.train.eval_batches,
-                                 device=device, block_sums=sums)
+                                 device=device, block_sums=sums, byte_lengths=byte_lengths_of(tok))
         teacher_metrics = teacher_metrics or scored.get("teacher")
         for name in students:
             metrics[name][seed] = scored[name]
