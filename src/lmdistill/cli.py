@@ -171,10 +171,15 @@ def _register_all() -> None:
     from lmdistill.recipes.compare import CompareConfig, compare_command
     from lmdistill.recipes.demo import demo_command
 
-    register("eval", EvalConfig, eval_command, "Held-out perplexity, KL to the teacher, agreement, ECE, tokens/s, "
-             "generations side by side (JSON).")
+    register("eval", EvalConfig, eval_command, "Held-out perplexity, bits per byte, KL to the teacher, agreement, ECE, "
+             "tokens/s, generations side by side (JSON).")
     register("compare", CompareConfig, compare_command, "Several distillation methods on equal terms; a report "
              "with tables and plots.")
+    from lmdistill.recipes.prune import PruneRunConfig, prune_command
+
+    register("prune", PruneRunConfig, prune_command, "Cut a student from the teacher (layers; width too with "
+             "prune.method=minitron), write it, and print its held-out perplexity before any training next to "
+             "keep-every-k-th-layer.")
     main.add_command(demo_command)
 
 
@@ -183,7 +188,8 @@ _register_all()
 
 @main.command("assets")
 @click.option("--convert/--no-convert", default=True, help="Convert the embedded GGUF teacher now (once, ~1 min).")
-def assets_cmd(convert: bool) -> None:
+@click.option("--gemma", is_flag=True, help="Also check (and convert, ~2 min) the teacher `embedded:gemma3-270m`.")
+def assets_cmd(convert: bool, gemma: bool) -> None:
     """Check the embedded default (teacher and text) and prepare it for offline use."""
     from lmdistill import assets
 
@@ -193,6 +199,10 @@ def assets_cmd(convert: bool) -> None:
         click.echo(f"teacher: {assets.smollm2_gguf()}")
         if convert:
             click.echo(f"converted teacher: {assets.teacher_dir()}")
+        if gemma:
+            click.echo(f"gemma:   {len(assets.gemma_parts())} GGUF chunks ({assets.GEMMA_GGUF})")
+            if convert:
+                click.echo(f"converted gemma: {assets.gemma_dir()}")
     except LmdistillError as e:
         raise click.ClickException(str(e)) from None
 

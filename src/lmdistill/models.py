@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lmdistill.assets import EMBEDDED_TEACHER, teacher_dir
-from lmdistill.config import CoModelConfig, LoraConfig, ModelConfig, Precision, PruneConfig, StudentConfig
+from lmdistill.assets import EMBEDDED_TEACHERS, teacher_dir
+from lmdistill.config import CoModelConfig, LoraConfig, ModelConfig, Precision, StudentConfig
 from lmdistill.errors import ConfigError, ModelLoadError, VocabMismatchError
 from lmdistill.losses.head import Head
+from lmdistill.prune import prune_layers, prune_student  # noqa: F401  (prune_layers: re-exported, its old home)
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +24,12 @@ DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16,
 
 def resolve_model_path(name_or_path: str) -> str:
     """`embedded:...` -> the converted local directory; anything else is passed to from_pretrained as is."""
-    if name_or_path == EMBEDDED_TEACHER:
-        return str(teacher_dir())
+    if name_or_path in EMBEDDED_TEACHERS:
+        return str(teacher_dir(name_or_path))
     if name_or_path.startswith("embedded:"):
-        raise ConfigError(f"unknown embedded model `{name_or_path}`; the only one is `{EMBEDDED_TEACHER}`")
+        raise ConfigError(
+            f"unknown embedded model `{name_or_path}`; the embedded ones are {', '.join(EMBEDDED_TEACHERS)}"
+        )
     return name_or_path
 
 
@@ -133,8 +133,10 @@ def shared_vocab_size(teacher_tokenizer: Any, student_tokenizer: Any, teacher: n
         raise VocabMismatchError(
             f"teacher and student tokenizers differ (teacher {len(t_vocab)} tokens, student {len(s_vocab)}; "
             f"teacher-only e.g. {t_only}, student-only e.g. {s_only}, {moved} shared tokens with other ids), so their "
-            "distributions cannot be compared token by token. Use hard-label distillation on teacher text instead: "
-            "`lmdistill generate` then `lmdistill hard --mode sequence`, or give the student the teacher's tokenizer."
+            "distributions cannot be compared token by token. Distil across tokenizers with `--loss.cross_tokenizer "
+            "hybrid` (or `uld`: the two tokenizations are aligned by bytes), use hard-label distillation on teacher "
+            "text (`lmdistill generate` then `lmdistill hard --mode sequence`), or give the student the teacher's "
+            "tokenizer."
         )
     n_vocab = len(teacher_tokenizer)
     for name, model in (("teacher", teacher), ("student", student)):
@@ -144,129 +146,6 @@ def shared_vocab_size(teacher_tokenizer: Any, student_tokenizer: Any, teacher: n
                 "resize its embeddings (model.resize_token_embeddings(len(tokenizer))) and save it again"
             )
     return n_vocab
-
-
-def prune_layers(model: Any, keep_layers: list[int]) -> nn.Module:
-    """A copy of `model` that keeps only the decoder layers `keep_layers` (in that order), Minitron/DistilBERT style."""
-    from transformers import AutoModelForCausalLM
-
-    config = copy.deepcopy(model.config)
-    n_layers = int(config.num_hidden_layers)
-    bad = [i for i in keep_layers if not 0 <= i < n_layers]
-    if bad or not keep_layers or len(set(keep_layers)) != len(keep_layers):
-        raise ConfigError(
-            f"student.keep_layers must be distinct indices in [0, {n_layers - 1}] (the teacher has {n_layers} layers), "
-            f"got {keep_layers}"
-        )
-    config.num_hidden_layers = len(keep_layers)
-    if getattr(config, "layer_types", None):
-        config.layer_types = [config.layer_types[i] for i in keep_layers]
-    student = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
-    src, dst = model.state_dict(), {}
-    for key, value in src.items():
-        parts = key.split(".")
-        if "layers" in parts:
-            idx = parts.index("layers") + 1
-            old = int(parts[idx])
-            if old not in keep_layers:
-                continue
-            parts[idx] = str(keep_layers.index(old))
-        dst[".".join(parts)] = value.clone()
-    missing, unexpected = student.load_state_dict(dst, strict=False)
-    # Tied lm_head weights appear as missing in some architectures; anything else means the copy is wrong.
-    missing = [k for k in missing if not k.endswith("lm_head.weight")]
-    if missing or unexpected:
-        raise ModelLoadError(f"pruning could not map weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for i, layer in enumerate(_decoder_layers(student)):
-        attention: Any = getattr(layer, "self_attn", None)
-        if hasattr(attention, "layer_idx"):
-            attention.layer_idx = i  # KV-cache slots follow the new numbering
-    student.generation_config = copy.deepcopy(model.generation_config)
-    return student
-
-
-@torch.no_grad()
-def layer_influence(model: Any, batches: Iterable[dict[str, torch.Tensor]]) -> list[float]:
-    """Per decoder layer, 1 - cos(input, output) of its hidden states, averaged over the real tokens of `batches`
-    (ShortGPT's block influence): ~0 for a layer that passes its input on unchanged, larger the more it changes it."""
-    layers = _decoder_layers(model)
-    sums = torch.zeros(len(layers), dtype=torch.float64)
-    mask: list[torch.Tensor] = []
-
-    def hook(i: int) -> Any:
-        def fn(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            x = args[0] if args else kwargs["hidden_states"]
-            y = output[0] if isinstance(output, tuple) else output
-            cos = F.cosine_similarity(x.float(), y.float(), dim=-1)  # [B, T]
-            sums[i] += float(((1.0 - cos) * mask[0]).sum())
-        return fn
-
-    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    was_training, tokens = model.training, 0.0
-    model.eval()
-    device = next(model.parameters()).device
-    try:
-        for batch in batches:
-            ids = batch["input_ids"].to(device)
-            attn = batch.get("attention_mask")
-            attn = torch.ones_like(ids) if attn is None else attn.to(device)
-            mask[:] = [attn.float()]
-            tokens += float(attn.sum())
-            model(input_ids=ids, attention_mask=attn, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    if tokens == 0:
-        raise ConfigError("student.prune.method=influence: the calibration text gave no tokens")
-    return [float(v) / tokens for v in sums]
-
-
-def most_influential(scores: list[float], n_keep: int) -> list[int]:
-    """The indices of the `n_keep` highest scores, in layer order (ties: the earlier layer)."""
-    if not 1 <= n_keep <= len(scores):
-        raise ConfigError(f"student.keep_layers asks for {n_keep} layers; the teacher has {len(scores)}")
-    ranked = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
-    return sorted(ranked[:n_keep])
-
-
-def calibration_batches(cfg: PruneConfig, tokenizer: Any) -> list[dict[str, torch.Tensor]]:
-    """The batches of student.prune.calibration_source that method=influence scores the layers on."""
-    from lmdistill.config import DataConfig
-    from lmdistill.data import build_splits
-
-    n = cfg.calibration_batches * cfg.calibration_batch_size
-    data = DataConfig(source=cfg.calibration_source, block_size=cfg.calibration_block_size, eval_documents=0,
-                      max_documents=max(8, 4 * n))
-    blocks = build_splits(data, tokenizer).train
-    if len(blocks) == 0:
-        raise ConfigError(f"student.prune.calibration_source `{cfg.calibration_source}` gave no text to score on")
-    out = []
-    for b in range(cfg.calibration_batches):
-        idx = list(range(b * cfg.calibration_batch_size, min((b + 1) * cfg.calibration_batch_size, len(blocks))))
-        if idx:
-            out.append(blocks.batch(idx))
-    return out
-
-
-def choose_layers(teacher: nn.Module, cfg: StudentConfig, tokenizer: Any) -> list[int]:
-    """The teacher layers an init=prune student keeps: student.keep_layers, or with prune.method=influence the
-    len(keep_layers) most influential ones on the calibration text."""
-    if cfg.prune.method == "keep_layers":
-        return list(cfg.keep_layers)
-    scores = layer_influence(teacher, calibration_batches(cfg.prune, tokenizer))
-    keep = most_influential(scores, len(cfg.keep_layers))
-    log.info("influence pruning keeps teacher layers %s (1 - cos per layer: %s)", keep,
-             ", ".join(f"{s:.4f}" for s in scores))
-    return keep
-
-
-def _decoder_layers(model: Any) -> nn.ModuleList:
-    decoder = model.get_decoder()
-    layers = getattr(decoder, "layers", None)
-    if layers is None:
-        raise ModelLoadError(f"{type(model).__name__} has no `.layers` in its decoder; pruning is not supported for it")
-    return layers
 
 
 def model_from_arch(arch: dict[str, Any], base_config: Any, tokenizer: Any, what: str = "student") -> nn.Module:
@@ -337,7 +216,8 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
 def build_student(cfg: StudentConfig | CoModelConfig, tokenizer: Any, *, teacher: nn.Module | None = None,
                   teacher_config: Any = None, seed: int = 0, what: str = "student") -> nn.Module:
     """A trainable model as `cfg` asks: a pretrained checkpoint, random init from `arch` (on top of the teacher's config
-    when there is one), or pruned from the teacher's layers; then its dtype, and LoRA adapters when configured.
+    when there is one), or pruned from the teacher (lmdistill.prune: its layers, and its width with
+    prune.method=minitron); then its dtype, and LoRA adapters when configured.
 
     Every recipe builds its student here (co-distillation its co-trained teacher too, from a `CoModelConfig`).
     """
@@ -351,8 +231,7 @@ def build_student(cfg: StudentConfig | CoModelConfig, tokenizer: Any, *, teacher
     else:
         if teacher is None or not isinstance(cfg, StudentConfig):
             raise ConfigError("student.init=prune needs the teacher model; with a teacher cache use init=pretrained")
-        kept = choose_layers(teacher, cfg, tokenizer)
-        model = prune_layers(teacher, kept)
+        model, kept = prune_student(teacher, cfg, tokenizer)
         # the pruning map, the default pairs of layer-wise distillation (a plain attribute: not exported)
         model.lmdistill_kept_layers = kept  # type: ignore[assignment]
     model = model.to(DTYPES[cfg.dtype])
