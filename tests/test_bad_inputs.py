@@ -260,6 +260,11 @@ def disk_full_checkpoint(c: Ctx):
                                                   "--train.resume true"]
 
 
+def cross_tokenizer_from_a_cache(c: Ctx):
+    return c.soft(**{"loss.cross_tokenizer": "hybrid", "teacher_cache": str(c.tmp / "cache")}), [
+        "soft-label cache holds one tokenizer's ids", "drop teacher_cache"]
+
+
 def disk_full_student(c: Ctx):
     return c.soft(), ["could not write the student model", "disk may be full"]
 
@@ -273,6 +278,7 @@ SOFT_CASES: dict[str, Callable[[Ctx], tuple[list[str], list[str]]]] = {
         nan_teacher_in_first_eval, temperature_zero, temperature_negative, alpha_above_one, alpha_below_zero,
         lora_target_missing, student_path_missing, keep_layers_out_of_range, fp16_without_gpu,
         checkpoint_incompatible_version, checkpoint_truncated, checkpoint_of_another_student,
+        cross_tokenizer_from_a_cache,
     )
 }
 DISK_CASES = {f.__name__: f for f in (disk_full_checkpoint, disk_full_student)}
@@ -614,10 +620,16 @@ def op_unreachable_teacher_server(c: Ctx):
                                              "teacher_server.max_retries": "0"}), ["unreachable", f"127.0.0.1:{port}"]
 
 
+def op_teacher_of_another_tokenizer(c: Ctx):
+    return onpolicy_args(c, **{"loss.cross_tokenizer": "hybrid"}), ["another tokenizer",
+                                                                    "lmdistill soft --loss.cross_tokenizer hybrid"]
+
+
 OP_CASES = {
     f.__name__: f
     for f in (op_dense_from_a_server, op_pretrain_data, op_missing_data, op_lmbda_out_of_range,
-              op_no_completions_per_prompt, op_sampled_token_off_policy, op_unreachable_teacher_server)
+              op_no_completions_per_prompt, op_sampled_token_off_policy, op_unreachable_teacher_server,
+              op_teacher_of_another_tokenizer)
 }
 
 

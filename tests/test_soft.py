@@ -89,7 +89,7 @@ def test_padded_vocab_pair_is_accepted_and_sliced(tokenizer, tiny_dir, text_file
     assert summary["vocab"] == len(tokenizer)
 
 
-def test_different_tokenizers_are_refused_with_the_hard_label_hint(tokenizer, tmp_path, text_file):
+def test_different_tokenizers_are_refused_naming_cross_tokenizer_and_hard_labels(tokenizer, tmp_path, text_file):
     from conftest import make_model, train_tokenizer
 
     other = train_tokenizer(tmp_path / "tok2", vocab_size=400, extra_text="zebra quantum xylophone " * 20)
@@ -102,6 +102,7 @@ def test_different_tokenizers_are_refused_with_the_hard_label_hint(tokenizer, tm
     )
     assert proc.returncode == 2
     assert "tokenizers differ" in proc.stderr and "lmdistill hard --mode sequence" in proc.stderr
+    assert "--loss.cross_tokenizer hybrid" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

@@ -310,6 +310,29 @@ def build_api_targets(records: Sequence[dict[str, Any]], tokenizer: Any, data: D
     return _pack([records[i] for i in kept], entries, data, tokenizer, tail), report
 
 
+def split_by_prompt(records: Sequence[dict[str, Any]], kept: Sequence[int],
+                    data: DataConfig) -> tuple[list[int], list[int]]:
+    """(train, held-out) indices into `kept` (the aligned records' indices into `records`), whole prompts apart.
+
+    The records are grouped by prompt `id` (all samples of a prompt on one side, so the student is never scored on
+    a question it trained on), the groups shuffled with `data.seed`, and groups go to the held-out split until it has
+    `data.eval_documents` records. At most `data.max_documents` records are trained on.
+    """
+    groups: dict[str, list[int]] = {}
+    for j, i in enumerate(kept):
+        groups.setdefault(str(records[i].get("id", f"#{i}")), []).append(j)
+    order = list(groups.values())
+    random.Random(data.seed).shuffle(order)
+    held: list[int] = []
+    train: list[int] = []
+    for group in order:
+        # never hold out everything: the last group always trains
+        (held if len(held) < data.eval_documents and group is not order[-1] else train).extend(group)
+    if data.max_documents is not None:
+        train = train[: data.max_documents]
+    return train, held
+
+
 def load_api_splits(path: str | Path, data: DataConfig, tokenizer: Any, n_vocab: int, *,
                     tail: bool = True) -> tuple[SparseTargetBlocks, SparseTargetBlocks, AlignmentReport]:
     """(train, held-out, report) from a `lmdistill generate` JSONL with top-k log-probs.
@@ -334,23 +357,13 @@ def load_api_splits(path: str | Path, data: DataConfig, tokenizer: Any, n_vocab:
         raise DataError(
             f"none of the {report.records} records in `{path}` can be trained on ({report.line()}). Records need "
             "`messages` and per-token `logprobs` (generate with --sampling.logprobs true --sampling.top_logprobs k), "
-            "and the student must use the teacher's tokenizer; with another tokenizer use `lmdistill hard --mode "
-            "sequence`"
+            "and the student must use the teacher's tokenizer; for a teacher of another tokenizer add "
+            "`--loss.cross_tokenizer hybrid` (or `uld`: its top-k aligned with the student's tokens by bytes), or "
+            "use `lmdistill hard --mode sequence` for its text alone"
         )
     if report.kept < report.records:
         log.warning("api_logprobs `%s`: %s", path, report.line())
-    groups: dict[str, list[int]] = {}
-    for j, i in enumerate(kept):
-        groups.setdefault(str(records[i].get("id", f"#{i}")), []).append(j)
-    order = list(groups.values())
-    random.Random(data.seed).shuffle(order)
-    held: list[int] = []
-    train: list[int] = []
-    for group in order:
-        # never hold out everything: the last group always trains
-        (held if len(held) < data.eval_documents and group is not order[-1] else train).extend(group)
-    if data.max_documents is not None:
-        train = train[: data.max_documents]
+    train, held = split_by_prompt(records, kept, data)
 
     def pack(rows: list[int]) -> SparseTargetBlocks:
         return _pack([records[kept[j]] for j in rows], [entries[j] for j in rows], data, tokenizer, tail)

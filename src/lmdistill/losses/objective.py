@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmdistill.losses.chunked_ce import chunked_ce_sum_and_count, chunked_token_logprobs
+from lmdistill.losses.cross_tokenizer import AlignedTargets, SparseSpanTargets
 from lmdistill.losses.divergences import LossArgumentError, check_alpha, divergence
 from lmdistill.losses.fused import fused_loss
 from lmdistill.losses.head import Hidden
@@ -104,7 +105,8 @@ class StepLoss:
     parts: dict[str, Tensor] = field(default_factory=dict)
 
 
-Targets = Hidden | Tensor | SparseTargets  # a teacher's hidden states + head, its [B, T, V] logits, or sparse
+# a teacher's hidden states + head, its [B, T, V] logits, sparse targets, or a teacher of another tokenizer's
+Targets = Hidden | Tensor | SparseTargets | AlignedTargets | SparseSpanTargets
 
 
 def distill_loss(out: Hidden | Tensor, targets: Targets | None, labels: Tensor, alpha: float, loss: Any) -> StepLoss:
@@ -126,6 +128,14 @@ def distill_loss(out: Hidden | Tensor, targets: Targets | None, labels: Tensor, 
         with torch.no_grad():
             kd = distill_loss(out, targets, labels, 1.0, loss).parts["kd"]
         return StepLoss(ce, {"ce": ce, "kd": kd})
+    if isinstance(targets, AlignedTargets | SparseSpanTargets):
+        if not isinstance(out, Hidden):
+            raise LossArgumentError("a teacher of another tokenizer needs the student's hidden states + head")
+        kd = targets.kd_sum(out, loss.kind, loss.beta, loss.temperature)
+        ce = chunked_ce_sum_and_count(out.hidden, out.head, labels)[0]
+        shares = targets.batch.counts if isinstance(targets, AlignedTargets) else targets.counts
+        counts = {f"aligned_{k}": torch.tensor(float(v)) for k, v in shares.items()}
+        return StepLoss(mix(kd, ce, 1, alpha), {"kd": kd, "ce": ce, **counts})
     mask = labels != IGNORE_INDEX
     if isinstance(out, Hidden):
         dense = targets if isinstance(targets, Hidden) else None

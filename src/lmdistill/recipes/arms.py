@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ValidationError
 
-from lmdistill.assets import EMBEDDED_QUESTIONS
+from lmdistill.assets import EMBEDDED_GEMMA, EMBEDDED_QUESTIONS
 from lmdistill.cache.estimate import describe_encoding, measure_cache
 from lmdistill.config import (
     ArmSpec,
@@ -469,3 +469,31 @@ def _onpolicy_arm(ctx: ArmContext) -> ArmOutcome:
 
 register_arm(ArmKind("onpolicy", "on-policy: the student answers questions itself, the teacher scores every token it "
                      "wrote", _onpolicy_arm, (("lmdistill.recipes.onpolicy", "run_onpolicy"),)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# across tokenizers: a teacher of another family (default the embedded Gemma-3-270M) teaches the same student
+
+
+def _cross_tokenizer_arm(ctx: ArmContext) -> ArmOutcome:
+    # The student starts from the weights every arm starts from (built with the shared teacher, saved once); only the
+    # teacher differs, named in the arm's `prepare.teacher` (the shared teacher scores every arm's held-out KL).
+    other = str(nest(ctx.spec.prepare).get("teacher", EMBEDDED_GEMMA))
+    with ctx.monitor.phase("prepare"):
+        setup = build_setup(recipe_config(SoftConfig, _shared(ctx), ArmSpec(name="init", kind="soft")), teacher=False,
+                            data=False)
+        init = save_model(setup.student, setup.tokenizer, ctx.out_dir / "student-init")
+        del setup
+    base = {**_shared(ctx), "teacher": {"name_or_path": other},
+            "student": {**ctx.cfg.student.model_dump(), "init": "pretrained", "name_or_path": str(init)}}
+    base["loss"] = {**base["loss"], "cross_tokenizer": "hybrid"}
+    cfg = recipe_config(SoftConfig, base, ctx.spec)
+    with ctx.monitor.phase("train"):
+        summary = run_soft(cfg)
+    v = len(load_tokenizer(other))
+    return ArmOutcome(summary, dense_bytes(v), f"`{other}`'s dense fp32 distribution over its {v:,} tokens, aligned "
+                      "to the student's by byte spans, computed online", kl_reference="the arm's own teacher (span KL)")
+
+
+register_arm(ArmKind("cross_tokenizer", "soft KD from a teacher of another tokenizer (byte-span aligned, hybrid loss)",
+                     _cross_tokenizer_arm, (("lmdistill.cross_tokenizer_teacher", "CrossTokenizerTeacher"),)))

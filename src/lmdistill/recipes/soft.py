@@ -20,19 +20,21 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
+from lmdistill.api_spans import InBatchSpanTeacher, load_api_span_splits
 from lmdistill.api_targets import InBatchTeacher, load_api_splits
 from lmdistill.cache.format import read_manifest
 from lmdistill.cache.reader import evaluate_with_cache
 from lmdistill.config import LossConfig, SoftConfig, SoftLossConfig
-from lmdistill.data import IGNORE, TokenBlocks
+from lmdistill.cross_tokenizer_teacher import CrossTokenizerTeacher, cross_tokenizer_teacher
+from lmdistill.data import TokenBlocks
 from lmdistill.errors import ConfigError
 from lmdistill.evaluate import evaluate_blocks
-from lmdistill.losses.hidden import HiddenProjections, attach_projections, check_pairs, default_pairs, layer_losses
+from lmdistill.losses.cross_tokenizer import AlignedTargets, SparseSpanTargets
+from lmdistill.losses.hidden import LayerMatch, layer_match
 from lmdistill.losses.objective import Targets, distill_loss
-from lmdistill.recipes.common import Recipe, Setup, build_setup, describe, open_cache, print_main, run_recipe
+from lmdistill.recipes.common import Recipe, build_setup, describe, open_cache, print_main, run_recipe
 from lmdistill.teachers import HFTeacher, SparseTeacher, model_layers, model_outputs
 from lmdistill.train.loop import StepInfo, StepLoss, Trained
 
@@ -40,35 +42,18 @@ from lmdistill.train.loop import StepInfo, StepLoss, Trained
 def soft_step_loss(student: nn.Module, batch: dict[str, Tensor], targets: Targets, loss: LossConfig,
                    n_vocab: int) -> StepLoss:
     """alpha * KD_sum + (1 - alpha) * CE_sum of the student over this micro-batch's target tokens."""
-    out = model_outputs(student, batch, n_vocab, loss.fused)
+    out = model_outputs(student, batch, n_vocab, loss.fused or isinstance(targets, AlignedTargets | SparseSpanTargets))
     return distill_loss(out, targets, batch["labels"], loss.alpha, loss)
 
 
 def hidden_step_loss(student: nn.Module, batch: dict[str, Tensor], teacher: HFTeacher, loss: SoftLossConfig,
-                     pairs: list[tuple[int, int]], projections: HiddenProjections | None) -> StepLoss:
-    """`soft_step_loss` + loss.hidden.weight * the summed hidden losses of `pairs` (each logged as hidden_<s>_<t>),
+                     match: LayerMatch) -> StepLoss:
+    """`soft_step_loss` + loss.hidden.weight * the summed hidden losses of the pairs (each logged as hidden_<s>_<t>),
     with the teacher's and the student's hidden states from one forward each."""
     targets, teacher_states = teacher.layers(batch, loss.fused)
     out, student_states = model_layers(student, batch, teacher.n_vocab, loss.fused)
-    base = distill_loss(out, targets, batch["labels"], loss.alpha, loss)
-    parts = layer_losses(student_states, teacher_states, pairs, batch["labels"] != IGNORE, loss.hidden.kind,
-                         projections)
-    total = base.loss_sum + loss.hidden.weight * sum(parts.values(), torch.zeros((), device=base.loss_sum.device))
-    return StepLoss(total, {**base.parts, **parts})
-
-
-def layer_pairs(cfg: SoftConfig, setup: Setup) -> tuple[list[tuple[int, int]], HiddenProjections]:
-    """The checked layer pairs, and the projections (attached to the student, not exported) where widths differ."""
-    assert setup.teacher is not None
-    s_cfg: Any = setup.student.config
-    t_cfg: Any = setup.teacher.config
-    pairs = [(int(s), int(t)) for s, t in cfg.loss.hidden.pairs] if cfg.loss.hidden.pairs is not None else \
-        default_pairs(getattr(setup.student, "lmdistill_kept_layers", None))
-    check_pairs(pairs, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
-    projections = HiddenProjections(pairs, s_cfg.hidden_size, t_cfg.hidden_size, seed=cfg.train.seed)
-    projections.to(next(setup.student.parameters()).dtype)
-    attach_projections(setup.student, projections)
-    return pairs, projections
+    return match.add(distill_loss(out, targets, batch["labels"], loss.alpha, loss), student_states, teacher_states,
+                     batch["labels"])
 
 
 def run_soft(cfg: SoftConfig) -> dict[str, Any]:
@@ -80,18 +65,29 @@ def run_soft(cfg: SoftConfig) -> dict[str, Any]:
             f"teacher has; {'teacher_cache' if cfg.teacher_cache is not None else 'api_logprobs'} stores log-probs "
             "only. Drop it to run the teacher online, or set --loss.hidden.weight 0"
         )
+    if cfg.teacher_cache is not None and cfg.loss.cross_tokenizer != "refuse":
+        raise ConfigError("a soft-label cache holds one tokenizer's ids and is read by students of that tokenizer; "
+                          "loss.cross_tokenizer works with an online teacher (drop teacher_cache) or api_logprobs")
     if cfg.teacher_cache is not None:
         read_manifest(cfg.teacher_cache)  # a missing or unfinished cache fails before any model is loaded
-    setup = build_setup(cfg, teacher=online, data=cfg.api_logprobs is None)
+    setup = build_setup(cfg, teacher=online, data=cfg.api_logprobs is None,
+                        cross_tokenizer=cfg.loss.cross_tokenizer != "refuse")
     n_vocab = setup.n_vocab
     eval_kw: dict[str, Any] = {"n_vocab": n_vocab, "batch_size": cfg.train.micro_batch_size,
-                               "max_batches": cfg.train.eval_batches}
+                               "max_batches": cfg.train.eval_batches, "byte_lengths": setup.byte_lengths}
     extra: dict[str, Any] = {}
     train: TokenBlocks
     held: TokenBlocks
-    teacher: HFTeacher | SparseTeacher
-    eval_teacher: HFTeacher | SparseTeacher | None
-    if cfg.api_logprobs is not None:  # a black-box teacher: its log-probs were stored with its completions
+    teacher: HFTeacher | SparseTeacher | CrossTokenizerTeacher | InBatchSpanTeacher
+    eval_teacher: HFTeacher | SparseTeacher | CrossTokenizerTeacher | InBatchSpanTeacher | None
+    if cfg.api_logprobs is not None and cfg.loss.cross_tokenizer != "refuse":  # its top-k over its own tokens
+        train, held, span_report = load_api_span_splits(cfg.api_logprobs, cfg.data, setup.tokenizer, n_vocab)
+        teacher = eval_teacher = InBatchSpanTeacher(cfg.loss.cross_tokenizer, cfg.loss.matched_weight,
+                                                    cfg.loss.unmatched_weight)
+        source = (f"API log-probs `{cfg.api_logprobs}` across tokenizers ({cfg.loss.cross_tokenizer}, top-{train.k}"
+                  f" per span): {span_report.line()}")
+        extra = {"api_logprobs": cfg.api_logprobs, "alignment": span_report.as_dict()}
+    elif cfg.api_logprobs is not None:  # a black-box teacher: its log-probs were stored with its completions
         train, held, report = load_api_splits(cfg.api_logprobs, cfg.data, setup.tokenizer, n_vocab,
                                               tail=cfg.api_logprobs_tail)
         teacher = eval_teacher = InBatchTeacher()
@@ -108,12 +104,11 @@ def run_soft(cfg: SoftConfig) -> dict[str, Any]:
             extra = {"teacher_cache": cfg.teacher_cache}
         else:
             assert setup.teacher is not None
-            teacher = eval_teacher = HFTeacher(setup.teacher, n_vocab)
+            teacher = eval_teacher = HFTeacher(setup.teacher, n_vocab) if setup.teacher_tokenizer is None else \
+                cross_tokenizer_teacher(setup.teacher, setup.teacher_tokenizer, setup.tokenizer, cfg, train)
             source = f"teacher {sum(p.numel() for p in setup.teacher.parameters()) / 1e6:.1f}M params"
     info = {**describe(setup, train, held), **extra}
-    hidden = layer_pairs(cfg, setup) if cfg.loss.hidden.weight > 0 else None
-    if hidden is not None:
-        info["hidden_pairs"] = [list(p) for p in hidden[0]]
+    hidden = layer_match(cfg.loss.hidden, setup.student, setup.teacher, seed=cfg.train.seed, info=info)
 
     def targets(batch: dict[str, Tensor]) -> Targets:
         if isinstance(teacher, HFTeacher):
@@ -123,7 +118,7 @@ def run_soft(cfg: SoftConfig) -> dict[str, Any]:
     def loss(models: dict[str, nn.Module], batch: dict[str, Tensor], step: StepInfo) -> dict[str, StepLoss]:
         if hidden is not None:
             assert isinstance(teacher, HFTeacher)
-            return {"student": hidden_step_loss(models["student"], batch, teacher, cfg.loss, *hidden)}
+            return {"student": hidden_step_loss(models["student"], batch, teacher, cfg.loss, hidden)}
         return {"student": soft_step_loss(models["student"], batch, targets(batch), cfg.loss, n_vocab)}
 
     def evaluate(models: dict[str, nn.Module]) -> dict[str, float]:
@@ -131,6 +126,9 @@ def run_soft(cfg: SoftConfig) -> dict[str, Any]:
             return evaluate_blocks(models["student"], held, teacher_logits_fn=eval_teacher.logits, **eval_kw)
         if eval_teacher is None:  # a cache without an eval split: ground-truth metrics only
             return evaluate_blocks(models["student"], held, **eval_kw)
+        if isinstance(eval_teacher, CrossTokenizerTeacher | InBatchSpanTeacher):
+            return {**evaluate_blocks(models["student"], held, **eval_kw),
+                    **eval_teacher.evaluate(models["student"], held, cfg.loss, **eval_kw)}
         return evaluate_with_cache(models["student"], eval_teacher, held, **eval_kw)
 
     print_main(f"soft distillation: {source} -> student {info['student_parameters'] / 1e6:.1f}M "
@@ -139,7 +137,8 @@ def run_soft(cfg: SoftConfig) -> dict[str, Any]:
     return run_recipe(Recipe(
         "soft" if cfg.api_logprobs is None else "soft-api", cfg, setup.tokenizer, train,
         {"student": Trained(setup.student)}, loss, evaluate if len(held) else None,
-        teachers=[teacher] if isinstance(teacher, HFTeacher) else [], info=info, fused=cfg.loss.fused,
+        teachers=[teacher] if isinstance(teacher, HFTeacher) else
+        [teacher.teacher] if isinstance(teacher, CrossTokenizerTeacher) else [], info=info, fused=cfg.loss.fused,
         lora=cfg.student.lora.enabled,
     ))
 

@@ -1,0 +1,86 @@
+"""A local teacher of another tokenizer: it reads each student batch's text in its own tokens and gives targets
+aligned to the student's by byte spans (lmdistill.align, lmdistill.losses.cross_tokenizer)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lmdistill.align import VocabMap, align_batch, check_alignable, vocab_map
+from lmdistill.assets import cache_root
+from lmdistill.config import LossConfig, SoftConfig
+from lmdistill.data import TokenBlocks
+from lmdistill.errors import ConfigError
+from lmdistill.evaluate import held_out_batches
+from lmdistill.losses.chunked_ce import chunked_token_logprobs
+from lmdistill.losses.cross_tokenizer import AlignedTargets, CrossTokenizerMode, span_sums, teacher_spans
+from lmdistill.losses.head import Hidden
+from lmdistill.teachers import HFTeacher, model_outputs
+
+
+class CrossTokenizerTeacher:
+    """A frozen HF causal LM with its own tokenizer, run online on the student's text."""
+
+    def __init__(self, model: nn.Module, teacher_tokenizer: Any, student_tokenizer: Any, *,
+                 mode: CrossTokenizerMode, temperature: float = 1.0, matched_weight: float = 1.0,
+                 unmatched_weight: float = 1.0, cache_dir: str | None = None) -> None:
+        self.teacher = HFTeacher(model, len(teacher_tokenizer))
+        self.teacher_tokenizer = teacher_tokenizer
+        self.student_tokenizer = student_tokenizer
+        self.n_vocab = len(teacher_tokenizer)
+        self.mode = mode
+        self.temperature = temperature
+        self.matched_weight = matched_weight
+        self.unmatched_weight = unmatched_weight
+        self.vmap: VocabMap = vocab_map(teacher_tokenizer, student_tokenizer, cache_dir)
+
+    @torch.no_grad()
+    def targets(self, batch: dict[str, Tensor]) -> AlignedTargets:
+        device = batch["input_ids"].device
+        ab = align_batch(batch, self.student_tokenizer, self.teacher_tokenizer).to(device)
+        out = self.teacher.targets({"input_ids": ab.teacher_input_ids, "attention_mask": ab.teacher_attention_mask})
+        rest = span_sums(chunked_token_logprobs(out.hidden, out.head, ab.teacher_rest), ab.teacher_rest_span,
+                         ab.n_spans)
+        vmap = self.vmap.to(device)
+        reduced = teacher_spans(out.hidden[ab.span_batch, ab.teacher_pos], out.head, ab.teacher_first, rest, vmap,
+                                self.mode, self.temperature)
+        return AlignedTargets(reduced, ab, vmap, self.mode, self.temperature, self.matched_weight,
+                              self.unmatched_weight)
+
+    @torch.no_grad()
+    def evaluate(self, student: nn.Module, held: TokenBlocks, loss: LossConfig, *, n_vocab: int, batch_size: int,
+                 max_batches: int | None = None, **_: Any) -> dict[str, float]:
+        """Held-out span loss per compared span (`span_kd`, the training divergence) and the share of target
+        tokens in 1:1 and merged spans."""
+        was_training = student.training
+        student.eval()
+        kd, spans = 0.0, 0
+        counts: dict[str, int] = {}
+        for batch in held_out_batches(held, batch_size, max_batches, next(student.parameters()).device):
+            targets = self.targets(batch)
+            out = model_outputs(student, batch, n_vocab, fused=True)
+            assert isinstance(out, Hidden)
+            kd += float(targets.kd_sum(out, loss.kind, loss.beta, loss.temperature))
+            spans += targets.batch.n_spans
+            for k, v in targets.batch.counts.items():
+                counts[k] = counts.get(k, 0) + v
+        student.train(was_training)
+        total = max(sum(counts.values()), 1)
+        return {"span_kd": kd / max(spans, 1), **{f"aligned_{k}": v / total for k, v in counts.items()}}
+
+
+def cross_tokenizer_teacher(model: nn.Module, teacher_tokenizer: Any, student_tokenizer: Any, cfg: SoftConfig,
+                            sample: TokenBlocks) -> CrossTokenizerTeacher:
+    """`soft`'s teacher when its tokenizer differs from the student's; refuses what cannot cross tokenizers: a
+    tokenizer without byte offsets, layer-wise distillation, text on which no span aligns (checked on the first
+    training blocks, before any step)."""
+    check_alignable(teacher_tokenizer, student_tokenizer, sample.batch(list(range(min(4, len(sample))))))
+    if cfg.loss.hidden.weight > 0:
+        raise ConfigError("layer-wise distillation (loss.hidden) compares positions, which a teacher of another "
+                          "tokenizer does not share with the student; set --loss.hidden.weight 0")
+    assert cfg.loss.cross_tokenizer != "refuse"
+    return CrossTokenizerTeacher(model, teacher_tokenizer, student_tokenizer, mode=cfg.loss.cross_tokenizer,
+                                 temperature=cfg.loss.temperature, matched_weight=cfg.loss.matched_weight, unmatched_weight=cfg.loss.unmatched_weight,
+                                 cache_dir=str(cache_root() / "vocab-maps"))
