@@ -592,7 +592,7 @@ def test_onpolicy_killed_in_a_rollout_a_teacher_call_and_an_update_resumes_bitwi
     at = "lmdistill.recipes.onpolicy:"
     lives = [
         {"argv": argv(ref, False)},
-        {"argv": argv(run, False), "kill": {"kind": "nth_call", "match": at + "sample_completions:2"}},
+        {"argv": argv(run, False), "kill": {"kind": "nth_call", "match": "lmdistill.rollout:sample_completions:2"}},
         {"argv": argv(run, True), "kill": {"kind": "nth_call", "match": at + "topk_targets:2"}},
         {"argv": argv(run, True), "kill": {"kind": "nth_call", "match": at + "distill_loss:1"}},
         {"argv": argv(run, True)},

@@ -33,7 +33,8 @@ class ModelConfig(BaseConfig):
 
     name_or_path: str = Field(
         "embedded:smollm2-135m-instruct",
-        description="Hub id, local directory, or `embedded:smollm2-135m-instruct` (the offline default teacher).",
+        description="Hub id, local directory, or an embedded teacher: `embedded:smollm2-135m-instruct` (the offline "
+        "default) or `embedded:gemma3-270m` (Gemma-3-270M, another tokenizer).",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: Precision = Field("fp32", description="Precision the weights are loaded in.")
@@ -57,21 +58,52 @@ class LoraConfig(BaseConfig):
     )
 
 
-class PruneConfig(BaseConfig):
-    """student.init=prune: which of the teacher's decoder layers the student keeps."""
+WidthAxis = Literal["hidden", "heads", "mlp"]
 
-    method: Literal["keep_layers", "influence"] = Field(
+
+class PruneConfig(BaseConfig):
+    """student.init=prune: which of the teacher's decoder layers the student keeps, and (minitron) how wide it is."""
+
+    method: Literal["keep_layers", "influence", "minitron"] = Field(
         "keep_layers",
         description="`keep_layers`: exactly student.keep_layers; `influence` (ShortGPT style): score every teacher "
         "layer by 1 - cos(input, output) of its hidden states on calibration batches and keep the len(keep_layers) "
-        "layers that change their input most, in their order.",
+        "layers that change their input most, in their order; `minitron` (Muralidharan et al. 2024): the layers as "
+        "`influence` chooses them, then the width axes of `width_axes` pruned by activation importance on the same "
+        "batches down to `target_params`.",
+    )
+    target_params: float | None = Field(
+        None, gt=0,
+        description="method=minitron: the student's parameter count in MILLIONS (49.6 = 49,600,000; tied embeddings "
+        "counted once); the student is the widest one at or below it.",
+    )
+    width_axes: list[WidthAxis] = Field(
+        default_factory=lambda: list(get_args(WidthAxis)), min_length=1,
+        description="method=minitron: the widths that shrink, all by one common fraction: `hidden` (embedding and "
+        "residual channels), `heads` (attention heads: whole KV groups, or the same number of query heads in each "
+        "kept group; head_dim unchanged), `mlp` (intermediate channels).",
     )
     calibration_source: str = Field(
-        "embedded:wikipedia", description="method=influence: the text (as data.source) the layers are scored on."
+        "embedded:wikipedia",
+        description="method=influence|minitron: the text (as data.source) the layers and channels are scored on.",
     )
-    calibration_batches: int = Field(4, ge=1, description="method=influence: batches of calibration text.")
-    calibration_batch_size: int = Field(4, ge=1, description="method=influence: sequences per calibration batch.")
-    calibration_block_size: int = Field(128, ge=8, description="method=influence: tokens per calibration sequence.")
+    calibration_batches: int = Field(4, ge=1, description="method=influence|minitron: batches of calibration text.")
+    calibration_batch_size: int = Field(
+        4, ge=1, description="method=influence|minitron: sequences per calibration batch."
+    )
+    calibration_block_size: int = Field(
+        128, ge=8, description="method=influence|minitron: tokens per calibration sequence."
+    )
+
+    @model_validator(mode="after")
+    def _target_with_minitron(self) -> PruneConfig:
+        if self.method == "minitron" and self.target_params is None:
+            raise ValueError("method=minitron needs student.prune.target_params (the student's size in millions of "
+                             "parameters, e.g. 49.6)")
+        if self.method != "minitron" and self.target_params is not None:
+            raise ValueError(f"student.prune.target_params is read by method=minitron only (method is "
+                             f"`{self.method}`); remove it or set method: minitron")
+        return self
 
 
 class StudentConfig(BaseConfig):
@@ -91,9 +123,12 @@ class StudentConfig(BaseConfig):
     keep_layers: list[int] = Field(
         default_factory=lambda: [0, 6, 12, 18, 24, 29],
         description="init=prune: indices of the teacher's decoder layers the student keeps (Minitron/DistilBERT style); "
-        "with prune.method=influence only their number counts.",
+        "with prune.method=influence or minitron only their number counts.",
     )
-    prune: PruneConfig = Field(default_factory=PruneConfig, description="init=prune: how the layers are chosen.")
+    prune: PruneConfig = Field(
+        default_factory=PruneConfig,
+        description="init=prune: how the layers (and with method=minitron the widths) are chosen.",
+    )
     dtype: Precision = Field("fp32", description="Precision the student's master weights are kept in.")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     trust_remote_code: bool = Field(False, description="Run modelling code shipped with the checkpoint.")
@@ -170,6 +205,14 @@ class LossConfig(DivergenceConfig):
     alpha: float = Field(
         0.9, ge=0.0, le=1.0, description="Total loss = alpha * divergence + (1 - alpha) * cross-entropy."
     )
+    cross_tokenizer: Literal["refuse", "uld", "hybrid"] = Field(
+        "refuse",
+        description="A teacher whose tokenizer differs from the student's: `refuse` (an error), `uld` (Universal "
+        "Logit Distillation: sorted-probability L1 per aligned span) or `hybrid` (`kind` on the tokens both "
+        "vocabularies share + ULD on the rest). Spans are aligned by bytes; see lmdistill.losses.cross_tokenizer.",
+    )
+    matched_weight: float = Field(1.0, ge=0.0, description="cross_tokenizer=hybrid: weight of the shared-token part.")
+    unmatched_weight: float = Field(1.0, ge=0.0, description="cross_tokenizer=hybrid: weight of the ULD part.")
 
 
 class HiddenLossConfig(BaseConfig):
@@ -523,17 +566,29 @@ class OnPolicyConfig(StudentRunConfig):
     seq_kd: bool = Field(False, description="Off-policy steps use answers the (local) teacher writes, not the data's.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     teacher_server: TeacherServerConfig = Field(default_factory=TeacherServerConfig)
-    loss: LossConfig = Field(
-        default_factory=lambda: LossConfig(kind="reverse_kl", alpha=1.0),
+    loss: SoftLossConfig = Field(
+        default_factory=lambda: SoftLossConfig(kind="reverse_kl", alpha=1.0),
         description="The divergence (signal dense / topk). On the student's own tokens the loss is the divergence "
-        "alone; alpha mixes in the CE only on off-policy steps (whose labels are real responses).",
+        "alone; alpha mixes in the CE only on off-policy steps (whose labels are real responses). loss.hidden: "
+        "layer-wise distillation on the same tokens (signal=dense with a local teacher only).",
     )
 
     @model_validator(mode="after")
     def _consistent(self) -> OnPolicyConfig:
         if self.data.stage != "chat":
             raise ValueError("onpolicy needs chat data (data.stage=chat): the prompt is what the student answers")
+        if self.loss.cross_tokenizer != "refuse":
+            raise ValueError("onpolicy does not take a teacher of another tokenizer yet (each rollout would be "
+                             "re-tokenized for the teacher and scored by spans); distil off-policy with `lmdistill "
+                             "soft --loss.cross_tokenizer hybrid`, or use a teacher with the student's tokenizer")
         served = self.teacher_server.url is not None
+        if self.loss.hidden.weight > 0 and (served or self.signal != "dense"):
+            raise ValueError(
+                "layer-wise distillation (loss.hidden.weight > 0) needs the teacher's hidden states, which only a local "
+                f"teacher with signal=dense computes; got {'a teacher server' if served else 'a local teacher'} with "
+                f"signal={self.signal}. Use {'no teacher_server.url and ' if served else ''}--signal dense, or set "
+                "--loss.hidden.weight 0"
+            )
         if served and self.signal == "dense":
             raise ValueError("a teacher server returns top-k log-probs, not whole distributions: with "
                              "teacher_server.url use signal=topk or signal=sampled_token")
@@ -643,6 +698,12 @@ class CodistillLossConfig(DivergenceConfig):
         description="Deep-mutual-learning weight of the student->teacher divergence in the teacher's loss (0: off).",
     )
     weight: CodistillWeightConfig = Field(default_factory=CodistillWeightConfig)
+    hidden: HiddenLossConfig = Field(
+        default_factory=HiddenLossConfig,
+        description="Layer-wise distillation of the student toward the live teacher's hidden states (detached: the "
+        "teacher still learns from CE alone). pairs null: evenly spaced, student layer i <-> teacher layer "
+        "round((i + 1) * teacher_layers / student_layers) - 1 (half up), so the last layers pair.",
+    )
 
 
 class CodistillConfig(BaseConfig):
@@ -670,14 +731,19 @@ class CacheConfig(BaseConfig):
     """What `lmdistill label` stores per target position, and where (docs/cache_format.md)."""
 
     output_dir: str = Field("runs/cache", description="The cache directory (manifest.json + train/ eval/ shards).")
-    encoding: Literal["topk", "sampled"] = Field(
+    encoding: Literal["topk", "sampled", "topk_sampled"] = Field(
         "topk",
         description="`topk`: the k most probable ids and their log-probs (+ tail mass); `sampled`: distinct ids and "
-        "counts of `draws` samples from the teacher (Random-Sampling KD, an unbiased forward-KL estimate).",
+        "counts of `draws` samples from the teacher (Random-Sampling KD, an unbiased forward-KL estimate); "
+        "`topk_sampled`: the k most probable ids exactly plus `draws` systematic samples of the teacher's tail "
+        "outside them (exact head, unbiased tail; forward KL only).",
     )
-    k: int = Field(32, ge=1, description="topk: ids kept per position (k=1 is token-level hard labels).")
+    k: int = Field(32, ge=1, description="topk, topk_sampled: ids kept per position (k=1 is token-level hard labels).")
     tail: bool = Field(True, description="topk: also store the log of the mass outside the k ids (a proper distribution).")
-    draws: int = Field(64, ge=1, le=65535, description="sampled: draws per position from the teacher distribution.")
+    draws: int = Field(
+        64, ge=1, le=65535,
+        description="sampled: draws per position from the teacher distribution; topk_sampled: draws from its tail.",
+    )
     values: Literal["fp32", "fp16", "bf16", "int8"] = Field(
         "fp16", description="Precision of stored log-probs; int8 = 8-bit uniform codes on [-int8_range, 0]."
     )
@@ -767,8 +833,9 @@ class ArmSpec(BaseConfig):
 
     name: str = Field(description="Row name in the report (letters, digits, `_`, `-`, `.`).")
     kind: str = Field(description="One of the registered arm kinds: " + ", ".join(
-        ["ce", "soft", "cached_topk", "cached_sampled", "hard_token", "hard_sequence", "codistill", "onpolicy"])
-        + ".")
+        ["ce", "soft", "cached_topk", "cached_sampled", "hard_token", "hard_sequence", "codistill", "onpolicy",
+         "cross_tokenizer"]) + " (cross_tokenizer: opt-in, its teacher in prepare.teacher, default "
+        "embedded:gemma3-270m).")
     overrides: dict[str, Any] = Field(
         default_factory=dict,
         description="Fields of the arm's training config, dotted or nested (e.g. {loss.kind: reverse_kl}). Data, "

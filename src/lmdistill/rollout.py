@@ -9,13 +9,19 @@ what the interrupted one would have, at any batch size.
 The result has the layout of a chat block: `input_ids` = prompt + completion minus its last token, `labels` = the
 completion tokens at the positions that predict them (IGNORE on the prompt and the padding). A completion ends at the
 first end-of-sequence token (kept: the student learns to stop) or at `max_new_tokens`, or where the block ends.
+
+`ReusedRollouts` trains several optimizer steps on one batch of rollouts (`rollout.reuse`); `PhaseClock` times the
+phases of an on-policy step and counts what the rollouts produced.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +29,11 @@ from torch import Tensor, nn
 from lmdistill.config import RolloutConfig
 from lmdistill.data import IGNORE, TokenBlocks
 from lmdistill.generate.seeded_sampling import RowSeededSampler, derive_seed
+
+if TYPE_CHECKING:
+    from lmdistill.train.loop import StepInfo
+
+log = logging.getLogger(__name__)
 
 
 def prompt_ids(batch: dict[str, Tensor]) -> list[list[int]]:
@@ -106,6 +117,16 @@ def as_batch(rollout: Rollout, block_size: int, pad_id: int) -> dict[str, Tensor
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def rollout_batch(model: nn.Module, batch: dict[str, Tensor], *, step: int, seed: int, cfg: RolloutConfig,
+                  block_size: int, pad_id: int, eos_ids: set[int]) -> tuple[dict[str, Tensor], Rollout]:
+    """`sample_completions` of the prompts of `batch` (a chat batch, its rows keyed by `index`) as training rows on
+    the batch's device, and the rollout they were made of."""
+    r = sample_completions(model, prompt_ids(batch), batch["index"].tolist(), step=step, seed=seed, cfg=cfg,
+                           block_size=block_size, pad_id=pad_id, eos_ids=eos_ids)
+    device = batch["input_ids"].device
+    return {k: v.to(device) for k, v in as_batch(r, block_size, pad_id).items()}, r
+
+
 def eos_ids_of(model: Any, tokenizer: Any) -> set[int]:
     """The tokens that end a completion: the generation config's end-of-sequence ids and the tokenizer's."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -157,3 +178,62 @@ def onpolicy_metrics(student: nn.Module, blocks: TokenBlocks, teacher_logprobs: 
     return {"onpolicy_reverse_kl": sums["kl"] / max(sums["kl_tokens"], 1.0),
             "teacher_nll_greedy": sums["nll"] / max(sums["nll_tokens"], 1.0),
             "answer_length": sums["nll_tokens"] / max(sums["answers"], 1.0)}
+
+
+class PhaseClock:
+    """Seconds spent in each named phase (rollout, teacher scoring), and what the rollouts produced."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {"rollout": 0.0, "teacher": 0.0}
+        self.counts: dict[str, int] = {"completions": 0, "completion_tokens": 0, "truncated": 0, "skipped_prompts": 0}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] += time.perf_counter() - t0
+
+    def count(self, r: Rollout) -> None:
+        for key, value in (("completions", len(r.completions)), ("truncated", r.truncated),
+                           ("skipped_prompts", r.skipped), ("completion_tokens", sum(map(len, r.completions)))):
+            self.counts[key] += value
+
+
+FreshRollout = Callable[[dict[str, nn.Module], dict[str, Tensor], int], dict[str, Tensor]]
+
+
+class ReusedRollouts:
+    """A rollout function (`lmdistill.train.loop.RolloutFn`) that trains `reuse` optimizer steps on one batch of
+    rollouts: micro-batch i of every step of the window [w, w + reuse) (w a multiple of `reuse`) gets a copy of the
+    batch `fresh(models, batch, w)` made for micro-batch i at the window's first step, teacher scores included.
+    `reuse` = 1: every micro-batch is fresh. The rollouts are not checkpointed, so a run resumed inside a window
+    samples again at the resumed step from the current weights (with a warning)."""
+
+    def __init__(self, fresh: FreshRollout, reuse: int, max_steps: int) -> None:
+        self.fresh, self.reuse, self.max_steps = fresh, reuse, max_steps
+        self.window: int | None = None  # the first step of the cached window
+        self.sampled_at: int | None = None  # the step whose micro-batches filled the cache
+        self.batches: list[dict[str, Tensor]] = []  # micro-batch i of every step in the window trains on batches[i]
+        self.step: int | None = None  # the step being served, and its next micro-batch
+        self.i = 0
+
+    def __call__(self, models: dict[str, nn.Module], batch: dict[str, Tensor], step: StepInfo) -> dict[str, Tensor]:
+        s = step.step
+        if self.reuse == 1:
+            return self.fresh(models, batch, s)
+        if self.step != s:
+            self.step, self.i = s, 0
+        i = self.i
+        self.i += 1
+        window = s - s % self.reuse
+        if self.window == window and self.sampled_at != s:
+            return dict(self.batches[i])
+        if i == 0:
+            if s != window:
+                log.warning("resumed at step %d, inside the rollout reuse window that began at step %d: its rollouts "
+                            "were not checkpointed, so they are sampled again at step %d from the current weights: "
+                            "steps %d to %d train on other samples than an uninterrupted run's", s, window, s, s,
+                            min(window + self.reuse, self.max_steps) - 1)
+            self.window, self.sampled_at, self.batches = window, s, []
+        self.batches.append(self.fresh(models, batch, s))
+        return dict(self.batches[i])

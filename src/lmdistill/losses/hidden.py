@@ -3,20 +3,28 @@
 `hidden_pair_sum` is the arithmetic (a pure function of tensors); `HiddenProjections` holds the learned linear maps
 (student width -> teacher width) for the pairs whose widths differ. It is attached to the student so the student's
 optimizer trains it and its checkpoints carry it, and is left out of the exported model (`attach_projections`).
+`layer_match` is the one set-up every recipe uses (soft, codistill, onpolicy): the checked pairs, the projections
+attached to the student, and `LayerMatch.add`, which adds weight * the pairs' losses to a recipe's step loss.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from lmdistill.errors import ConfigError
+from lmdistill.losses.objective import IGNORE_INDEX, StepLoss
+
+if TYPE_CHECKING:
+    from lmdistill.config import HiddenLossConfig
 
 HiddenKind = Literal["mse", "cosine"]
 PROJECTION_ATTR = "lmdistill_hidden_projections"
+CARRY = "hidden_teacher_state_"  # + i: a batch key holding the teacher's hidden state i (`LayerMatch.carry`)
 
 
 def hidden_pair_sum(student: Tensor, teacher: Tensor, mask: Tensor, kind: HiddenKind) -> Tensor:
@@ -41,6 +49,12 @@ def default_pairs(kept_layers: Sequence[int] | None) -> list[tuple[int, int]]:
             "loss.hidden.pairs, e.g. `--loss.hidden.pairs '[[0, 3], [1, 7]]'` (student layer, teacher layer)"
         )
     return [(i, int(t)) for i, t in enumerate(kept_layers)]
+
+
+def even_pairs(n_student: int, n_teacher: int) -> list[tuple[int, int]]:
+    """Evenly spaced: student layer i pairs with teacher layer round((i + 1) * n_teacher / n_student) - 1 (rounded
+    half up, at least 0), so the last layers pair with each other; the default of models that start untrained."""
+    return [(i, max(0, (2 * (i + 1) * n_teacher + n_student) // (2 * n_student) - 1)) for i in range(n_student)]
 
 
 def check_pairs(pairs: Sequence[tuple[int, int]], n_student: int, n_teacher: int) -> None:
@@ -82,10 +96,12 @@ def attach_projections(student: nn.Module, projections: HiddenProjections) -> No
     student._keys_to_ignore_on_save = set(ignored or ()) | keys  # type: ignore[assignment]
 
 
-def layer_losses(student_states: Sequence[Tensor], teacher_states: Sequence[Tensor], pairs: Sequence[tuple[int, int]],
-                 mask: Tensor, kind: HiddenKind, projections: HiddenProjections | None) -> dict[str, Tensor]:
+def layer_losses(student_states: Sequence[Tensor], teacher_states: Sequence[Tensor] | Mapping[int, Tensor],
+                 pairs: Sequence[tuple[int, int]], mask: Tensor, kind: HiddenKind,
+                 projections: HiddenProjections | None) -> dict[str, Tensor]:
     """`hidden_<s>_<t>` -> summed hidden loss of each pair. `*_states` are a model's `output_hidden_states` (index 0
-    the embeddings, index i + 1 the output of decoder layer i; the last one after the final norm)."""
+    the embeddings, index i + 1 the output of decoder layer i; the last one after the final norm); the teacher's may
+    be a mapping holding only the paired indices."""
     out = {}
     for pair in pairs:
         s = student_states[pair[0] + 1]
@@ -93,3 +109,61 @@ def layer_losses(student_states: Sequence[Tensor], teacher_states: Sequence[Tens
             s = projections.project(pair, s)
         out[f"hidden_{pair_key(pair)}"] = hidden_pair_sum(s, teacher_states[pair[1] + 1], mask, kind)
     return out
+
+
+@dataclass
+class LayerMatch:
+    """Layer-wise distillation as a recipe runs it: the checked pairs, the projections (attached to the student),
+    the per-token loss kind and the weight."""
+
+    pairs: list[tuple[int, int]]
+    projections: HiddenProjections
+    kind: HiddenKind
+    weight: float
+
+    def add(self, base: StepLoss, student_states: Sequence[Tensor],
+            teacher_states: Sequence[Tensor] | Mapping[int, Tensor], labels: Tensor) -> StepLoss:
+        """`base` + weight * the summed hidden losses of the pairs over the target tokens of `labels` ([B, T]), each
+        also logged as hidden_<s>_<t>. The teacher's states are detached: its gradients never see this loss."""
+        parts = layer_losses(student_states, teacher_states, self.pairs, labels != IGNORE_INDEX, self.kind,
+                             self.projections)
+        total = base.loss_sum + self.weight * sum(parts.values(), torch.zeros((), device=base.loss_sum.device))
+        return StepLoss(total, {**base.parts, **parts})
+
+    def carry(self, teacher_states: Sequence[Tensor]) -> dict[str, Tensor]:
+        """The paired teacher layers' states only, detached, keyed for a batch to carry them (`carried`)."""
+        return {f"{CARRY}{t + 1}": teacher_states[t + 1].detach() for t in sorted({t for _, t in self.pairs})}
+
+    @staticmethod
+    def carried(batch: Mapping[str, Tensor]) -> dict[int, Tensor]:
+        """The teacher states a batch carries (`carry`), by `output_hidden_states` index: `add`'s teacher_states."""
+        return {int(k.removeprefix(CARRY)): v for k, v in batch.items() if k.startswith(CARRY)}
+
+
+def layer_match(cfg: HiddenLossConfig, student: nn.Module, teacher: nn.Module | None, *, seed: int,
+                info: dict[str, Any] | None = None, default: Literal["prune", "even"] = "prune") -> LayerMatch | None:
+    """The layer-wise distillation of a run, None when `cfg.weight` is 0 (off).
+
+    Checks `cfg.pairs` (or the default: `prune`, the pruning map of a student.init=prune student, refused for any
+    other; `even`, `even_pairs`, for models that start untrained) against both models' depths, attaches the
+    projections where widths differ to `student` (its optimizer trains them, its checkpoints carry them, its export
+    leaves them out) and records the pairs as `info["hidden_pairs"]` (the run summary)."""
+    if cfg.weight <= 0:
+        return None
+    assert teacher is not None, "layer-wise distillation needs a teacher model in this process"
+    s_cfg: Any = student.config
+    t_cfg: Any = teacher.config
+    n_student, n_teacher = s_cfg.num_hidden_layers, t_cfg.num_hidden_layers
+    if cfg.pairs is not None:
+        pairs = [(int(s), int(t)) for s, t in cfg.pairs]
+    elif default == "even":
+        pairs = even_pairs(n_student, n_teacher)
+    else:
+        pairs = default_pairs(getattr(student, "lmdistill_kept_layers", None))
+    check_pairs(pairs, n_student, n_teacher)
+    projections = HiddenProjections(pairs, s_cfg.hidden_size, t_cfg.hidden_size, seed=seed)
+    projections.to(next(student.parameters()).dtype)
+    attach_projections(student, projections)
+    if info is not None:
+        info["hidden_pairs"] = [list(p) for p in pairs]
+    return LayerMatch(pairs, projections, cfg.kind, cfg.weight)

@@ -10,6 +10,11 @@ teacher's logits from the teacher's own training forward, taken before the teach
 is no extra teacher forward. Losses are sums over target tokens divided once by the global token count, as in the core
 loop. a(t) comes from lmdistill.codistill_weights (constant, ramp, or driven by the teacher's measured quality).
 
+`loss.hidden.weight` > 0 adds to the student's loss its hidden-state loss to the teacher's detached states at paired
+layers (lmdistill.losses.hidden; the teacher still learns from CE alone). Both models start untrained, so there is no
+pruning map: the pairs default to evenly spaced layers (`even_pairs`). A width projection rides on the student:
+checkpointed with it, not exported.
+
 Both models are checkpointed together (weights, optimizers, schedulers, RNG, a(t) state) and saved at the end with
 save_pretrained under `<output_dir>/teacher` and `<output_dir>/student`.
 """
@@ -27,8 +32,9 @@ from lmdistill.config import CodistillConfig, CodistillLossConfig
 from lmdistill.errors import CheckpointError
 from lmdistill.evaluate import evaluate_blocks
 from lmdistill.losses import distill_loss
+from lmdistill.losses.hidden import LayerMatch, layer_match
 from lmdistill.recipes.common import Recipe, build_co_setup, describe, print_main, run_recipe
-from lmdistill.teachers import Hidden, model_outputs
+from lmdistill.teachers import Hidden, model_layers, model_outputs
 from lmdistill.train.loop import StepInfo, StepLoss, Trained
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -36,7 +42,8 @@ from lmdistill.train.loop import StepInfo, StepLoss, Trained
 
 
 def codistill_losses(teacher: nn.Module, student: nn.Module, batch: dict[str, Tensor], loss: CodistillLossConfig,
-                     n_vocab: int, *, a: float, teacher_grad: bool = True) -> tuple[StepLoss, StepLoss]:
+                     n_vocab: int, *, a: float, teacher_grad: bool = True,
+                     hidden: LayerMatch | None = None) -> tuple[StepLoss, StepLoss]:
     """Both models' loss sums over this micro-batch's target tokens, from one forward pass each.
 
     Args:
@@ -44,6 +51,7 @@ def codistill_losses(teacher: nn.Module, student: nn.Module, batch: dict[str, Te
         a: weight of the divergence in the student's loss, in [0, 1].
         teacher_grad: whether the teacher learns on this step; False runs its forward under no_grad (its targets are
             still needed) and drops the mutual term.
+        hidden: layer-wise distillation: the student's loss adds its pairs' losses to the teacher's detached states.
 
     Returns:
         (teacher, student) StepLoss; teacher parts: ce (and kd with mutual > 0); student parts: ce, kd. Each side sees
@@ -53,12 +61,19 @@ def codistill_losses(teacher: nn.Module, student: nn.Module, batch: dict[str, Te
     mutual = loss.mutual if teacher_grad else 0.0
     grad_ctx = contextlib.nullcontext() if teacher_grad else torch.no_grad()
     with grad_ctx:
-        t = model_outputs(teacher, batch, n_vocab, loss.fused)
-    s = model_outputs(student, batch, n_vocab, loss.fused)
+        t, t_states = _forward(teacher, batch, n_vocab, loss.fused, layers=hidden is not None)
+    s, s_states = _forward(student, batch, n_vocab, loss.fused, layers=hidden is not None)
     student_loss = distill_loss(s, _detached(t), batch["labels"], a, loss)
+    if hidden is not None:
+        student_loss = hidden.add(student_loss, s_states, t_states, batch["labels"])
     with grad_ctx:
         teacher_loss = distill_loss(t, _detached(s) if mutual > 0 else None, batch["labels"], mutual, loss)
     return teacher_loss, student_loss
+
+
+def _forward(model: nn.Module, batch: dict[str, Tensor], n_vocab: int, fused: bool,
+             layers: bool) -> tuple[Hidden | Tensor, tuple[Tensor, ...]]:
+    return model_layers(model, batch, n_vocab, fused) if layers else (model_outputs(model, batch, n_vocab, fused), ())
 
 
 def _detached(out: Hidden | Tensor) -> Hidden | Tensor:
@@ -93,10 +108,13 @@ def codistill_recipe(cfg: CodistillConfig) -> Recipe:
     splits, teacher = setup.splits, setup.teacher
     assert splits is not None and teacher is not None
     weighting = build_weighting(cfg.loss.weight, cfg.train.max_steps)
+    info = describe(setup, splits.train, splits.eval)
+    hidden = layer_match(cfg.loss.hidden, setup.student, teacher, seed=cfg.train.seed + 1, info=info, default="even")
 
     def loss(models: dict[str, nn.Module], batch: dict[str, Tensor], step: StepInfo) -> dict[str, StepLoss]:
         lt, ls = codistill_losses(models["teacher"], models["student"], batch, cfg.loss, setup.n_vocab,
-                                  a=weighting.value(step.step), teacher_grad="teacher" in step.updating)
+                                  a=weighting.value(step.step), teacher_grad="teacher" in step.updating,
+                                  hidden=hidden)
         return {"teacher": lt, "student": ls}
 
     def on_step(step: int, means: dict[str, float]) -> dict[str, float]:
@@ -119,12 +137,12 @@ def codistill_recipe(cfg: CodistillConfig) -> Recipe:
 
         return evaluate_blocks(models["student"], splits.eval, n_vocab=setup.n_vocab,
                                batch_size=cfg.train.micro_batch_size, max_batches=cfg.train.eval_batches,
-                               teacher_logits_fn=teacher_logits)
+                               teacher_logits_fn=teacher_logits, byte_lengths=setup.byte_lengths)
 
     models = {"teacher": Trained(teacher, cfg.teacher.lr, cfg.teacher.update_every),
               "student": Trained(setup.student, cfg.student.lr)}
     return Recipe("codistill", cfg, setup.tokenizer, splits.train, models, loss,
-                  evaluate if len(splits.eval) else None, info=describe(setup, splits.train, splits.eval),
+                  evaluate if len(splits.eval) else None, info=info,
                   state={"weighting": WeightingState(weighting, cfg.loss.weight.schedule)}, on_step=on_step,
                   fused=cfg.loss.fused)
 

@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from accelerate.utils import set_seed
-from torch import nn
+from torch import Tensor, nn
 
 from lmdistill.cache.reader import CachedTeacher
 from lmdistill.config import CodistillConfig, CoModelConfig, ModelConfig, StudentRunConfig, dump_config
 from lmdistill.data import DataSplits, TokenBlocks, build_splits, check_block_size
-from lmdistill.errors import ModelLoadError, write_failure
+from lmdistill.errors import ConfigError, ModelLoadError, write_failure
+from lmdistill.evaluate import byte_lengths_of
 from lmdistill.io import atomic_dir, write_json
 from lmdistill.models import (
     build_student,
@@ -54,9 +55,15 @@ class Setup:
     student: nn.Module
     n_vocab: int
     splits: DataSplits | None
+    teacher_tokenizer: Any = None  # set where it differs from the student's (cross-tokenizer distillation)
+
+    @property
+    def byte_lengths(self) -> Tensor | None:
+        """[len(tokenizer)] bytes each token spells, for held-out bits per byte (None: bytes unknown)."""
+        return byte_lengths_of(self.tokenizer)
 
 
-def build_setup(cfg: StudentRunConfig, *, teacher: bool, data: bool = True) -> Setup:
+def build_setup(cfg: StudentRunConfig, *, teacher: bool, data: bool = True, cross_tokenizer: bool = False) -> Setup:
     """The student (every recipe builds it here), the tokenizer that reads the data, the shared vocab, the data splits
     (`data`), and the frozen teacher when the recipe runs it (`teacher`).
 
@@ -82,12 +89,21 @@ def build_setup(cfg: StudentRunConfig, *, teacher: bool, data: bool = True) -> S
     student = build_student(s_cfg, tokenizer, teacher=model, teacher_config=base_config, seed=cfg.train.seed)
     if not teacher:
         model = None
-    n_vocab = shared_vocab_size(t_tok or tokenizer, tokenizer, model, student)
+    other_tokenizer = cross_tokenizer and t_tok is not None and t_tok.get_vocab() != tokenizer.get_vocab()
+    if other_tokenizer:  # each model scores its own vocabulary; lmdistill.align relates them
+        if s_cfg.init != "pretrained":
+            raise ConfigError("loss.cross_tokenizer needs a student with its own tokenizer: student.init=pretrained "
+                              f"(init={s_cfg.init} builds the student with the teacher's tokenizer)")
+        n_vocab = shared_vocab_size(tokenizer, tokenizer, None, student)
+        shared_vocab_size(t_tok, t_tok, model, None)
+    else:
+        n_vocab = shared_vocab_size(t_tok or tokenizer, tokenizer, model, student)
     for m in (student, model):
         if m is not None:
             check_block_size(cfg.data.block_size, m.config)
     splits = build_splits(cfg.data, tokenizer) if data else None
-    return Setup(tokenizer=tokenizer, teacher=model, student=student, n_vocab=n_vocab, splits=splits)
+    return Setup(tokenizer=tokenizer, teacher=model, student=student, n_vocab=n_vocab, splits=splits,
+                 teacher_tokenizer=t_tok if other_tokenizer else None)
 
 
 def build_co_setup(cfg: CodistillConfig) -> Setup:

@@ -125,7 +125,7 @@ def run_hard(cfg: HardConfig) -> dict[str, Any]:
 
     def evaluate(models: dict[str, nn.Module]) -> dict[str, float]:
         kw: dict[str, Any] = {"n_vocab": setup.n_vocab, "batch_size": cfg.train.micro_batch_size,
-                              "max_batches": cfg.train.eval_batches}
+                              "max_batches": cfg.train.eval_batches, "byte_lengths": setup.byte_lengths}
         if teacher is None and eval_cache is not None:  # KL and agreement against the cached targets
             return evaluate_with_cache(models["student"], eval_cache, held, **kw)
         return evaluate_blocks(models["student"], held, teacher_logits_fn=teacher.logits if teacher else None, **kw)

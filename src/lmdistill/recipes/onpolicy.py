@@ -16,15 +16,14 @@ rollout time. A run resumed inside a window samples again from the current weigh
 
 GKD's mix: a step is on-policy with probability `lmbda` (a coin seeded by the step); the other steps train on the
 data's responses (or, with `seq_kd`, on answers the teacher writes) exactly as `soft` does, so `lmbda=0` is `soft`.
+
+`loss.hidden` (signal `dense`, local teacher only) adds layer-wise distillation on the same tokens, as in `soft`: the
+teacher's scoring forward also gives the hidden states of its paired layers, which ride in the batch.
 """
 
 from __future__ import annotations
 
-import logging
 import random
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -36,28 +35,13 @@ from lmdistill.evaluate import evaluate_blocks
 from lmdistill.generate.seeded_sampling import derive_seed
 from lmdistill.losses import Hidden, distill_loss, reverse_kl_policy_gradient, token_logprobs
 from lmdistill.losses.chunked_ce import chunked_token_logprobs
+from lmdistill.losses.hidden import layer_match
 from lmdistill.models import lm_head
 from lmdistill.recipes.common import Recipe, build_setup, describe, print_main, run_recipe
-from lmdistill.rollout import as_batch, eos_ids_of, onpolicy_metrics, prompt_ids, sample_completions
+from lmdistill.rollout import PhaseClock, ReusedRollouts, eos_ids_of, onpolicy_metrics, rollout_batch
 from lmdistill.served_teacher import ServedTeacher
-from lmdistill.teachers import HFTeacher, model_outputs, topk_targets
+from lmdistill.teachers import HFTeacher, model_layers, model_outputs, topk_targets
 from lmdistill.train.loop import StepInfo, StepLoss, Trained, TrainResult
-
-log = logging.getLogger(__name__)
-
-
-class PhaseClock:
-    """Seconds spent in each named phase (rollout, teacher scoring), and what the rollouts produced."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {"rollout": 0.0, "teacher": 0.0}
-        self.counts: dict[str, int] = {"completions": 0, "completion_tokens": 0, "truncated": 0, "skipped_prompts": 0}
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        yield
-        self.seconds[name] += time.perf_counter() - t0
 
 
 def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
@@ -69,7 +53,9 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
     teacher = HFTeacher(setup.teacher, n_vocab) if setup.teacher is not None else None
     server = ServedTeacher(cfg.teacher_server, tok) if served else None
     pad, eos, block = tok.pad_token_id, eos_ids_of(setup.student, tok), cfg.data.block_size
-    clock = PhaseClock()
+    clock, info = PhaseClock(), describe(setup, train, held)
+    # the config allows it with signal=dense and a local teacher only: the teacher's forward gives the states anyway
+    hidden = layer_match(cfg.loss.hidden, setup.student, setup.teacher, seed=cfg.train.seed, info=info)
 
     def on_policy(step: int) -> bool:
         return random.Random(derive_seed(cfg.train.seed, step)).random() < cfg.lmbda
@@ -88,6 +74,9 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
             t = server.topk(batch, cfg.k)
         else:
             assert teacher is not None
+            if hidden is not None:  # signal=dense: the paired layers' states ride in the batch too
+                states = teacher.layers(batch, fused=True)[1]  # the last one is `teacher_hidden`, after the final norm
+                return {"teacher_hidden": states[-1], **hidden.carry(states)}
             dense = teacher.targets(batch)
             if cfg.signal == "dense":
                 return {"teacher_hidden": dense.hidden}
@@ -95,23 +84,15 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
         assert t.tail_logprob is not None
         return {"target_ids": t.ids, "target_logprobs": t.logprobs, "target_tail": t.tail_logprob}
 
-    reuse = cfg.rollout.reuse
-    # the rollouts of the current reuse window: micro-batch i of every step in it trains on cache["batches"][i]
-    cache: dict[str, Any] = {"window": None, "sampled_at": None, "batches": [], "step": None, "i": 0}
-
     def fresh_rollout(models: dict[str, nn.Module], batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         on = on_policy(step)
         writer = models["student"] if on else teacher.model if cfg.seq_kd and teacher else None
         if writer is not None:
             with clock.phase("rollout"):
-                r = sample_completions(writer, prompt_ids(batch), batch["index"].tolist(), step=step,
-                                       seed=cfg.train.seed, cfg=cfg.rollout, block_size=block, pad_id=pad, eos_ids=eos)
-            device = batch["input_ids"].device
-            batch = {k: v.to(device) for k, v in as_batch(r, block, pad).items()}
-            for key, value in (("completions", len(r.completions)), ("truncated", r.truncated),
-                               ("skipped_prompts", r.skipped), ("completion_tokens", sum(map(len, r.completions)))):
-                clock.counts[key] += value
-            if reuse > 1 and on and cfg.signal == "sampled_token":
+                batch, r = rollout_batch(writer, batch, step=step, seed=cfg.train.seed, cfg=cfg.rollout,
+                                         block_size=block, pad_id=pad, eos_ids=eos)
+            clock.count(r)
+            if cfg.rollout.reuse > 1 and on and cfg.signal == "sampled_token":
                 # the sampling policy's log-probs (temperature 1), which later updates' ratios are taken against;
                 # with reuse 1 the update's own forward gives them (the weights are the sampling ones)
                 with torch.no_grad():
@@ -122,29 +103,10 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
         batch["on_policy"] = torch.tensor(on)
         return batch
 
-    def rollout(models: dict[str, nn.Module], batch: dict[str, Tensor], step: StepInfo) -> dict[str, Tensor]:
-        if reuse == 1:
-            return fresh_rollout(models, batch, step.step)
-        s = step.step
-        if cache["step"] != s:
-            cache["step"], cache["i"] = s, 0
-        i = cache["i"]
-        cache["i"] += 1
-        window = s - s % reuse
-        if cache["window"] == window and cache["sampled_at"] != s:
-            return dict(cache["batches"][i])
-        if i == 0:
-            if s != window:
-                log.warning("resumed at step %d, inside the rollout reuse window that began at step %d: its rollouts "
-                            "were not checkpointed, so they are sampled again at step %d from the current weights: "
-                            "steps %d to %d train on other samples than an uninterrupted run's", s, window, s, s,
-                            min(window + reuse, cfg.train.max_steps) - 1)
-            cache.update(window=window, sampled_at=s, batches=[])
-        cache["batches"].append(fresh_rollout(models, batch, s))
-        return dict(cache["batches"][i])
-
     def loss(models: dict[str, nn.Module], batch: dict[str, Tensor], step: StepInfo) -> dict[str, StepLoss]:
-        out = model_outputs(models["student"], batch, n_vocab, cfg.loss.fused)
+        student = models["student"]
+        out, states = model_layers(student, batch, n_vocab, cfg.loss.fused) if hidden else \
+            (model_outputs(student, batch, n_vocab, cfg.loss.fused), ())
         if cfg.signal == "sampled_token":
             return {"student": reverse_kl_policy_gradient(token_logprobs(out, batch["labels"]),
                                                           batch["teacher_logprob"], batch["labels"], cfg.discount,
@@ -156,12 +118,15 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
             targets = InBatchTeacher().targets(batch)
         # on the student's own tokens the divergence alone: a CE there would teach the student its own samples
         alpha = 1.0 if bool(batch["on_policy"]) else cfg.loss.alpha
-        return {"student": distill_loss(out, targets, batch["labels"], alpha, cfg.loss)}
+        step_loss = distill_loss(out, targets, batch["labels"], alpha, cfg.loss)
+        if hidden is not None:
+            step_loss = hidden.add(step_loss, states, hidden.carried(batch), batch["labels"])
+        return {"student": step_loss}
 
     def evaluate(models: dict[str, nn.Module]) -> dict[str, float]:
         student = models["student"]
         kw: dict[str, Any] = {"n_vocab": n_vocab, "batch_size": cfg.train.micro_batch_size,
-                              "max_batches": cfg.train.eval_batches}
+                              "max_batches": cfg.train.eval_batches, "byte_lengths": setup.byte_lengths}
         metrics = evaluate_blocks(student, held, teacher_logits_fn=teacher.logits if teacher else None, **kw)
         metrics.update(onpolicy_metrics(student, held, teacher_logprobs, n_vocab=n_vocab, cfg=cfg.rollout,
                                         seed=cfg.train.seed, pad_id=pad, eos_ids=eos,
@@ -180,5 +145,6 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
 
     return run_recipe(Recipe(f"onpolicy-{cfg.signal}", cfg, tok, train, {"student": Trained(setup.student)}, loss,
                              evaluate if len(held) else None, teachers=[teacher] if teacher else [],
-                             info=describe(setup, train, held), rollout=rollout, finish=finish,
+                             info=info, rollout=ReusedRollouts(fresh_rollout, cfg.rollout.reuse, cfg.train.max_steps),
+                             finish=finish,
                              fused=cfg.loss.fused, lora=cfg.student.lora.enabled))
