@@ -220,8 +220,8 @@ def align_batch(batch: dict[str, Tensor], student_tok: Any, teacher_tok: Any) ->
     mask = batch.get("attention_mask")
     mask = mask.cpu() if mask is not None else None
     B, T = labels.shape
-    aligned = [align_sequence(_student_sequence(input_ids[b], labels[b], None if mask is None else mask[b]),
-                              student_tok, teacher_tok) for b in range(B)]
+    sequences = [_student_sequence(input_ids[b], labels[b], None if mask is None else mask[b]) for b in range(B)]
+    aligned = [align_sequence(seq, student_tok, teacher_tok) for seq in sequences]
     t_len = max(1, max(len(a.teacher_ids) for a in aligned))
     pad = teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else (teacher_tok.eos_token_id or 0)
     t_ids = torch.full((B, t_len), int(pad), dtype=torch.long)
@@ -233,10 +233,9 @@ def align_batch(batch: dict[str, Tensor], student_tok: Any, teacher_tok: Any) ->
     rows: list[tuple[int, int, int, int, int]] = []
     counts = {"one_to_one": 0, "merged": 0, "skipped": 0}
     s_table = token_bytes(student_tok)
-    for b, a in enumerate(aligned):
+    for b, (seq, a) in enumerate(zip(sequences, aligned, strict=True)):
         t_ids[b, : len(a.teacher_ids)] = torch.tensor(a.teacher_ids, dtype=torch.long)
         t_mask[b, : len(a.teacher_ids)] = 1
-        seq = _student_sequence(input_ids[b], labels[b], None if mask is None else mask[b])
         for s_span, t_span in a.spans:
             first_s, first_t = s_span.start, t_span.start
             ok = (first_s >= 1 and first_t >= 1 and s_span.stop - 1 <= T

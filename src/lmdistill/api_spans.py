@@ -34,11 +34,10 @@ from torch import Tensor, nn
 from lmdistill.align import byte_spans
 from lmdistill.api_targets import AlignmentReport, _template_ids, split_by_prompt
 from lmdistill.config import DataConfig, LossConfig
+from lmdistill.cross_tokenizer_teacher import evaluate_spans
 from lmdistill.data import IGNORE, TokenBlocks, chat_blocks, conversation, render_chat
 from lmdistill.errors import DataError
 from lmdistill.losses.cross_tokenizer import CrossTokenizerMode, SparseSpanTargets
-from lmdistill.losses.head import Hidden
-from lmdistill.teachers import model_outputs
 from lmdistill.token_bytes import token_bytes
 
 log = logging.getLogger(__name__)
@@ -311,31 +310,9 @@ class InBatchSpanTeacher:
                                  rest_labels, rest_span, self.mode, self.matched_weight, self.unmatched_weight,
                                  counts)
 
-    @torch.no_grad()
-    def evaluate(self, student: nn.Module, held: TokenBlocks, loss: LossConfig, *, n_vocab: int, batch_size: int,
-                 max_batches: int | None = None, **_: Any) -> dict[str, float]:
-        """Held-out span loss per compared span (`span_kd`, the training divergence) and the share of learned
-        tokens in 1:1, merged and no span."""
-        was_training = student.training
-        student.eval()
-        kd, spans = 0.0, 0
-        counts: dict[str, int] = {}
-        device = next(student.parameters()).device
-        for n, start in enumerate(range(0, len(held), batch_size)):
-            if max_batches is not None and n >= max_batches:
-                break
-            rows = list(range(start, min(start + batch_size, len(held))))
-            batch = {k: v.to(device) for k, v in held.batch(rows).items()}
-            targets = self.targets(batch)
-            out = model_outputs(student, batch, n_vocab, fused=True)
-            assert isinstance(out, Hidden)
-            kd += float(targets.kd_sum(out, loss.kind, loss.beta, loss.temperature))
-            spans += targets.n_spans
-            for k, v in targets.counts.items():
-                counts[k] = counts.get(k, 0) + v
-        student.train(was_training)
-        total = max(sum(counts.values()), 1)
-        return {"span_kd": kd / max(spans, 1), **{f"aligned_{k}": v / total for k, v in counts.items()}}
+    def evaluate(self, student: nn.Module, held: TokenBlocks, loss: LossConfig, **kw: Any) -> dict[str, float]:
+        """Held-out `span_kd` and the share of learned tokens in 1:1, merged and no span."""
+        return evaluate_spans(self, student, held, loss, **kw)
 
 
 def _align_all(records: Sequence[dict[str, Any]], tokenizer: Any, data: DataConfig,

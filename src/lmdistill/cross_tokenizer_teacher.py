@@ -3,7 +3,7 @@ aligned to the student's by byte spans (lmdistill.align, lmdistill.losses.cross_
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -15,7 +15,13 @@ from lmdistill.data import TokenBlocks
 from lmdistill.errors import ConfigError
 from lmdistill.evaluate import held_out_batches
 from lmdistill.losses.chunked_ce import chunked_token_logprobs
-from lmdistill.losses.cross_tokenizer import AlignedTargets, CrossTokenizerMode, span_sums, teacher_spans
+from lmdistill.losses.cross_tokenizer import (
+    AlignedTargets,
+    CrossTokenizerMode,
+    SparseSpanTargets,
+    span_sums,
+    teacher_spans,
+)
 from lmdistill.losses.head import Hidden
 from lmdistill.teachers import HFTeacher, model_outputs
 
@@ -49,26 +55,38 @@ class CrossTokenizerTeacher:
         return AlignedTargets(reduced, ab, vmap, self.mode, self.temperature, self.matched_weight,
                               self.unmatched_weight)
 
-    @torch.no_grad()
-    def evaluate(self, student: nn.Module, held: TokenBlocks, loss: LossConfig, *, n_vocab: int, batch_size: int,
-                 max_batches: int | None = None, **_: Any) -> dict[str, float]:
-        """Held-out span loss per compared span (`span_kd`, the training divergence) and the share of target
-        tokens in 1:1 and merged spans."""
-        was_training = student.training
-        student.eval()
-        kd, spans = 0.0, 0
-        counts: dict[str, int] = {}
-        for batch in held_out_batches(held, batch_size, max_batches, next(student.parameters()).device):
-            targets = self.targets(batch)
-            out = model_outputs(student, batch, n_vocab, fused=True)
-            assert isinstance(out, Hidden)
-            kd += float(targets.kd_sum(out, loss.kind, loss.beta, loss.temperature))
-            spans += targets.batch.n_spans
-            for k, v in targets.batch.counts.items():
-                counts[k] = counts.get(k, 0) + v
-        student.train(was_training)
-        total = max(sum(counts.values()), 1)
-        return {"span_kd": kd / max(spans, 1), **{f"aligned_{k}": v / total for k, v in counts.items()}}
+    def evaluate(self, student: nn.Module, held: TokenBlocks, loss: LossConfig, **kw: Any) -> dict[str, float]:
+        return evaluate_spans(self, student, held, loss, **kw)
+
+
+class SpanTeacher(Protocol):
+    """A teacher of another tokenizer: targets whose loss is summed over aligned spans (`AlignedTargets`, the API's
+    `SparseSpanTargets`)."""
+
+    def targets(self, batch: dict[str, Tensor]) -> AlignedTargets | SparseSpanTargets:
+        ...
+
+
+@torch.no_grad()
+def evaluate_spans(teacher: SpanTeacher, student: nn.Module, held: TokenBlocks, loss: LossConfig, *, n_vocab: int,
+                   batch_size: int, max_batches: int | None = None, **_: Any) -> dict[str, float]:
+    """Held-out span loss per compared span (`span_kd`, the training divergence) and the share of target tokens in
+    1:1, merged and no span."""
+    was_training = student.training
+    student.eval()
+    kd, spans = 0.0, 0
+    counts: dict[str, int] = {}
+    for batch in held_out_batches(held, batch_size, max_batches, next(student.parameters()).device):
+        targets = teacher.targets(batch)
+        out = model_outputs(student, batch, n_vocab, fused=True)
+        assert isinstance(out, Hidden)
+        kd += float(targets.kd_sum(out, loss.kind, loss.beta, loss.temperature))
+        spans += targets.n_spans
+        for k, v in targets.counts.items():
+            counts[k] = counts.get(k, 0) + v
+    student.train(was_training)
+    total = max(sum(counts.values()), 1)
+    return {"span_kd": kd / max(spans, 1), **{f"aligned_{k}": v / total for k, v in counts.items()}}
 
 
 def cross_tokenizer_teacher(model: nn.Module, teacher_tokenizer: Any, student_tokenizer: Any, cfg: SoftConfig,

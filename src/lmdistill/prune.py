@@ -83,9 +83,10 @@ def _load_exact(model: nn.Module, state: dict[str, Tensor], what: str) -> None:
         raise ModelLoadError(f"{what} could not map weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def _run_calibration(model: Any, batches: Iterable[dict[str, Tensor]], mask: list[Tensor]) -> float:
+def _run_calibration(model: Any, batches: Iterable[dict[str, Tensor]], mask: list[Tensor], handles: list[Any],
+                     method: str) -> float:
     """One no-grad forward per batch in eval mode; `mask[0]` holds the current batch's [B, T] float attention mask for
-    the caller's hooks. Returns the number of real tokens seen."""
+    the caller's hooks, which are removed afterwards. Returns the number of real tokens seen (refuses none)."""
     was_training, tokens = model.training, 0.0
     model.eval()
     device = next(model.parameters()).device
@@ -100,6 +101,10 @@ def _run_calibration(model: Any, batches: Iterable[dict[str, Tensor]], mask: lis
                 model(input_ids=ids, attention_mask=attn, use_cache=False)
     finally:
         model.train(was_training)
+        for h in handles:
+            h.remove()
+    if tokens == 0:
+        raise ConfigError(f"student.prune.method={method}: the calibration text gave no tokens")
     return tokens
 
 
@@ -120,13 +125,7 @@ def layer_influence(model: Any, batches: Iterable[dict[str, Tensor]]) -> list[fl
         return fn
 
     handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        tokens = _run_calibration(model, batches, mask)
-    finally:
-        for h in handles:
-            h.remove()
-    if tokens == 0:
-        raise ConfigError("student.prune.method=influence: the calibration text gave no tokens")
+    tokens = _run_calibration(model, batches, mask, handles, "influence")
     return [float(v) / tokens for v in sums]
 
 
@@ -299,13 +298,7 @@ def width_importance(model: Any, batches: Iterable[dict[str, Tensor]]) -> WidthI
                     layer.post_attention_layernorm.register_forward_hook(on_norm),
                     layer.self_attn.o_proj.register_forward_pre_hook(on_o_proj(i)),
                     layer.mlp.down_proj.register_forward_pre_hook(on_down_proj(i))]
-    try:
-        tokens = _run_calibration(model, batches, mask)
-    finally:
-        for h in handles:
-            h.remove()
-    if tokens == 0:
-        raise ConfigError("student.prune.method=minitron: the calibration text gave no tokens")
+    tokens = _run_calibration(model, batches, mask, handles, "minitron")
     return WidthImportance(hidden=h_sum / tokens, heads=[s / tokens for s in head_sums],
                            mlp=[s / tokens for s in mlp_sums])
 

@@ -24,8 +24,9 @@ Rows are processed in chunks whose logits are recomputed in backward, so no [tok
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -165,16 +166,21 @@ def cross_tokenizer_kd(student_rows: Tensor, student_head: Head, teacher: Teache
     reduced spans (`teacher_spans`), T^2-scaled like the same-tokenizer divergences; `chunk_size` spans of student
     logits exist at once, recomputed in backward. ULD compares the `ULD_TOP` largest entries of each side and the
     mass beyond them as one more entry (exact where a side has no more entries than that)."""
-    total = student_rows.new_zeros((), dtype=torch.float32)
+    return chunked_span_sum(_student_chunk, student_rows, student_head,
+                            (s_first, s_rest, teacher.coarse, teacher.top, teacher.beyond),
+                            (vmap, mode, kind, beta, temperature, matched_weight, unmatched_weight), chunk_size)
+
+
+def chunked_span_sum(fn: Callable[..., Tensor], student_rows: Tensor, student_head: Head,
+                     per_span: tuple[Tensor | None, ...], settings: tuple[Any, ...], chunk_size: int) -> Tensor:
+    """sum over chunks of `fn(rows, head, *per_span[chunk], *settings)`, each chunk's logits recomputed in backward
+    (activation checkpointing) when the student needs gradients."""
+    total = student_rows.new_zeros((), dtype=torch.float32 if student_rows.dtype != torch.float64 else torch.float64)
+    grad = torch.is_grad_enabled() and (student_rows.requires_grad or student_head.weight.requires_grad)
     for start in range(0, student_rows.shape[0], chunk_size):
         sl = slice(start, start + chunk_size)
-        args = (student_rows[sl], student_head, s_first[sl], s_rest[sl],
-                None if teacher.coarse is None else teacher.coarse[sl], teacher.top[sl], teacher.beyond[sl], vmap,
-                mode, kind, beta, temperature, matched_weight, unmatched_weight)
-        if torch.is_grad_enabled() and (student_rows.requires_grad or student_head.weight.requires_grad):
-            total = total + checkpoint(_student_chunk, *args, use_reentrant=False)
-        else:
-            total = total + _student_chunk(*args)
+        args = (student_rows[sl], student_head, *(None if t is None else t[sl] for t in per_span), *settings)
+        total = total + (checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
     return total
 
 
@@ -190,6 +196,14 @@ class AlignedTargets:
     temperature: float
     matched_weight: float = 1.0
     unmatched_weight: float = 1.0
+
+    @property
+    def n_spans(self) -> int:
+        return self.batch.n_spans
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return self.batch.counts
 
     def kd_sum(self, out: Hidden, kind: str, beta: float, temperature: float) -> Tensor:
         """The summed span loss of the student `out` (hidden states [B, T, H] + head) against these targets."""
@@ -296,16 +310,8 @@ def sparse_span_kd(student_rows: Tensor, student_head: Head, s_first: Tensor, s_
     """Summed `sparse_span_divergence` over S spans from the student's hidden states before each span [S, H],
     T^2-scaled (temperature applies to the student only: an API's log-probs are at temperature 1). `chunk_size`
     spans of logits exist at once; they are recomputed in backward."""
-    total = student_rows.new_zeros((), dtype=torch.float32 if student_rows.dtype != torch.float64 else torch.float64)
-    for start in range(0, student_rows.shape[0], chunk_size):
-        sl = slice(start, start + chunk_size)
-        args = (student_rows[sl], student_head, s_first[sl], s_rest[sl], ids[sl], probs[sl], span_t[sl],
-                other_t[sl], mode, kind, beta, temperature, matched_weight, unmatched_weight)
-        if torch.is_grad_enabled() and (student_rows.requires_grad or student_head.weight.requires_grad):
-            total = total + checkpoint(_sparse_chunk, *args, use_reentrant=False)
-        else:
-            total = total + _sparse_chunk(*args)
-    return total
+    return chunked_span_sum(_sparse_chunk, student_rows, student_head, (s_first, s_rest, ids, probs, span_t, other_t),
+                            (mode, kind, beta, temperature, matched_weight, unmatched_weight), chunk_size)
 
 
 @dataclass

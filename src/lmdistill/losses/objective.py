@@ -133,8 +133,7 @@ def distill_loss(out: Hidden | Tensor, targets: Targets | None, labels: Tensor, 
             raise LossArgumentError("a teacher of another tokenizer needs the student's hidden states + head")
         kd = targets.kd_sum(out, loss.kind, loss.beta, loss.temperature)
         ce = chunked_ce_sum_and_count(out.hidden, out.head, labels)[0]
-        shares = targets.batch.counts if isinstance(targets, AlignedTargets) else targets.counts
-        counts = {f"aligned_{k}": torch.tensor(float(v)) for k, v in shares.items()}
+        counts = {f"aligned_{k}": torch.tensor(float(v)) for k, v in targets.counts.items()}
         return StepLoss(mix(kd, ce, 1, alpha), {"kd": kd, "ce": ce, **counts})
     mask = labels != IGNORE_INDEX
     if isinstance(out, Hidden):
