@@ -83,6 +83,7 @@ def test_gradient_matches_float64_autograd(gen, kind):
     s, t = _logits(gen, 3, 4, 37), _logits(gen, 3, 4, 37)
     mask = torch.rand(3, 4, generator=gen) > 0.4
     mask[0, 0] = True
+    mask[-1, -1] = False  # at least one masked position, whose gradient must be 0 (a draw can mask none)
 
     s32 = s.clone().requires_grad_()
     t32 = t.clone().requires_grad_()
