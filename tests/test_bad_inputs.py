@@ -260,11 +260,6 @@ def disk_full_checkpoint(c: Ctx):
                                                   "--train.resume true"]
 
 
-def cross_tokenizer_from_a_cache(c: Ctx):
-    return c.soft(**{"loss.cross_tokenizer": "hybrid", "teacher_cache": str(c.tmp / "cache")}), [
-        "soft-label cache holds one tokenizer's ids", "drop teacher_cache"]
-
-
 def disk_full_student(c: Ctx):
     return c.soft(), ["could not write the student model", "disk may be full"]
 
@@ -278,7 +273,6 @@ SOFT_CASES: dict[str, Callable[[Ctx], tuple[list[str], list[str]]]] = {
         nan_teacher_in_first_eval, temperature_zero, temperature_negative, alpha_above_one, alpha_below_zero,
         lora_target_missing, student_path_missing, keep_layers_out_of_range, fp16_without_gpu,
         checkpoint_incompatible_version, checkpoint_truncated, checkpoint_of_another_student,
-        cross_tokenizer_from_a_cache,
     )
 }
 DISK_CASES = {f.__name__: f for f in (disk_full_checkpoint, disk_full_student)}
@@ -398,7 +392,21 @@ def cache_of_another_tokenizer(c: Ctx):
     make_model(c.tmp / "s2", other, seed=8)
     args = soft_from_cache(c, c.cache, **{"teacher.name_or_path": str(c.tmp / "t2"),
                                           "student.name_or_path": str(c.tmp / "s2")})
-    return args, ["tokenizer", "cache"]
+    return args, ["tokenizer mismatch", "cache", "--cache.cross_tokenizer true", "--loss.cross_tokenizer hybrid"]
+
+
+def cross_tokenizer_student_of_a_cache_without_its_fields(c: Ctx):
+    # a student of another tokenizer, loss.cross_tokenizer set, but the cache has only the teacher's own ids
+    other = train_tokenizer(c.tmp / "tok2", vocab_size=400, extra_text="zebra quantum xylophone " * 20)
+    make_model(c.tmp / "s2", other, seed=8)
+    args = soft_from_cache(c, c.cache, **{"student.name_or_path": str(c.tmp / "s2"), "loss.cross_tokenizer": "hybrid"})
+    return args, ["labelled without cache.cross_tokenizer", "--cache.cross_tokenizer true"]
+
+
+def label_cross_tokenizer_of_chat_data(c: Ctx):
+    return label_argv(c.teacher_dir, c.chat_file, c.tmp / "newcache", **{
+        "cache.cross_tokenizer": "true", "data.stage": "chat"}), ["cache.cross_tokenizer needs data.stage=pretrain",
+                                                                   "--api_logprobs"]
 
 
 def cache_of_other_data(c: Ctx):
@@ -467,7 +475,8 @@ CACHE_CASES = {
               label_unwritable_output, label_draws_out_of_range,
               label_k_larger_than_vocab, label_into_cache_of_another_teacher, label_nan_teacher,
               cache_of_another_tokenizer, cache_of_other_data, cache_shard_truncated, cache_shard_corrupt,
-              cache_unfinished, hard_nan_teacher)
+              cache_unfinished, hard_nan_teacher, cross_tokenizer_student_of_a_cache_without_its_fields,
+              label_cross_tokenizer_of_chat_data)
 }
 
 
@@ -621,8 +630,7 @@ def op_unreachable_teacher_server(c: Ctx):
 
 
 def op_teacher_of_another_tokenizer(c: Ctx):
-    return onpolicy_args(c, **{"loss.cross_tokenizer": "hybrid"}), ["another tokenizer",
-                                                                    "lmdistill soft --loss.cross_tokenizer hybrid"]
+    return onpolicy_args(c, signal="topk", **{"loss.cross_tokenizer": "hybrid"}), ["signal=topk", "--signal dense"]
 
 
 OP_CASES = {

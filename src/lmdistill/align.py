@@ -14,6 +14,8 @@ through their conditional probabilities (lmdistill.losses.cross_tokenizer).
 Special tokens spell no bytes. The student's EOS (a document boundary in packed text) is paired with the teacher's
 EOS as a 1:1 span; other special tokens (chat-template markers) split the text into segments that the teacher
 tokenizes separately, and the span right after one is not compared (the two models saw different context there).
+Chat data are aligned otherwise: each model reads the conversation through its own chat template, and the spans are
+taken on the message contents (lmdistill.chat_align, passed to `align_batch` as `chat`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -101,6 +103,8 @@ class BlockAlignment:
     spans: list[Span]  # student indices into the sequence, teacher indices into teacher_ids
     n_student: int
     unaligned: int = 0  # student tokens in no span (cut characters, text after a template marker)
+    checked_context: bool = False  # both sides read the same conversation (lmdistill.chat_align): a span may follow
+    # a template marker; else the span right after a marker only the student saw is not compared
 
 
 def teacher_prefix(tokenizer: Any) -> list[int]:
@@ -210,18 +214,38 @@ def _student_sequence(input_ids: Tensor, labels: Tensor, attention_mask: Tensor 
     return seq
 
 
-def align_batch(batch: dict[str, Tensor], student_tok: Any, teacher_tok: Any) -> AlignedBatch:
+class RowAligner(Protocol):
+    """Aligns a row with the teacher's own reading of its conversation (lmdistill.chat_align.ChatAligner)."""
+
+    def applies(self, batch: dict[str, Tensor]) -> bool:
+        ...
+
+    def align_row(self, seq: list[int], labels: Sequence[int], key: int, completion: bool) -> BlockAlignment | None:
+        ...
+
+
+def align_batch(batch: dict[str, Tensor], student_tok: Any, teacher_tok: Any,
+                chat: RowAligner | None = None) -> AlignedBatch:
     """Align every block of a student batch (input_ids, labels [B, T], optional attention_mask) with the teacher.
 
     A span is compared when every student token in it is a labelled target, its first student token has a
-    position before it, and that position does not follow a template marker only the student saw.
+    position before it, and that position does not follow a template marker only the student saw. With `chat`, rows
+    of a chat batch (`conversation` keys; `completion` [B] bool marks rollouts) are aligned with the teacher's own
+    chat template's rendering of their conversation instead (lmdistill.chat_align).
     """
     input_ids, labels = batch["input_ids"].cpu(), batch["labels"].cpu()
     mask = batch.get("attention_mask")
     mask = mask.cpu() if mask is not None else None
     B, T = labels.shape
     sequences = [_student_sequence(input_ids[b], labels[b], None if mask is None else mask[b]) for b in range(B)]
-    aligned = [align_sequence(seq, student_tok, teacher_tok) for seq in sequences]
+    by_chat: list[BlockAlignment | None] = [None] * B
+    if chat is not None and chat.applies(batch):
+        keys = batch["conversation"].reshape(-1).tolist()
+        done = batch.get("completion")
+        done_rows = [False] * B if done is None else [bool(x) for x in done.reshape(-1).tolist()]
+        by_chat = [chat.align_row(seq, labels[b].tolist(), keys[b], done_rows[b]) for b, seq in enumerate(sequences)]
+    aligned = [r if r is not None else align_sequence(seq, student_tok, teacher_tok)
+               for r, seq in zip(by_chat, sequences, strict=True)]
     t_len = max(1, max(len(a.teacher_ids) for a in aligned))
     pad = teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else (teacher_tok.eos_token_id or 0)
     t_ids = torch.full((B, t_len), int(pad), dtype=torch.long)
@@ -240,7 +264,8 @@ def align_batch(batch: dict[str, Tensor], student_tok: Any, teacher_tok: Any) ->
             first_s, first_t = s_span.start, t_span.start
             ok = (first_s >= 1 and first_t >= 1 and s_span.stop - 1 <= T
                   and all(int(labels[b, i - 1]) != IGNORE for i in s_span)
-                  and (s_table[seq[first_s - 1]] is not None or seq[first_s - 1] == student_tok.eos_token_id))
+                  and (a.checked_context or s_table[seq[first_s - 1]] is not None
+                       or seq[first_s - 1] == student_tok.eos_token_id))
             if not ok:
                 counts["skipped"] += len(s_span)
                 continue
@@ -328,17 +353,18 @@ def vocab_map(teacher_tok: Any, student_tok: Any, cache_dir: str | None = None) 
     return built
 
 
-def check_alignable(teacher_tok: Any, student_tok: Any, batch: dict[str, Tensor]) -> None:
+def check_alignable(teacher_tok: Any, student_tok: Any, batch: dict[str, Tensor],
+                    chat: RowAligner | None = None) -> None:
     """Refuse a pair that cannot be aligned before training: a tokenizer without byte offsets (named by
     token_bytes), or a batch of the student's data on which no span can be compared."""
     for tok in (teacher_tok, student_tok):
         token_bytes(tok)
-    aligned = align_batch(batch, student_tok, teacher_tok)
+    aligned = align_batch(batch, student_tok, teacher_tok, chat)
     if aligned.n_spans == 0 and int((batch["labels"] != IGNORE).sum()) > 0:
         raise AlignmentError(
             f"no span of the first training blocks aligns between teacher tokenizer `{tokenizer_name(teacher_tok)}` "
             f"and student tokenizer `{tokenizer_name(student_tok)}` ({aligned.counts['skipped']} target tokens, none "
             "in a span both tokenizations close at the same byte with context both models saw); the two cannot be "
-            "compared on this data. Check that both read the same text (chat templates: the teacher sees the "
-            "student's rendering), or use hard labels (`lmdistill generate` + `lmdistill hard --mode sequence`)"
+            "compared on this data. Check that both read the same text (chat data: each renders the same messages, "
+            "aligned on their content), or use hard labels (`lmdistill generate` + `lmdistill hard --mode sequence`)"
         )

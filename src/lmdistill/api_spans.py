@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,6 +92,58 @@ class _RecordSpans:
     n_tokens: list[int] = field(default_factory=list)
     rest_pos: list[int] = field(default_factory=list)
     rest_span: list[int] = field(default_factory=list)
+
+
+def add_spans(out: _RecordSpans, report: SpanReport, spans: Sequence[tuple[range, range]], seq: Sequence[int],
+              s_full: Sequence[int], learned: Callable[[int], bool], t_logprobs: Sequence[float],
+              alternatives: Callable[[int], list[tuple[int, float]]],
+              t_usable: Callable[[int], bool] | None = None) -> None:
+    """Append the compared spans of one aligned sequence to `out` (the API's and the cache's one path).
+
+    Args:
+        spans: (student token indices, teacher token indices) from lmdistill.align.byte_spans.
+        seq: the student's token ids; s_full [i]: the index in `seq` of aligned student token i.
+        learned: whether `seq[f]` is the label of a block position (a span is compared when all its tokens are).
+        t_logprobs [j]: the teacher's log-prob of its token j; alternatives(j): the teacher's other top-k entries at
+            token j as (student id with the same bytes or -1, probability), the token j itself left out.
+        t_usable: whether teacher token j has a prediction made from the same context as the student's (default:
+            all).
+    """
+    for s_rng, t_rng in spans:
+        fulls = [s_full[i] for i in s_rng]
+        if not all(learned(f) for f in fulls) or (t_usable is not None and not t_usable(t_rng.start)):
+            continue
+        first = seq[fulls[0]]
+        lp1 = t_logprobs[t_rng.start]
+        rest = sum(t_logprobs[j] for j in t_rng[1:])
+        ids: list[int] = []
+        probs: list[float] = []
+        for sid, p in alternatives(t_rng.start):
+            if sid == first or sid in ids:
+                sid = -1
+            report.alternatives_matched += sid >= 0
+            report.alternatives_unmatched += sid < 0
+            ids.append(sid)
+            probs.append(p)
+        span = len(out.pos)
+        out.pos.append(fulls[0] - 1)
+        out.first.append(first)
+        out.ids.append(ids)
+        out.probs.append(probs)
+        out.span_t.append(math.exp(lp1 + rest))
+        out.other_t.append(math.exp(lp1) * -math.expm1(rest))
+        one = len(s_rng) == 1 and len(t_rng) == 1
+        out.one.append(one)
+        out.n_tokens.append(len(fulls))
+        for f in fulls[1:]:
+            out.rest_pos.append(f - 1)
+            out.rest_span.append(span)
+        if one:
+            report.spans_one_to_one += 1
+            report.tokens_one_to_one += 1
+        else:
+            report.spans_merged += 1
+            report.tokens_merged += len(fulls)
 
 
 def _logprob(entry: dict[str, Any]) -> float | None:
@@ -172,52 +224,22 @@ class _SpanAligner:
         def learned(f: int) -> bool:  # the token at full index f is a label of a block position (f - 1 < T)
             return f - 1 < T and f < len(mask) and mask[f] == 1
 
-        out = _RecordSpans()
-        for s_rng, t_rng in byte_spans(s_ranges, t_ranges):
-            fulls = [start + i for i in s_rng]
-            if not all(learned(f) for f in fulls):
-                continue
-            first = whole[fulls[0]]
-            head = entries[t_rng.start]
-            lp1 = lps[t_rng.start]
-            rest = sum(lps[j] for j in t_rng[1:])
-            ids: list[int] = []
-            probs: list[float] = []
+        def alternatives(j: int) -> list[tuple[int, float]]:
+            head, out = entries[j], []
             for alt in head.get("top_logprobs") or []:
                 lp = _logprob(alt)
                 if lp is None:
                     continue  # no mass
                 alt_bytes = entry_bytes(alt)
                 same = (alt.get("id") == head.get("id") if alt.get("id") is not None and head.get("id") is not None
-                        else alt_bytes == t_bytes[t_rng.start])
-                if same:
-                    continue  # the sampled token: its mass is span_t + other_t
-                sid = self.by_bytes.get(alt_bytes, -1)
-                if sid == first or sid in ids:
-                    sid = -1
-                self.report.alternatives_matched += sid >= 0
-                self.report.alternatives_unmatched += sid < 0
-                ids.append(sid)
-                probs.append(math.exp(lp))
-            span = len(out.pos)
-            out.pos.append(fulls[0] - 1)
-            out.first.append(first)
-            out.ids.append(ids)
-            out.probs.append(probs)
-            out.span_t.append(math.exp(lp1 + rest))
-            out.other_t.append(math.exp(lp1) * -math.expm1(rest))
-            one = len(s_rng) == 1 and len(t_rng) == 1
-            out.one.append(one)
-            out.n_tokens.append(len(fulls))
-            for f in fulls[1:]:
-                out.rest_pos.append(f - 1)
-                out.rest_span.append(span)
-            if one:
-                self.report.spans_one_to_one += 1
-                self.report.tokens_one_to_one += 1
-            else:
-                self.report.spans_merged += 1
-                self.report.tokens_merged += len(fulls)
+                        else alt_bytes == t_bytes[j])
+                if not same:  # the sampled token's mass is span_t + other_t
+                    out.append((self.by_bytes.get(alt_bytes, -1), math.exp(lp)))
+            return out
+
+        out = _RecordSpans()
+        add_spans(out, self.report, byte_spans(s_ranges, t_ranges), whole, [start + i for i in range(len(s_ranges))],
+                  learned, lps, alternatives)
         if not out.pos:
             return "without an aligned span"
         self.report.tokens_uncovered += sum(mask[1: T + 1]) - sum(out.n_tokens)
@@ -334,7 +356,11 @@ def _align_all(records: Sequence[dict[str, Any]], tokenizer: Any, data: DataConf
 
 def _pack(records: list[dict[str, Any]], spans: list[_RecordSpans], data: DataConfig,
           tokenizer: Any) -> SpanTargetBlocks:
-    blocks = chat_blocks(records, data, tokenizer)
+    return pack_spans(chat_blocks(records, data, tokenizer), spans)
+
+
+def pack_spans(blocks: TokenBlocks, spans: list[_RecordSpans]) -> SpanTargetBlocks:
+    """`blocks` with one `_RecordSpans` per block as SpanTargetBlocks (checked: every span starts at its label)."""
     k = max((len(ids) for r in spans for ids in r.ids), default=1) or 1
     offsets = torch.zeros(len(spans) + 1, dtype=torch.long)
     offsets[1:] = torch.tensor([len(r.pos) for r in spans], dtype=torch.long).cumsum(0)

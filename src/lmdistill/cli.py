@@ -107,7 +107,12 @@ def _onpolicy(cfg: Any) -> None:
         first = summary.get("eval_first") or {}
         click.echo(f"on-policy reverse KL per token: {first.get('onpolicy_reverse_kl', float('nan')):.4f} -> "
                    f"{last['onpolicy_reverse_kl']:.4f}; teacher NLL of greedy answers "
-                   f"{first.get('teacher_nll_greedy', float('nan')):.4f} -> {last['teacher_nll_greedy']:.4f}")
+                   f"{first.get('teacher_nll_greedy', float('nan')):.4f} -> "
+                   f"{last.get('teacher_nll_greedy', float('nan')):.4f}")
+        if "onpolicy_span_kd" in last:  # a teacher of another tokenizer: the divergence per compared span
+            click.echo(f"on-policy span divergence: {first.get('onpolicy_span_kd', float('nan')):.4f} -> "
+                       f"{last['onpolicy_span_kd']:.4f} ({last.get('onpolicy_aligned', 0.0):.0%} of sampled tokens "
+                       "in compared spans)")
     phases = summary.get("phases_s") or {}
     if phases:
         click.echo("time in steps: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))

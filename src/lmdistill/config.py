@@ -408,7 +408,8 @@ class SoftConfig(StudentRunConfig):
         None,
         description="A soft-label cache directory written by `lmdistill label`: train from its sparse targets with no "
         "teacher model in memory (teacher.name_or_path still supplies the tokenizer, and the weights when "
-        "student.init=prune).",
+        "student.init=prune). A student of another tokenizer reads a cache labelled with cache.cross_tokenizer=true "
+        "when loss.cross_tokenizer is set: it trains on the cache's text in its own tokens (data.source is not read).",
     )
 
     api_logprobs: str | None = Field(
@@ -570,18 +571,28 @@ class OnPolicyConfig(StudentRunConfig):
         default_factory=lambda: SoftLossConfig(kind="reverse_kl", alpha=1.0),
         description="The divergence (signal dense / topk). On the student's own tokens the loss is the divergence "
         "alone; alpha mixes in the CE only on off-policy steps (whose labels are real responses). loss.hidden: "
-        "layer-wise distillation on the same tokens (signal=dense with a local teacher only).",
+        "layer-wise distillation on the same tokens (signal=dense with a local teacher only). loss.cross_tokenizer: "
+        "a local teacher of another tokenizer, scored by byte spans under its own chat template (signal=dense: the "
+        "span divergence; sampled_token: per-span rewards).",
     )
 
     @model_validator(mode="after")
     def _consistent(self) -> OnPolicyConfig:
         if self.data.stage != "chat":
             raise ValueError("onpolicy needs chat data (data.stage=chat): the prompt is what the student answers")
-        if self.loss.cross_tokenizer != "refuse":
-            raise ValueError("onpolicy does not take a teacher of another tokenizer yet (each rollout would be "
-                             "re-tokenized for the teacher and scored by spans); distil off-policy with `lmdistill "
-                             "soft --loss.cross_tokenizer hybrid`, or use a teacher with the student's tokenizer")
         served = self.teacher_server.url is not None
+        if self.loss.cross_tokenizer != "refuse":  # lmdistill.onpolicy_cross_tokenizer
+            if served:
+                raise ValueError("a teacher of another tokenizer (loss.cross_tokenizer) is scored in this process: "
+                                 "drop teacher_server.url, or set --loss.cross_tokenizer refuse for a server that "
+                                 "tokenizes as the student does")
+            if self.signal == "topk":
+                raise ValueError("signal=topk compares the teacher's top-k token ids, which are not the student's "
+                                 "across tokenizers: with loss.cross_tokenizer use --signal dense (the span "
+                                 "divergence) or --signal sampled_token (per-span rewards)")
+            if self.seq_kd:
+                raise ValueError("seq_kd with loss.cross_tokenizer: the teacher would write answers in its own "
+                                 "tokens; write them with `lmdistill generate` and give that file as data.source")
         if self.loss.hidden.weight > 0 and (served or self.signal != "dense"):
             raise ValueError(
                 "layer-wise distillation (loss.hidden.weight > 0) needs the teacher's hidden states, which only a local "
@@ -755,6 +766,13 @@ class CacheConfig(BaseConfig):
         default_factory=lambda: list(_ALL_SPLITS), description="Which data splits to label (eval: held-out KL)."
     )
     seed: int = Field(0, description="Seed of the sampled encoding (each shard draws from its own seeded stream).")
+    cross_tokenizer: bool = Field(
+        False,
+        description="Also store what a student of ANOTHER tokenizer needs (`soft --teacher_cache DIR "
+        "--loss.cross_tokenizer hybrid|uld`): each target's actual teacher token and its log-prob, each block's first "
+        "token, and the teacher's tokenizer files in DIR/tokenizer (data.stage=pretrain, encoding topk or "
+        "topk_sampled, temperature 1; docs/cache_format.md).",
+    )
 
     @field_validator("splits")
     @classmethod

@@ -1,17 +1,21 @@
 """A local teacher of another tokenizer: it reads each student batch's text in its own tokens and gives targets
-aligned to the student's by byte spans (lmdistill.align, lmdistill.losses.cross_tokenizer)."""
+aligned to the student's by byte spans (lmdistill.align, lmdistill.losses.cross_tokenizer). Chat rows are read
+through the teacher's own chat template and aligned on their content (lmdistill.chat_align)."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from lmdistill.align import VocabMap, align_batch, check_alignable, vocab_map
+from lmdistill.align import AlignedBatch, VocabMap, align_batch, check_alignable, vocab_map
 from lmdistill.assets import cache_root
-from lmdistill.config import LossConfig, SoftConfig
-from lmdistill.data import TokenBlocks
+from lmdistill.chat_align import ChatAligner
+from lmdistill.config import LossConfig, OnPolicyConfig, SoftConfig
+from lmdistill.data import IGNORE, ChatBlocks, TokenBlocks
 from lmdistill.errors import ConfigError
 from lmdistill.evaluate import held_out_batches
 from lmdistill.losses.chunked_ce import chunked_token_logprobs
@@ -24,6 +28,9 @@ from lmdistill.losses.cross_tokenizer import (
 )
 from lmdistill.losses.head import Hidden
 from lmdistill.teachers import HFTeacher, model_outputs
+from lmdistill.token_bytes import tokenizer_name
+
+log = logging.getLogger(__name__)
 
 
 class CrossTokenizerTeacher:
@@ -31,7 +38,8 @@ class CrossTokenizerTeacher:
 
     def __init__(self, model: nn.Module, teacher_tokenizer: Any, student_tokenizer: Any, *,
                  mode: CrossTokenizerMode, temperature: float = 1.0, matched_weight: float = 1.0,
-                 unmatched_weight: float = 1.0, cache_dir: str | None = None) -> None:
+                 unmatched_weight: float = 1.0, cache_dir: str | None = None,
+                 chat: Sequence[TokenBlocks] = ()) -> None:
         self.teacher = HFTeacher(model, len(teacher_tokenizer))
         self.teacher_tokenizer = teacher_tokenizer
         self.student_tokenizer = student_tokenizer
@@ -41,19 +49,35 @@ class CrossTokenizerTeacher:
         self.matched_weight = matched_weight
         self.unmatched_weight = unmatched_weight
         self.vmap: VocabMap = vocab_map(teacher_tokenizer, student_tokenizer, cache_dir)
+        # chat data: the teacher renders each conversation with its own template (lmdistill.chat_align)
+        self.chat = ChatAligner(student_tokenizer, teacher_tokenizer, chat) if chat else None
 
     @torch.no_grad()
     def targets(self, batch: dict[str, Tensor]) -> AlignedTargets:
+        _, targets, _ = self.scores(batch)
+        assert targets is not None
+        return targets
+
+    @torch.no_grad()
+    def scores(self, batch: dict[str, Tensor],
+               dense: bool = True) -> tuple[AlignedBatch, AlignedTargets | None, Tensor]:
+        """The alignment, the aligned targets (`dense`; else None) and the teacher's log-prob of each compared span's
+        bytes [S] (the sum of its tokens' log-probs, temperature 1), from one teacher forward."""
         device = batch["input_ids"].device
-        ab = align_batch(batch, self.student_tokenizer, self.teacher_tokenizer).to(device)
+        ab = align_batch(batch, self.student_tokenizer, self.teacher_tokenizer, self.chat).to(device)
         out = self.teacher.targets({"input_ids": ab.teacher_input_ids, "attention_mask": ab.teacher_attention_mask})
         rest = span_sums(chunked_token_logprobs(out.hidden, out.head, ab.teacher_rest), ab.teacher_rest_span,
                          ab.n_spans)
+        first = torch.full_like(ab.teacher_input_ids, IGNORE)
+        first[ab.span_batch, ab.teacher_pos] = ab.teacher_first
+        span_logprob = chunked_token_logprobs(out.hidden, out.head, first)[ab.span_batch, ab.teacher_pos] + rest
+        if not dense:
+            return ab, None, span_logprob
         vmap = self.vmap.to(device)
         reduced = teacher_spans(out.hidden[ab.span_batch, ab.teacher_pos], out.head, ab.teacher_first, rest, vmap,
                                 self.mode, self.temperature)
-        return AlignedTargets(reduced, ab, vmap, self.mode, self.temperature, self.matched_weight,
-                              self.unmatched_weight)
+        return ab, AlignedTargets(reduced, ab, vmap, self.mode, self.temperature, self.matched_weight,
+                                  self.unmatched_weight), span_logprob
 
     def evaluate(self, student: nn.Module, held: TokenBlocks, loss: LossConfig, **kw: Any) -> dict[str, float]:
         return evaluate_spans(self, student, held, loss, **kw)
@@ -89,16 +113,25 @@ def evaluate_spans(teacher: SpanTeacher, student: nn.Module, held: TokenBlocks, 
     return {"span_kd": kd / max(spans, 1), **{f"aligned_{k}": v / total for k, v in counts.items()}}
 
 
-def cross_tokenizer_teacher(model: nn.Module, teacher_tokenizer: Any, student_tokenizer: Any, cfg: SoftConfig,
-                            sample: TokenBlocks) -> CrossTokenizerTeacher:
-    """`soft`'s teacher when its tokenizer differs from the student's; refuses what cannot cross tokenizers: a
-    tokenizer without byte offsets, layer-wise distillation, text on which no span aligns (checked on the first
-    training blocks, before any step)."""
-    check_alignable(teacher_tokenizer, student_tokenizer, sample.batch(list(range(min(4, len(sample))))))
+def cross_tokenizer_teacher(model: nn.Module, teacher_tokenizer: Any, student_tokenizer: Any,
+                            cfg: SoftConfig | OnPolicyConfig,
+                            sample: TokenBlocks, *others: TokenBlocks) -> CrossTokenizerTeacher:
+    """`soft`'s (and `onpolicy`'s) teacher when its tokenizer differs from the student's; refuses what cannot cross
+    tokenizers: a tokenizer without byte offsets, layer-wise distillation, text on which no span aligns (checked on
+    the first training blocks `sample`, before any step). Chat blocks (`sample` and `others`: every split the run
+    reads) are read through the teacher's own chat template when its tokenizer has one."""
     if cfg.loss.hidden.weight > 0:
         raise ConfigError("layer-wise distillation (loss.hidden) compares positions, which a teacher of another "
                           "tokenizer does not share with the student; set --loss.hidden.weight 0")
     assert cfg.loss.cross_tokenizer != "refuse"
-    return CrossTokenizerTeacher(model, teacher_tokenizer, student_tokenizer, mode=cfg.loss.cross_tokenizer,
-                                 temperature=cfg.loss.temperature, matched_weight=cfg.loss.matched_weight, unmatched_weight=cfg.loss.unmatched_weight,
-                                 cache_dir=str(cache_root() / "vocab-maps"))
+    chat = [b for b in (sample, *others) if isinstance(b, ChatBlocks)]
+    if chat and getattr(teacher_tokenizer, "chat_template", None) is None:
+        log.warning("the teacher's tokenizer `%s` has no chat template: it reads the student's rendering of each "
+                    "conversation without the student's template markers", tokenizer_name(teacher_tokenizer))
+    teacher = CrossTokenizerTeacher(model, teacher_tokenizer, student_tokenizer, mode=cfg.loss.cross_tokenizer,
+                                    temperature=cfg.loss.temperature, matched_weight=cfg.loss.matched_weight,
+                                    unmatched_weight=cfg.loss.unmatched_weight,
+                                    cache_dir=str(cache_root() / "vocab-maps"), chat=chat)
+    check_alignable(teacher_tokenizer, student_tokenizer, sample.batch(list(range(min(4, len(sample))))),
+                    teacher.chat)
+    return teacher

@@ -59,6 +59,29 @@ class TokenBlocks:
 
 
 @dataclass
+class ChatBlocks(TokenBlocks):
+    """Chat blocks that remember their conversations: row i is the student's rendering of `conversations[i]`.
+
+    `batch()` adds `conversation` [B] int64, a key of each row's conversation (`conversation_key`), so that a teacher
+    of another tokenizer can render the same messages with its own chat template (lmdistill.chat_align).
+    """
+
+    conversations: list[list[dict[str, str]]]
+
+    def batch(self, indices: torch.Tensor | list[int]) -> dict[str, torch.Tensor]:
+        out = super().batch(indices)
+        rows = out["index"].reshape(-1).tolist()
+        out["conversation"] = torch.tensor([conversation_key(self.conversations[i]) for i in rows], dtype=torch.long)
+        return out
+
+
+def conversation_key(messages: list[dict[str, str]]) -> int:
+    """A stable int64 key of a conversation (the first 8 bytes of the sha256 of its JSON)."""
+    digest = hashlib.sha256(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()).digest()
+    return int.from_bytes(digest[:8], "little", signed=True)
+
+
+@dataclass
 class DataSplits:
     train: TokenBlocks
     eval: TokenBlocks
@@ -253,9 +276,12 @@ def chat_blocks(records: Any, cfg: DataConfig, tokenizer: Any) -> TokenBlocks:
     T = cfg.block_size
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows_in, rows_lab, rows_att = [], [], []
+    conversations: list[list[dict[str, str]]] = []
     truncated = 0
     for rec in records:
-        ids, mask = render_chat(conversation(rec, cfg), tokenizer, T)
+        messages = conversation(rec, cfg)
+        conversations.append(messages)
+        ids, mask = render_chat(messages, tokenizer, T)
         if len(ids) > T:
             truncated += 1
         inp, tgt, tgt_mask = ids[:-1][:T], ids[1:][:T], mask[1:][:T]
@@ -268,7 +294,7 @@ def chat_blocks(records: Any, cfg: DataConfig, tokenizer: Any) -> TokenBlocks:
         log.warning("%d conversations were longer than block_size=%d tokens and were truncated", truncated, T)
     if not rows_in:
         return _empty(T)
-    return TokenBlocks(torch.tensor(rows_in), torch.tensor(rows_lab), torch.tensor(rows_att))
+    return ChatBlocks(torch.tensor(rows_in), torch.tensor(rows_lab), torch.tensor(rows_att), conversations)
 
 
 def check_block_size(block_size: int, model_config: Any) -> None:

@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -58,6 +58,7 @@ class Rollout:
     completions: list[list[int]]
     truncated: int  # completions cut at max_new_tokens or the block end (no end-of-sequence token)
     skipped: int  # prompts that filled the block: nothing to write
+    keys: list[int] = field(default_factory=list)  # each completion's prompt key (the row index of its batch)
 
 
 @torch.no_grad()
@@ -99,7 +100,7 @@ def sample_completions(model: nn.Module, prompts: Sequence[list[int]], prompt_ke
         completion = new[: min(end or len(new), limit)]
         truncated += end is None or end > limit
         completions.append(completion)
-    return Rollout([p for p, _, _ in live], completions, truncated, skipped)
+    return Rollout([p for p, _, _ in live], completions, truncated, skipped, [key for _, key, _ in live])
 
 
 def as_batch(rollout: Rollout, block_size: int, pad_id: int) -> dict[str, Tensor]:
@@ -124,7 +125,20 @@ def rollout_batch(model: nn.Module, batch: dict[str, Tensor], *, step: int, seed
     r = sample_completions(model, prompt_ids(batch), batch["index"].tolist(), step=step, seed=seed, cfg=cfg,
                            block_size=block_size, pad_id=pad_id, eos_ids=eos_ids)
     device = batch["input_ids"].device
-    return {k: v.to(device) for k, v in as_batch(r, block_size, pad_id).items()}, r
+    rows = as_batch(r, block_size, pad_id)
+    tag_completions(rows, r, batch)
+    return {k: v.to(device) for k, v in rows.items()}, r
+
+
+def tag_completions(rows: dict[str, Tensor], rollout: Rollout, batch: dict[str, Tensor]) -> None:
+    """Give the rows of `rollout` (made from the prompts of chat `batch`) the key of their prompt's conversation
+    and `completion` = True, so a teacher of another tokenizer can read the same prompt through its own chat template
+    (lmdistill.chat_align). A batch without conversation keys gives none."""
+    if "conversation" not in batch:
+        return
+    by_index = dict(zip(batch["index"].tolist(), batch["conversation"].tolist(), strict=True))
+    rows["conversation"] = torch.tensor([by_index[k] for k in rollout.keys], dtype=torch.long)
+    rows["completion"] = torch.ones(len(rollout.keys), dtype=torch.bool)
 
 
 def eos_ids_of(model: Any, tokenizer: Any) -> set[int]:

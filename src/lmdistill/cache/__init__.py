@@ -3,6 +3,8 @@
 - :mod:`~lmdistill.cache.format`: the directory layout, manifest, id packing and value encodings.
 - :class:`CacheWriter` (writer.py): top-k, sampled and top-k + sampled-tail encodings, shards by global block range, resume, rank merge.
 - :class:`CachedTeacher` (reader.py): verified, memory-mapped sparse targets for training batches.
+- :mod:`~lmdistill.cache.spans`: a cache labelled with ``cache.cross_tokenizer`` read by a student of another
+  tokenizer: its text re-tokenized, span targets aligned at read time (imported from there, not re-exported).
 - :mod:`~lmdistill.cache.estimate`: bytes per token, on paper and measured.
 """
 

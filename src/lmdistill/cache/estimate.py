@@ -9,6 +9,9 @@ The often-quoted figure: the full distribution over a 100,000-token vocabulary f
 - top-k head + n tail draws (``topk_sampled``): the top-k with tail bytes, one value (the tail's mean log-prob) and
   ``n x id bytes`` (the draws' ids, repeats included),
 
+plus, with ``cache.cross_tokenizer`` (students of another tokenizer), ``id bytes + value bytes`` (each target's actual
+token and its log-prob) and one id per block (its first token),
+
 where ids take the fewest whole bytes the vocabulary allows (1, 2, 3 or 4). On disk a shard adds a 16-byte digest
 and an 8-byte row offset per block and a small safetensors header; ``--cache`` reports them separately.
 """
@@ -25,7 +28,8 @@ from lmdistill.cache.format import VALUE_BYTES, count_dtype, id_bytes, read_mani
 from lmdistill.config import EstimateConfig
 
 DTYPE_BYTES = {**VALUE_BYTES, "fp8": 1}
-_TARGET_TENSORS = ("ids", "logprobs", "tail_logprob", "counts", "n_ids", "tail_ids", "tail_mean_logprob")
+_TARGET_TENSORS = ("ids", "logprobs", "tail_logprob", "counts", "n_ids", "tail_ids", "tail_mean_logprob", "token_ids",
+                   "token_logprob")
 
 
 def dense_bytes(vocab: int, value_bytes: int) -> int:
@@ -39,6 +43,11 @@ def topk_bytes(k: int, vocab: int, value_bytes: int, tail: bool = True) -> int:
 def sampled_bytes(distinct: float, draws: int, vocab: int, value_bytes: int) -> float:
     count = 1 if count_dtype(draws).itemsize == 1 else 2
     return distinct * (id_bytes(vocab) + count + value_bytes) + count
+
+
+def cross_tokenizer_bytes(vocab: int, value_bytes: int) -> int:
+    """Bytes per token that `cache.cross_tokenizer` adds: the actual token's id and log-prob (plus one id per block)."""
+    return id_bytes(vocab) + value_bytes
 
 
 def topk_sampled_bytes(k: int, draws: int, vocab: int, value_bytes: int) -> int:
@@ -135,7 +144,9 @@ def describe_encoding(enc: dict[str, Any]) -> str:
     core = {"topk": lambda: f"top-{enc['k']}{' + tail' if enc['tail'] else ''}",
             "sampled": lambda: f"sampled n={enc['draws']}",
             "topk_sampled": lambda: f"top-{enc['k']} + tail mass + {enc['draws']} systematic tail draws"}[enc["kind"]]()
-    return f"{core}, {enc['values']} values, {enc['id_bytes']}-byte ids, vocab {enc['vocab']:,}, T={enc['temperature']:g}"
+    cross = ", + each target's actual token and log-prob (cross-tokenizer)" if enc.get("cross_tokenizer") else ""
+    return (f"{core}{cross}, {enc['values']} values, {enc['id_bytes']}-byte ids, vocab {enc['vocab']:,}, "
+            f"T={enc['temperature']:g}")
 
 
 def run_estimate(cfg: EstimateConfig) -> dict[str, Any]:
@@ -174,6 +185,12 @@ def run_estimate(cfg: EstimateConfig) -> dict[str, Any]:
         k, n = int(enc["k"]), int(enc["draws"])
         b = topk_sampled_bytes(k, n, vocab, DTYPE_BYTES[dtype])
         rows.append(Row(f"top-{k} + tail + {n} tail draws", b, b * tokens))
+    if cfg.cache is not None and enc.get("cross_tokenizer"):
+        k, vb = int(enc["k"]), DTYPE_BYTES[dtype]
+        b = (topk_sampled_bytes(k, int(enc["draws"]), vocab, vb) if enc["kind"] == "topk_sampled" else
+             topk_bytes(k, vocab, vb, tail=bool(enc["tail"]))) + cross_tokenizer_bytes(vocab, vb)
+        rows.append(Row(f"top-{k}{' + tail' if enc.get('tail') else ''} + actual token (cross-tokenizer)", b,
+                        b * tokens))
     click.echo(f"soft-label storage for {tokens:.4g} tokens, vocabulary {vocab:,}, values {dtype} "
                f"({DTYPE_BYTES[dtype]} byte{'s' if DTYPE_BYTES[dtype] > 1 else ''}), ids {id_bytes(vocab)} "
                f"byte{'s' if id_bytes(vocab) > 1 else ''}:")

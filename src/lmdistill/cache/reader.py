@@ -133,10 +133,14 @@ class CachedTeacher:
         want = self.manifest.header["tokenizer"]
         got = tokenizer_fingerprint(tokenizer)
         if got != want["fingerprint"]:
+            fix = ("train across tokenizers from this cache with `--loss.cross_tokenizer hybrid` (or uld)"
+                   if self.enc.get("cross_tokenizer") else
+                   "relabel with `lmdistill label --cache.cross_tokenizer true` and train with "
+                   "`--loss.cross_tokenizer hybrid`")
             raise CacheError(
                 f"tokenizer mismatch: cache `{self.root}` was labelled with a tokenizer of {want['vocab']} tokens "
                 f"(fingerprint {want['fingerprint'][:12]}), the student's has {len(tokenizer)} tokens (fingerprint "
-                f"{got[:12]}); cached ids would mean other tokens. Use the teacher's tokenizer or relabel"
+                f"{got[:12]}); cached ids would mean other tokens. Use the teacher's tokenizer, or {fix}"
             )
 
     def _check_data(self, blocks: TokenBlocks, data_params: dict[str, Any] | None) -> None:
@@ -186,6 +190,17 @@ class CachedTeacher:
                 self._open.pop(next(iter(self._open)))
             self._open[index] = shard
         return shard
+
+    def shard_tensors(self, index: int, names: tuple[str, ...]) -> dict[str, Tensor]:
+        """Whole tensors `names` of shard `index` as stored (checksum verified on first use of the shard)."""
+        shard = self._shard(index)
+        out = {}
+        for name in names:
+            try:
+                out[name] = shard.handle.get_tensor(name)
+            except Exception as e:  # noqa: BLE001  (safetensors raises several types)
+                raise CacheError(f"shard `{shard.path}` has no readable `{name}` ({e}); {_RELABEL}") from None
+        return out
 
     def verify(self) -> None:
         """Hash every shard of the split now (otherwise each is checked on first use)."""

@@ -54,7 +54,7 @@ from lmdistill.cache.format import (
 from lmdistill.config import CacheConfig
 from lmdistill.data import IGNORE, TokenBlocks
 from lmdistill.errors import CacheError, ConfigError
-from lmdistill.io import write_bytes, write_json
+from lmdistill.io import atomic_dir, write_bytes, write_json
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +186,46 @@ def teacher_fingerprint(model: Any, name_or_path: str) -> dict[str, str]:
             "fingerprint": hashlib.sha256(f"{name_or_path}|{config_sha}|{weights_sha}".encode()).hexdigest()}
 
 
+def check_cross_tokenizer(cfg: CacheConfig, data_params: dict[str, Any]) -> None:
+    """Refuse `cache.cross_tokenizer` where a reader of another tokenizer could not rebuild the text or the spans."""
+    if data_params.get("stage", "pretrain") != "pretrain":
+        raise ConfigError(
+            "cache.cross_tokenizer needs data.stage=pretrain (packed text: every position is a target, so the stored "
+            "tokens spell the whole text); chat data is rendered with the teacher's template, which another "
+            "tokenizer's student does not share. For chat across tokenizers use `lmdistill generate "
+            "--sampling.logprobs true` + `lmdistill soft --api_logprobs FILE --loss.cross_tokenizer hybrid`"
+        )
+    if cfg.encoding == "sampled":
+        raise ConfigError("cache.cross_tokenizer needs the teacher's top-k per position: use --cache.encoding topk "
+                          "(or topk_sampled), not sampled")
+    if cfg.temperature != 1.0:
+        raise ConfigError(
+            f"cache.cross_tokenizer stores the log-prob of each actual token, which the span loss reads at "
+            f"temperature 1 (a span's probability is the product of its tokens'); got cache.temperature="
+            f"{cfg.temperature:g}: set --cache.temperature 1"
+        )
+
+
+TOKENIZER_DIR = "tokenizer"  # a cross-tokenizer cache's copy of the teacher's tokenizer (save_pretrained)
+
+
+def save_tokenizer(root: str | Path, tokenizer: Any, fingerprint: str) -> Path:
+    """Write the teacher's tokenizer into `root/tokenizer` (atomically) unless a copy with this fingerprint is there:
+    a reader of another tokenizer spells the cached token ids with it, with no teacher model at hand."""
+    from lmdistill.models import load_tokenizer, tokenizer_fingerprint
+
+    out = Path(root).expanduser() / TOKENIZER_DIR
+    if out.is_dir():
+        try:
+            if tokenizer_fingerprint(load_tokenizer(str(out))) == fingerprint:
+                return out
+        except Exception:  # noqa: BLE001  (an unreadable copy is rewritten)
+            pass
+    with atomic_dir(out, "the teacher tokenizer of the soft-label cache") as tmp:
+        tokenizer.save_pretrained(tmp)
+    return out
+
+
 def split_info(blocks: TokenBlocks) -> dict[str, Any]:
     return {"blocks": len(blocks), "block_size": int(blocks.input_ids.shape[1]),
             "target_tokens": blocks.n_target_tokens, "fingerprint": blocks.fingerprint()}
@@ -206,6 +246,9 @@ def build_header(*, teacher: dict[str, str], tokenizer_fingerprint: str, vocab: 
         encoding.update(k=cfg.k, tail=True, draws=cfg.draws, seed=cfg.seed)
     else:
         encoding.update(draws=cfg.draws, seed=cfg.seed)
+    if cfg.cross_tokenizer:
+        check_cross_tokenizer(cfg, data_params)
+        encoding["cross_tokenizer"] = True  # only when on: a cache without it keeps its bytes and manifest
     return {
         "format": FORMAT,
         "version": format_version(cfg.encoding),
@@ -353,6 +396,9 @@ class CacheWriter:
                         part = topk_sampled_rows(rows, enc["k"], enc["draws"], generator)
                     else:
                         part = sampled_rows(rows, enc["draws"], generator)
+                if enc.get("cross_tokenizer"):  # the actual next token and its log-prob: spans of another tokenizer
+                    actual = batch["labels"].to(rows.device)[mask.to(rows.device)]
+                    part.update(token_ids=actual, token_logprob=rows.gather(1, actual[:, None]).squeeze(1))
             parts.append({k: v.cpu() for k, v in part.items()})
             if on_batch is not None:
                 on_batch(int(mask.sum()))
@@ -394,6 +440,11 @@ class CacheWriter:
             cdt = count_dtype(enc["draws"])
             out["n_ids"] = cat["n_ids"].to(torch.int32).to(cdt)
             out["counts"] = cat["counts"].to(torch.int32).to(cdt)
+        if enc.get("cross_tokenizer"):
+            # with each block's first input token, the targets' actual tokens spell the block (pretrain packing)
+            out["block_first_id"] = pack_ids(sub.input_ids[:, 0], width)
+            out["token_ids"] = pack_ids(cat["token_ids"], width)
+            out["token_logprob"] = encode_values(cat["token_logprob"], enc["values"], enc.get("int8_range", 0.0))
         return out
 
     # -- merge --------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from accelerate.utils import set_seed
 from torch import Tensor
 
 from lmdistill.cache.format import MANIFEST
-from lmdistill.cache.writer import CacheWriter, build_header, teacher_fingerprint
+from lmdistill.cache.writer import CacheWriter, build_header, save_tokenizer, teacher_fingerprint
 from lmdistill.config import LabelConfig
 from lmdistill.data import IGNORE, TokenBlocks, build_splits, check_block_size
 from lmdistill.errors import Interrupted, NonFiniteError
@@ -61,6 +61,8 @@ def _run_label(cfg: LabelConfig, stop: StopFlag) -> dict[str, Any]:
     )
     teacher.to(state.device)
     writer = CacheWriter(cfg.cache.output_dir, header, rank=state.process_index, world_size=state.num_processes)
+    if cfg.cache.cross_tokenizer and state.is_main_process:  # readers of another tokenizer spell the ids with it
+        save_tokenizer(cfg.cache.output_dir, tokenizer, header["tokenizer"]["fingerprint"])
     state.wait_for_everyone()  # every rank has checked the existing cache before any rank writes a shard
 
     def logits_fn(batch: dict[str, Tensor]) -> Tensor:

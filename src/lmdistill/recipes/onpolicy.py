@@ -19,6 +19,10 @@ data's responses (or, with `seq_kd`, on answers the teacher writes) exactly as `
 
 `loss.hidden` (signal `dense`, local teacher only) adds layer-wise distillation on the same tokens, as in `soft`: the
 teacher's scoring forward also gives the hidden states of its paired layers, which ride in the batch.
+
+A local teacher of another tokenizer (`loss.cross_tokenizer hybrid|uld`, signal `dense` or `sampled_token`) reads
+each prompt through its own chat template and the completion's bytes in its own tokens, scored by byte spans:
+`lmdistill.onpolicy_cross_tokenizer`.
 """
 
 from __future__ import annotations
@@ -31,12 +35,14 @@ from torch import Tensor, nn
 
 from lmdistill.api_targets import InBatchTeacher
 from lmdistill.config import OnPolicyConfig
+from lmdistill.cross_tokenizer_teacher import cross_tokenizer_teacher
 from lmdistill.evaluate import evaluate_blocks
 from lmdistill.generate.seeded_sampling import derive_seed
 from lmdistill.losses import Hidden, distill_loss, reverse_kl_policy_gradient, token_logprobs
 from lmdistill.losses.chunked_ce import chunked_token_logprobs
 from lmdistill.losses.hidden import layer_match
 from lmdistill.models import lm_head
+from lmdistill.onpolicy_cross_tokenizer import CrossTokenizerOnPolicy
 from lmdistill.recipes.common import Recipe, build_setup, describe, print_main, run_recipe
 from lmdistill.rollout import PhaseClock, ReusedRollouts, eos_ids_of, onpolicy_metrics, rollout_batch
 from lmdistill.served_teacher import ServedTeacher
@@ -47,10 +53,12 @@ from lmdistill.train.loop import StepInfo, StepLoss, Trained, TrainResult
 def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
     """Distil on the student's own completions; returns the run summary (also output_dir/summary.json)."""
     served = cfg.teacher_server.url is not None
-    setup = build_setup(cfg, teacher=not served)
+    setup = build_setup(cfg, teacher=not served, cross_tokenizer=cfg.loss.cross_tokenizer != "refuse")
     assert setup.splits is not None
     train, held, n_vocab, tok = setup.splits.train, setup.splits.eval, setup.n_vocab, setup.tokenizer
-    teacher = HFTeacher(setup.teacher, n_vocab) if setup.teacher is not None else None
+    cross = None if setup.teacher is None or setup.teacher_tokenizer is None else CrossTokenizerOnPolicy(
+        cross_tokenizer_teacher(setup.teacher, setup.teacher_tokenizer, tok, cfg, train, held), cfg, n_vocab)
+    teacher = HFTeacher(setup.teacher, n_vocab) if setup.teacher is not None and cross is None else None
     server = ServedTeacher(cfg.teacher_server, tok) if served else None
     pad, eos, block = tok.pad_token_id, eos_ids_of(setup.student, tok), cfg.data.block_size
     clock, info = PhaseClock(), describe(setup, train, held)
@@ -68,6 +76,8 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
         return chunked_token_logprobs(t.hidden, t.head, batch["labels"])
 
     def score(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        if cross is not None:
+            return cross.score(batch)
         if cfg.signal == "sampled_token":
             return {"teacher_logprob": teacher_logprobs(batch)}
         if server is not None:  # topk
@@ -105,6 +115,8 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
 
     def loss(models: dict[str, nn.Module], batch: dict[str, Tensor], step: StepInfo) -> dict[str, StepLoss]:
         student = models["student"]
+        if cross is not None:  # on the student's own tokens the divergence alone, as below
+            return {"student": cross.loss(student, batch, 1.0 if bool(batch["on_policy"]) else cfg.loss.alpha)}
         out, states = model_layers(student, batch, n_vocab, cfg.loss.fused) if hidden else \
             (model_outputs(student, batch, n_vocab, cfg.loss.fused), ())
         if cfg.signal == "sampled_token":
@@ -128,12 +140,17 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
         kw: dict[str, Any] = {"n_vocab": n_vocab, "batch_size": cfg.train.micro_batch_size,
                               "max_batches": cfg.train.eval_batches, "byte_lengths": setup.byte_lengths}
         metrics = evaluate_blocks(student, held, teacher_logits_fn=teacher.logits if teacher else None, **kw)
+        if cross is not None:
+            return {**metrics, **cross.teacher.evaluate(student, held, cfg.loss, **kw),
+                    **cross.metrics(student, held, cfg=cfg.rollout, seed=cfg.train.seed, pad_id=pad, eos_ids=eos,
+                                    max_prompts=cfg.train.eval_batches * cfg.train.micro_batch_size)}
         metrics.update(onpolicy_metrics(student, held, teacher_logprobs, n_vocab=n_vocab, cfg=cfg.rollout,
                                         seed=cfg.train.seed, pad_id=pad, eos_ids=eos,
                                         max_prompts=cfg.train.eval_batches * cfg.train.micro_batch_size))
         return metrics
 
-    where = f"server {cfg.teacher_server.url}" if served else "local teacher"
+    where = f"server {cfg.teacher_server.url}" if served else "local teacher" + (
+        f" of another tokenizer ({cfg.loss.cross_tokenizer} spans)" if cross else "")
     print_main(f"on-policy distillation ({cfg.signal}, {where}, lmbda {cfg.lmbda}): student "
                f"{sum(p.numel() for p in setup.student.parameters()) / 1e6:.1f}M, {len(train)} prompts, "
                f"{cfg.rollout.n} completion(s) each of <= {cfg.rollout.max_new_tokens} tokens, {cfg.train.max_steps} steps")
@@ -144,7 +161,8 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
         return {"phases_s": {**clock.seconds, "update": update}, "rollouts": dict(clock.counts)}
 
     return run_recipe(Recipe(f"onpolicy-{cfg.signal}", cfg, tok, train, {"student": Trained(setup.student)}, loss,
-                             evaluate if len(held) else None, teachers=[teacher] if teacher else [],
+                             evaluate if len(held) else None,
+                             teachers=[teacher] if teacher else [cross.teacher.teacher] if cross else [],
                              info=info, rollout=ReusedRollouts(fresh_rollout, cfg.rollout.reuse, cfg.train.max_steps),
                              finish=finish,
                              fused=cfg.loss.fused, lora=cfg.student.lora.enabled))

@@ -8,7 +8,8 @@ one of three, the rest of the recipe is the same:
 - online (default): a frozen model runs in the step; the fused loss projects both models' hidden states chunk by
   chunk, so no [tokens, vocab] logits are held;
 - `teacher_cache DIR` (written by `lmdistill label`): sparse targets (top-k + tail, or sampled ids with weights) read
-  per batch, no teacher in memory;
+  per batch, no teacher in memory; a student of another tokenizer (`loss.cross_tokenizer`, a cache labelled with
+  `cache.cross_tokenizer`) trains on the cache's text re-tokenized, with span targets (lmdistill.cache.spans);
 - `api_logprobs FILE` (`lmdistill generate` with logprobs): a black-box teacher's top-k log-probs stored with its
   completions, which are also the data; `lmdistill.api_targets` aligns them with the student's tokens.
 
@@ -26,6 +27,7 @@ from lmdistill.api_spans import InBatchSpanTeacher, load_api_span_splits
 from lmdistill.api_targets import InBatchTeacher, load_api_splits
 from lmdistill.cache.format import read_manifest
 from lmdistill.cache.reader import evaluate_with_cache
+from lmdistill.cache.spans import load_cache_span_splits, same_tokenizer, teacher_tokenizer
 from lmdistill.config import LossConfig, SoftConfig, SoftLossConfig
 from lmdistill.cross_tokenizer_teacher import CrossTokenizerTeacher, cross_tokenizer_teacher
 from lmdistill.data import TokenBlocks
@@ -34,6 +36,7 @@ from lmdistill.evaluate import evaluate_blocks
 from lmdistill.losses.cross_tokenizer import AlignedTargets, SparseSpanTargets
 from lmdistill.losses.hidden import LayerMatch, layer_match
 from lmdistill.losses.objective import Targets, distill_loss
+from lmdistill.models import load_tokenizer
 from lmdistill.recipes.common import Recipe, build_setup, describe, open_cache, print_main, run_recipe
 from lmdistill.teachers import HFTeacher, SparseTeacher, model_layers, model_outputs
 from lmdistill.train.loop import StepInfo, StepLoss, Trained
@@ -65,12 +68,16 @@ def run_soft(cfg: SoftConfig) -> dict[str, Any]:
             f"teacher has; {'teacher_cache' if cfg.teacher_cache is not None else 'api_logprobs'} stores log-probs "
             "only. Drop it to run the teacher online, or set --loss.hidden.weight 0"
         )
-    if cfg.teacher_cache is not None and cfg.loss.cross_tokenizer != "refuse":
-        raise ConfigError("a soft-label cache holds one tokenizer's ids and is read by students of that tokenizer; "
-                          "loss.cross_tokenizer works with an online teacher (drop teacher_cache) or api_logprobs")
+    cache_across = False  # a cache of another tokenizer than the student's: span targets aligned at read time
     if cfg.teacher_cache is not None:
-        read_manifest(cfg.teacher_cache)  # a missing or unfinished cache fails before any model is loaded
-    setup = build_setup(cfg, teacher=online, data=cfg.api_logprobs is None,
+        manifest = read_manifest(cfg.teacher_cache)  # a missing or unfinished cache fails before any model is loaded
+        if cfg.loss.cross_tokenizer != "refuse" and cfg.student.init == "pretrained":
+            student_tok = load_tokenizer(cfg.student.name_or_path or "",
+                                         trust_remote_code=cfg.student.trust_remote_code)
+            cache_across = not same_tokenizer(manifest, student_tok)
+            if cache_across:
+                teacher_tokenizer(manifest)  # a cache without the cross-tokenizer fields: relabel, before any model
+    setup = build_setup(cfg, teacher=online, data=cfg.api_logprobs is None and not cache_across,
                         cross_tokenizer=cfg.loss.cross_tokenizer != "refuse")
     n_vocab = setup.n_vocab
     eval_kw: dict[str, Any] = {"n_vocab": n_vocab, "batch_size": cfg.train.micro_batch_size,
@@ -80,7 +87,16 @@ def run_soft(cfg: SoftConfig) -> dict[str, Any]:
     held: TokenBlocks
     teacher: HFTeacher | SparseTeacher | CrossTokenizerTeacher | InBatchSpanTeacher
     eval_teacher: HFTeacher | SparseTeacher | CrossTokenizerTeacher | InBatchSpanTeacher | None
-    if cfg.api_logprobs is not None and cfg.loss.cross_tokenizer != "refuse":  # its top-k over its own tokens
+    if cache_across:  # the cache's teacher tokens spelled as bytes, re-tokenized for the student, aligned by spans
+        assert cfg.teacher_cache is not None and cfg.loss.cross_tokenizer != "refuse"
+        train, held, span_report = load_cache_span_splits(cfg.teacher_cache, setup.tokenizer, n_vocab,
+                                                          cfg.data.block_size, temperature=cfg.loss.temperature)
+        teacher = eval_teacher = InBatchSpanTeacher(cfg.loss.cross_tokenizer, cfg.loss.matched_weight,
+                                                    cfg.loss.unmatched_weight)
+        source = (f"cache {cfg.teacher_cache} across tokenizers ({cfg.loss.cross_tokenizer}, top-{train.k} per span):"
+                  f" {span_report.line()}")
+        extra = {"teacher_cache": cfg.teacher_cache, "alignment": span_report.as_dict()}
+    elif cfg.api_logprobs is not None and cfg.loss.cross_tokenizer != "refuse":  # its top-k over its own tokens
         train, held, span_report = load_api_span_splits(cfg.api_logprobs, cfg.data, setup.tokenizer, n_vocab)
         teacher = eval_teacher = InBatchSpanTeacher(cfg.loss.cross_tokenizer, cfg.loss.matched_weight,
                                                     cfg.loss.unmatched_weight)
@@ -105,7 +121,7 @@ def run_soft(cfg: SoftConfig) -> dict[str, Any]:
         else:
             assert setup.teacher is not None
             teacher = eval_teacher = HFTeacher(setup.teacher, n_vocab) if setup.teacher_tokenizer is None else \
-                cross_tokenizer_teacher(setup.teacher, setup.teacher_tokenizer, setup.tokenizer, cfg, train)
+                cross_tokenizer_teacher(setup.teacher, setup.teacher_tokenizer, setup.tokenizer, cfg, train, held)
             source = f"teacher {sum(p.numel() for p in setup.teacher.parameters()) / 1e6:.1f}M params"
     info = {**describe(setup, train, held), **extra}
     hidden = layer_match(cfg.loss.hidden, setup.student, setup.teacher, seed=cfg.train.seed, info=info)

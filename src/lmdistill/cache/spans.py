@@ -1,0 +1,249 @@
+"""A soft-label cache read by a student of ANOTHER tokenizer: span targets aligned at read time.
+
+`lmdistill label --cache.cross_tokenizer true` stores, besides the teacher's top-k per target position, the actual
+teacher token each position predicts and its log-prob (`token_ids`, `token_logprob` [R]), each block's first input
+token (`block_first_id` [n_blocks]) and the teacher's tokenizer (DIR/tokenizer). With them every cached block can be
+spelled as bytes from the cache alone (no teacher model, no dataset). For each block this module
+
+1. rebuilds the teacher's tokens (the first input + the targets' tokens: pretrain packing, every position is a
+   target) and proves them against the block digest stored at labelling time;
+2. spells them as bytes (lmdistill.token_bytes), tokenizes the text with the student's tokenizer (the teacher's EOS, a
+   document boundary, becomes the student's EOS; another special token splits the text and the span right after it is
+   not compared; a block cut inside a UTF-8 character drops the partial character): one student block per cached
+   block, cut at the student's data.block_size;
+3. groups both tokenizations into spans whose byte boundaries coincide (lmdistill.align.byte_spans) and builds the
+   sparse span targets the API path trains on (lmdistill.api_spans.add_spans): the teacher's top-k at the span's
+   first teacher token, mapped to the student tokens of the same bytes (lmdistill.align.vocab_map: same bytes, same
+   special-token spelling, EOS with EOS), and span_t = p(x1) * p(later teacher tokens), other_t = p(x1) * (1 - that).
+
+The loss is lmdistill.losses.cross_tokenizer.sparse_span_divergence (`InBatchSpanTeacher`); the student's blocks and
+their targets are built once, when the run starts.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmdistill.align import _utf8_trim, byte_spans, vocab_map
+from lmdistill.api_spans import SpanReport, SpanTargetBlocks, _RecordSpans, add_spans, pack_spans
+from lmdistill.assets import cache_root
+from lmdistill.cache.format import Manifest, block_digests, decode_values, read_manifest, unpack_ids
+from lmdistill.cache.reader import CachedTeacher
+from lmdistill.cache.writer import TOKENIZER_DIR
+from lmdistill.data import IGNORE, TokenBlocks
+from lmdistill.errors import CacheError
+from lmdistill.token_bytes import encode_bytes, token_bytes
+
+_TENSORS = ("block_digest", "row_offsets", "ids", "logprobs", "token_ids", "token_logprob", "block_first_id")
+
+
+def same_tokenizer(manifest: Manifest, tokenizer: Any) -> bool:
+    """Whether `tokenizer` is the one the cache was labelled with (then the cached ids are the student's own)."""
+    from lmdistill.models import tokenizer_fingerprint
+
+    return tokenizer_fingerprint(tokenizer) == manifest.header["tokenizer"]["fingerprint"]
+
+
+def teacher_tokenizer(manifest: Manifest) -> Any:
+    """The teacher's tokenizer saved in a cross-tokenizer cache, checked against the manifest's fingerprint.
+
+    Raises:
+        CacheError: the cache was labelled without `cache.cross_tokenizer`, or its tokenizer copy is missing/altered.
+    """
+    from lmdistill.models import load_tokenizer, tokenizer_fingerprint
+
+    if not manifest.encoding.get("cross_tokenizer"):
+        raise CacheError(
+            f"cache `{manifest.root}` holds the teacher's top-k over its own token ids only (labelled without "
+            "cache.cross_tokenizer), so a student of another tokenizer cannot be aligned with it; relabel with "
+            "`lmdistill label ... --cache.cross_tokenizer true` (it adds each target's actual token, its log-prob "
+            "and the teacher's tokenizer files), or train with the teacher's tokenizer"
+        )
+    path = manifest.root / TOKENIZER_DIR
+    want = manifest.header["tokenizer"]["fingerprint"]
+    try:
+        tok = load_tokenizer(str(path))
+        ok = tokenizer_fingerprint(tok) == want
+    except Exception:  # noqa: BLE001  (a missing or damaged copy: one message below)
+        ok = False
+    if not ok:
+        raise CacheError(f"cache `{manifest.root}` has no readable teacher tokenizer with fingerprint {want[:12]} in "
+                         f"`{path}`; relabel with the same `lmdistill label` command (it rewrites the copy)")
+    return tok
+
+
+class _BlockAligner:
+    """Turns one cached block (the teacher's tokens, their log-probs and top-k) into a student block + its spans."""
+
+    def __init__(self, teacher_tok: Any, student_tok: Any, n_vocab: int, block_size: int, report: SpanReport) -> None:
+        self.student_tok, self.block_size, self.report = student_tok, block_size, report
+        self.t_table = token_bytes(teacher_tok)
+        token_bytes(student_tok)  # a tokenizer without byte offsets is refused by name before any block
+        vm = vocab_map(teacher_tok, student_tok, str(cache_root() / "vocab-maps"))
+        student_of_class = torch.full((max(vm.n_shared, 1),), -1, dtype=torch.long)
+        shared = (vm.student_class >= 0).nonzero().squeeze(-1)
+        student_of_class[vm.student_class[shared]] = shared
+        t2s = torch.where(vm.teacher_class >= 0, student_of_class[vm.teacher_class.clamp_min(0)], -1)
+        self.t2s: list[int] = torch.where(t2s < n_vocab, t2s, -1).tolist()
+        self.t_eos, self.s_eos = teacher_tok.eos_token_id, student_tok.eos_token_id
+        pad = student_tok.pad_token_id
+        self.pad = int(pad if pad is not None else self.s_eos or 0)
+
+    def align(self, t_seq: list[int], t_lp: list[float], top_ids: list[list[int]],
+              top_lps: list[list[float]]) -> tuple[list[int], list[int], list[int], _RecordSpans]:
+        """(student input ids, labels, attention mask, spans) of the block whose teacher tokens are `t_seq` [T + 1];
+        t_lp[j] / top_ids[j] / top_lps[j]: the teacher's log-prob of token j + 1 and its top-k at position j."""
+        s_seq: list[int] = []
+        s_tokens: list[tuple[int, int]] = []
+        s_full: list[int] = []
+        t_tokens: list[tuple[int, int]] = []
+        t_index: list[int] = []
+        marked: set[int] = set()  # teacher-only special tokens (no student counterpart)
+        pos, seg_start = 0, 0
+        segment = bytearray()
+
+        def flush() -> None:
+            nonlocal segment
+            if segment:
+                lead, tail = _utf8_trim(bytes(segment))
+                text = bytes(segment[lead: len(segment) - tail]).decode("utf-8", errors="strict")
+                if text:
+                    ids, ends = encode_bytes(self.student_tok, text)
+                    prev = 0
+                    for sid, end in zip(ids, ends, strict=True):
+                        s_tokens.append((seg_start + lead + prev, seg_start + lead + end))
+                        s_full.append(len(s_seq))
+                        s_seq.append(int(sid))
+                        prev = end
+            segment = bytearray()
+
+        for j, tid in enumerate(t_seq):
+            piece = self.t_table[tid] if 0 <= tid < len(self.t_table) else None
+            if piece is not None:
+                t_tokens.append((pos, pos + len(piece)))
+                t_index.append(j)
+                segment += piece
+                pos += len(piece)
+                continue
+            flush()
+            if tid == self.t_eos and self.s_eos is not None:  # a document boundary: one virtual byte both share
+                s_tokens.append((pos, pos + 1))
+                s_full.append(len(s_seq))
+                s_seq.append(int(self.s_eos))
+                t_tokens.append((pos, pos + 1))
+                t_index.append(j)
+            else:
+                marked.add(j)  # the teacher saw it, the student does not: the next span's contexts differ
+            pos += 1
+            seg_start = pos
+        flush()
+
+        T = self.block_size
+        if len(s_seq) - 1 > T:
+            self.report.truncated_records += 1
+
+        def learned(f: int) -> bool:  # student token f is the label of block position f - 1 (pretrain: all are)
+            return 1 <= f <= T
+
+        def usable(k: int) -> bool:  # teacher token t_index[k] has a prediction, made after a context both saw
+            j = t_index[k]
+            return j >= 1 and j - 1 not in marked
+
+        def alternatives(k: int) -> list[tuple[int, float]]:
+            j = t_index[k]
+            actual = t_seq[j]
+            return [(self.t2s[i], math.exp(lp)) for i, lp in zip(top_ids[j - 1], top_lps[j - 1], strict=True)
+                    if i != actual]
+
+        spans = _RecordSpans()
+        t_lps = [t_lp[j - 1] if j >= 1 else 0.0 for j in t_index]
+        add_spans(spans, self.report, byte_spans(s_tokens, t_tokens), s_seq, s_full, learned, t_lps, alternatives,
+                  usable)
+        inputs, labels = s_seq[:-1][:T], s_seq[1:][:T]
+        n = len(inputs)
+        self.report.tokens_uncovered += n - sum(spans.n_tokens)
+        return (inputs + [self.pad] * (T - n), labels + [IGNORE] * (T - n), [1] * n + [0] * (T - n), spans)
+
+
+def _split_blocks(cache: CachedTeacher, aligner: _BlockAligner) -> SpanTargetBlocks:
+    """Every cached block of one split as a student block with its span targets, in block order."""
+    enc = cache.enc
+    width, values, c = enc["id_bytes"], enc["values"], enc.get("int8_range", 0.0)
+    T = int(cache.info["block_size"])
+    rows_in: list[list[int]] = []
+    rows_lab: list[list[int]] = []
+    rows_att: list[list[int]] = []
+    spans: list[_RecordSpans] = []
+    for j in sorted(cache.entries):
+        t = cache.shard_tensors(j, _TENSORS)
+        path = cache.root / cache.entries[j].file
+        first = unpack_ids(t["block_first_id"], width)
+        n = int(first.shape[0])
+        tokens = unpack_ids(t["token_ids"], width)
+        if not torch.equal(t["row_offsets"], torch.arange(n + 1, dtype=torch.int64) * T) or tokens.numel() != n * T:
+            raise CacheError(f"shard `{path}` does not hold {T} target rows per block, as a pretrain cache does; "
+                             "relabel with `lmdistill label --cache.cross_tokenizer true`")
+        labels = tokens.view(n, T)
+        inputs = torch.cat([first[:, None], labels[:, :-1]], dim=1)
+        # the rebuilt blocks are the labelled ones, byte for byte: their digests are the ones stored at labelling
+        if not torch.equal(block_digests(inputs, labels, torch.ones_like(inputs)), t["block_digest"]):
+            raise CacheError(f"shard `{path}`: the stored tokens do not rebuild the labelled blocks (digest mismatch);"
+                             " relabel with `lmdistill label --cache.cross_tokenizer true`")
+        top_ids = unpack_ids(t["ids"], width).view(n, T, -1).tolist()
+        top_lps = decode_values(t["logprobs"], values, c).view(n, T, -1).tolist()
+        t_lp = decode_values(t["token_logprob"], values, c).view(n, T).tolist()
+        seqs = torch.cat([inputs, labels[:, -1:]], dim=1).tolist()
+        for b in range(n):
+            inp, lab, att, sp = aligner.align(seqs[b], t_lp[b], top_ids[b], top_lps[b])
+            rows_in.append(inp)
+            rows_lab.append(lab)
+            rows_att.append(att)
+            spans.append(sp)
+            aligner.report.kept += bool(sp.pos)
+            aligner.report.soft_positions += sum(sp.n_tokens)
+        aligner.report.records += n
+    size = aligner.block_size
+    blocks = (TokenBlocks(torch.tensor(rows_in), torch.tensor(rows_lab), torch.tensor(rows_att)) if rows_in else
+              TokenBlocks(*(torch.zeros(0, size, dtype=torch.long) for _ in range(3))))
+    return pack_spans(blocks, spans)
+
+
+def load_cache_span_splits(root: str | Path, student_tok: Any, n_vocab: int, block_size: int, *,
+                           temperature: float = 1.0) -> tuple[SpanTargetBlocks, SpanTargetBlocks, SpanReport]:
+    """(train, held-out, report): a cross-tokenizer cache's train and eval splits as the student's blocks with span
+    targets (held-out: empty when the cache has no eval split).
+
+    Args:
+        root: a cache labelled with `cache.cross_tokenizer true`.
+        student_tok: the student's tokenizer (fast, with byte offsets); n_vocab: the student's real vocab.
+        block_size: the student's block length (data.block_size); a block's text that needs more student tokens
+            is cut there (counted in the report's truncated_records).
+        temperature: the loss temperature; the cache's log-probs are at 1.
+
+    Raises:
+        CacheError: no cross-tokenizer fields, a temperature other than 1, a damaged shard or tokenizer copy.
+    """
+    manifest = read_manifest(root)
+    t_tok = teacher_tokenizer(manifest)
+    if abs(temperature - float(manifest.encoding["temperature"])) > 1e-6:
+        raise CacheError(
+            f"cache `{manifest.root}` holds teacher log-probs at temperature {manifest.encoding['temperature']:g}, "
+            f"and across tokenizers the span probabilities cannot be re-tempered; set --loss.temperature "
+            f"{manifest.encoding['temperature']:g}"
+        )
+    report = SpanReport()
+    aligner = _BlockAligner(t_tok, student_tok, n_vocab, block_size, report)
+    train = _split_blocks(CachedTeacher(root, "train"), aligner)
+    if "eval" in manifest.header["data"]["splits"]:
+        held = _split_blocks(CachedTeacher(root, "eval"), aligner)
+    else:
+        held = pack_spans(TokenBlocks(*(torch.zeros(0, block_size, dtype=torch.long) for _ in range(3))), [])
+    if int(train.offsets[-1]) == 0:
+        raise CacheError(f"no span of cache `{manifest.root}` aligns with the student's tokens ({report.line()}); "
+                         "the two tokenizations never close at the same byte on this text")
+    return train, held, report
+
