@@ -283,7 +283,7 @@ def test_minitron_student_pairs_with_the_teacher_layers_it_kept_through_projecti
     teacher's width through the learned projection."""
     from conftest import soft_overrides
     from lmdistill.config import SoftConfig, load_config
-    from lmdistill.losses.hidden import layer_match
+    from lmdistill.losses.hidden import HiddenProjections, hidden_pair_sum, layer_match
     from lmdistill.recipes.common import build_setup
 
     cfg = load_config(SoftConfig, overrides=soft_overrides(teacher_dir, student_dir, text_file, tmp_path / "run", **{
@@ -294,6 +294,26 @@ def test_minitron_student_pairs_with_the_teacher_layers_it_kept_through_projecti
     assert setup.student.config.hidden_size < setup.teacher.config.hidden_size
     match = layer_match(cfg.loss.hidden, setup.student, setup.teacher, seed=0)
     assert match is not None and match.pairs == [(0, 0), (1, 1)] and len(match.projections.maps) == 2
+
+    # each map starts as the pruning map: student channel j -> the teacher channel it was cut from
+    kept = setup.student.lmdistill_kept_channels
+    assert len(kept) == setup.student.config.hidden_size
+    for linear in match.projections.maps.values():
+        want = torch.zeros_like(linear.weight)
+        want[torch.tensor(kept), torch.arange(len(kept))] = 1.0
+        assert torch.equal(linear.weight, want)
+    # so layer 0's embedding output (the teacher's embedding rows restricted to the kept channels) lands on the
+    # teacher's own: far closer at step 0 than through a random map of the same shape
+    assert setup.splits is not None
+    batch = setup.splits.train.batch([0, 1, 2, 3])
+    with torch.no_grad():
+        s = setup.student(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states
+        t = setup.teacher(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states
+    mask = torch.ones(batch["input_ids"].shape, dtype=torch.bool)
+    mapped = hidden_pair_sum(match.projections.project((0, 0), s[0]), t[0], mask, "cosine") / mask.sum()
+    rand = HiddenProjections([(0, 0)], len(kept), setup.teacher.config.hidden_size, seed=0)
+    random = hidden_pair_sum(rand.project((0, 0), s[0]), t[0], mask, "cosine") / mask.sum()
+    assert mapped < 0.5 < random, (mapped, random)
 
 
 def test_shipped_prune_config_validates_and_names_its_command():

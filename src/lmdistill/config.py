@@ -218,7 +218,7 @@ class LossConfig(DivergenceConfig):
 class HiddenLossConfig(BaseConfig):
     """Layer-wise distillation (online teacher only): match the student's hidden states to the teacher's."""
 
-    weight: float = Field(0.0, ge=0.0, description="Total loss += weight * sum over pairs of the hidden loss (0: off).")
+    weight: float = Field(0.0, ge=0.0, description="Total loss += weight * mean over pairs of the hidden loss (0: off).")
     kind: Literal["mse", "cosine"] = Field(
         "mse", description="Per-token hidden loss: `mse` (mean over the hidden dim) or `cosine` (1 - cos)."
     )
@@ -226,7 +226,8 @@ class HiddenLossConfig(BaseConfig):
         None,
         description="[student_layer, teacher_layer] pairs, each the hidden state after that decoder layer; null: the "
         "pruning map of a student.init=prune student (its layer i <-> the teacher layer it was copied from). Where "
-        "widths differ a learned linear projection (trained with the student, not exported) maps student -> teacher.",
+        "widths differ a learned linear projection (trained with the student, not exported) maps student -> teacher; "
+        "for a width-pruned (minitron) student with the default pairs it starts as the pruning map's channel embedding.",
     )
 
 

@@ -202,6 +202,8 @@ def prune_student(teacher: nn.Module, cfg: StudentConfig, tokenizer: Any) -> tup
         importance = width_importance(model, batches)
         plan = plan_width(model, importance, _target(cfg.prune), cfg.prune.width_axes, len(kept))
         model = prune_width(model, plan)
+        # which teacher channel each residual channel is: where layer-wise distillation's projections start
+        model.lmdistill_kept_channels = plan.hidden.tolist()  # type: ignore[assignment]
         log.info("minitron: %d layers %s, hidden %d, heads %d (kv %d), intermediate %d: %.2f M parameters",
                  len(kept), kept, plan.hidden_size, plan.n_heads, plan.n_kv_heads, plan.intermediate_size,
                  count_unique_parameters(model) / 1e6)

@@ -73,7 +73,8 @@ def pair_key(pair: tuple[int, int]) -> str:
 class HiddenProjections(nn.Module):
     """One bias-free linear map per pair whose widths differ (student width -> teacher width); identity elsewhere."""
 
-    def __init__(self, pairs: Sequence[tuple[int, int]], student_width: int, teacher_width: int, seed: int = 0):
+    def __init__(self, pairs: Sequence[tuple[int, int]], student_width: int, teacher_width: int, seed: int = 0,
+                 kept_channels: Sequence[int] | None = None):
         super().__init__()
         self.maps = nn.ModuleDict()
         if student_width != teacher_width:
@@ -81,6 +82,21 @@ class HiddenProjections(nn.Module):
                 torch.manual_seed(seed)
                 for pair in pairs:
                     self.maps[pair_key(pair)] = nn.Linear(student_width, teacher_width, bias=False)
+            if kept_channels is not None:
+                self._start_at_the_pruning_map(kept_channels, student_width, teacher_width)
+
+    @torch.no_grad()
+    def _start_at_the_pruning_map(self, kept: Sequence[int], student_width: int, teacher_width: int) -> None:
+        """A width-pruned student's channel j is the teacher's channel kept[j]: each map starts as that embedding, so
+        the first steps match what pruning kept instead of chasing a random projection (measured on the embedded
+        minitron student: cosine loss ~1.0 per pair from a random map, which swamped the logit loss)."""
+        if len(kept) != student_width or not all(0 <= c < teacher_width for c in kept):
+            raise ConfigError(f"the pruning map has {len(kept)} residual channels for a student of width "
+                              f"{student_width} (teacher width {teacher_width}); set loss.hidden.pairs explicitly")
+        for linear in self.maps.values():
+            assert isinstance(linear, nn.Linear)
+            linear.weight.zero_()
+            linear.weight[torch.as_tensor(list(kept)), torch.arange(student_width)] = 1.0
 
     def project(self, pair: tuple[int, int], hidden: Tensor) -> Tensor:
         key = pair_key(pair)
@@ -123,11 +139,14 @@ class LayerMatch:
 
     def add(self, base: StepLoss, student_states: Sequence[Tensor],
             teacher_states: Sequence[Tensor] | Mapping[int, Tensor], labels: Tensor) -> StepLoss:
-        """`base` + weight * the summed hidden losses of the pairs over the target tokens of `labels` ([B, T]), each
-        also logged as hidden_<s>_<t>. The teacher's states are detached: its gradients never see this loss."""
+        """`base` + weight * the mean over pairs of the hidden losses summed over the target tokens of `labels`
+        ([B, T]), each pair also logged as hidden_<s>_<t>. The mean keeps `weight` the share of one layer-wise term
+        however many pairs there are (16 summed pairs outweighed the logit loss 3:1 on a minitron student). The
+        teacher's states are detached: its gradients never see this loss."""
         parts = layer_losses(student_states, teacher_states, self.pairs, labels != IGNORE_INDEX, self.kind,
                              self.projections)
-        total = base.loss_sum + self.weight * sum(parts.values(), torch.zeros((), device=base.loss_sum.device))
+        pair_sum = sum(parts.values(), torch.zeros((), device=base.loss_sum.device))
+        total = base.loss_sum + self.weight * pair_sum / max(len(parts), 1)
         return StepLoss(total, {**base.parts, **parts})
 
     def carry(self, teacher_states: Sequence[Tensor]) -> dict[str, Tensor]:
@@ -161,7 +180,10 @@ def layer_match(cfg: HiddenLossConfig, student: nn.Module, teacher: nn.Module | 
     else:
         pairs = default_pairs(getattr(student, "lmdistill_kept_layers", None))
     check_pairs(pairs, n_student, n_teacher)
-    projections = HiddenProjections(pairs, s_cfg.hidden_size, t_cfg.hidden_size, seed=seed)
+    # a width-pruned student's map (read only with the default pairs: explicit pairs may mean another teacher)
+    kept_channels = getattr(student, "lmdistill_kept_channels", None) if cfg.pairs is None else None
+    projections = HiddenProjections(pairs, s_cfg.hidden_size, t_cfg.hidden_size, seed=seed,
+                                    kept_channels=kept_channels)
     projections.to(next(student.parameters()).dtype)
     attach_projections(student, projections)
     if info is not None:
