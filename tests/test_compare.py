@@ -132,6 +132,24 @@ def test_every_arm_runs_once_per_seed(teacher_dir, student_dir, text_file, tmp_p
     assert "t-interval over 2 seeds" in md and ("**KL(teacher ‖ student)**: tie: " in md) == (not clear)
 
 
+def test_topk_sampled_cache_arm_labels_once_and_reports_its_real_bytes(teacher_dir, student_dir, text_file, tmp_path):
+    """The cached_topk_sampled kind: `label` with the top-k head + sampled tail encoding, then soft from that cache;
+    its bytes per token are the cache's own on disk, and it lands nearer the teacher than its CE twin."""
+    arms = [{"name": "ce", "kind": "ce"},
+            {"name": "ts", "kind": "cached_topk_sampled", "prepare": {"cache": {"k": 4, "draws": 6}}}]
+    cfg = _compare_cfg(teacher_dir, student_dir, text_file, tmp_path, arms)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 6, "eval_every": 0})})
+    results = run_compare(cfg, echo=lambda _: None)
+    by = {a["name"]: a for a in results["arms"]}
+    assert by["ts"]["status"] == "ok", by["ts"]
+    manifest = json.loads((tmp_path / "arms" / "ts" / "seed-0" / "cache" / "manifest.json").read_text())
+    assert manifest["encoding"]["kind"] == "topk_sampled" and manifest["encoding"]["k"] == 4
+    from lmdistill.cache.estimate import measure_cache
+    measured = measure_cache(tmp_path / "arms" / "ts" / "seed-0" / "cache")["splits"]["train"]["bytes_per_token"]
+    assert by["ts"]["teacher_bytes_per_token"] == pytest.approx(measured) and 0 < measured < 260 * 4
+    assert by["ts"]["metrics"]["kl_to_teacher"] < by["ce"]["metrics"]["kl_to_teacher"]
+
+
 def test_skipped_and_failed_arms_show_their_reason(compared):
     results, messages = compared
     by = {a["name"]: a for a in results["arms"]}

@@ -852,8 +852,8 @@ class ArmSpec(BaseConfig):
 
     name: str = Field(description="Row name in the report (letters, digits, `_`, `-`, `.`).")
     kind: str = Field(description="One of the registered arm kinds: " + ", ".join(
-        ["ce", "soft", "cached_topk", "cached_sampled", "hard_token", "hard_sequence", "codistill", "onpolicy",
-         "cross_tokenizer"]) + " (cross_tokenizer: opt-in, its teacher in prepare.teacher, default "
+        ["ce", "soft", "cached_topk", "cached_sampled", "cached_topk_sampled", "hard_token", "hard_sequence",
+         "codistill", "onpolicy", "cross_tokenizer"]) + " (cross_tokenizer: opt-in, its teacher in prepare.teacher, default "
         "embedded:gemma3-270m).")
     overrides: dict[str, Any] = Field(
         default_factory=dict,

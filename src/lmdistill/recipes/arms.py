@@ -7,6 +7,7 @@ SKIPPED with that reason, never silently), and how many bytes of teacher data it
     soft            V * 4: a dense fp32 distribution over the shared vocabulary, computed in the step, never stored
     cached_topk     the soft-label cache's real bytes on disk / the target tokens it covers (`lmdistill label`)
     cached_sampled  the same, for the sampled (Random-Sampling KD) encoding
+    cached_topk_sampled  the same, for the exact top-k head + systematic tail samples encoding
     hard_token      the bytes of one token id, ceil(log2(V) / 8): the teacher's argmax is all the student sees
     hard_sequence   UTF-8 bytes of the teacher's completions / their tokens: the text is the label
     codistill       V * 4: the live teacher's dense distribution, like online soft
@@ -341,6 +342,9 @@ register_arm(ArmKind("cached_topk", "offline soft KD from a top-k (+ tail) soft-
                      _CACHE_NEEDS))
 register_arm(ArmKind("cached_sampled", "offline soft KD from a sampled (Random-Sampling KD) soft-label cache",
                      _cached_arm("sampled"), _CACHE_NEEDS))
+register_arm(ArmKind("cached_topk_sampled",
+                     "offline soft KD from a top-k head + sampled tail soft-label cache (the issue #16 encoding)",
+                     _cached_arm("topk_sampled"), _CACHE_NEEDS))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
