@@ -14,7 +14,9 @@ alpha = 0.5 for uld and hybrid (the distillation term mixed with CE, as ULD's pa
 byte (the tokenizer-independent metric; the teacher's own on the same documents in its own tokens as the reference),
 perplexity, the held-out span divergence to the teacher (`span_kd`, the hybrid's forward-KL part), the share of target
 tokens whose span is 1:1 / merged / not compared, and the wall-clock of each arm. With `--seeds 0,1,2` each arm runs
-once per seed and bits per byte is reported as mean +- the 95 % t-interval.
+once per seed and bits per byte is reported as mean +- the 95 % t-interval; with one seed, the saved students are
+re-scored block by block and bits per byte gets a 95 % bootstrap interval over the held-out blocks, with the paired
+difference of every arm to CE and to ULD on the same resamples (what says whether a ranking is more than noise).
 
     python benchmarks/cross_tokenizer.py --steps 40        # ~50 min on a busy 2-core CPU (about 10 s per distillation
                                                            # step idle: the 262k-vocab teacher dominates)
@@ -146,7 +148,7 @@ def main() -> None:
                  **judge.evaluate(init_model, held, SoftConfig().loss, n_vocab=len(student_tok), batch_size=4,
                                   max_batches=args.eval_batches)}
     del init_model
-    results: dict[str, list[dict[str, float]]] = {}
+    results: dict[str, list[dict[str, Any]]] = {}
     for seed in seeds:
         for arm in chosen:
             run_out = out / f"{arm}-seed{seed}"
@@ -171,13 +173,42 @@ def main() -> None:
             row = {**evaluate_blocks(student, held, n_vocab=len(student_tok), max_batches=args.eval_batches,
                                      byte_lengths=byte_lengths_of(student_tok)),
                    **judge.evaluate(student, held, SoftConfig().loss, n_vocab=len(student_tok), batch_size=4,
-                                    max_batches=args.eval_batches), "wall_s": wall}
+                                    max_batches=args.eval_batches), "wall_s": wall,
+                   "student_dir": summary["student_dir"]}
             results.setdefault(arm, []).append(row)
             print(f"  {arm} seed {seed}: bits/byte {row.get('bits_per_byte', float('nan')):.4f}, "
                   f"span_kd {row['span_kd']:.4f}, {wall:.0f} s", file=sys.stderr)
-    report(args, teacher_eval, init_eval, results)
-    (out / "results.json").write_text(json.dumps({"teacher": teacher_eval, "init": init_eval, "arms": results},
-                                                 indent=2))
+    boot = block_bootstrap(results, held, student_tok, args) if len(seeds) == 1 else {}
+    report(args, teacher_eval, init_eval, results, boot)
+    (out / "results.json").write_text(json.dumps({"teacher": teacher_eval, "init": init_eval, "arms": results,
+                                                  "bootstrap": boot}, indent=2))
+
+
+def block_bootstrap(results: dict[str, list[dict[str, Any]]], held: Any, student_tok: Any, args: argparse.Namespace,
+                    resamples: int = 2000) -> dict[str, list[float]]:
+    """One seed: 95 % percentile intervals over the held-out blocks (resampled with replacement, one resample for
+    every arm) of each arm's bits per byte, and of each arm's difference to CE and to ULD on the same resample."""
+    from transformers import AutoModelForCausalLM
+
+    from lmdistill.evaluate import evaluate_models
+
+    models = {arm: AutoModelForCausalLM.from_pretrained(rows[0]["student_dir"]) for arm, rows in results.items()}
+    sums: dict[str, list[list[float]]] = {}
+    evaluate_models(models, held, n_vocab=len(student_tok), batch_size=4, max_batches=args.eval_batches,
+                    block_sums=sums, byte_lengths=byte_lengths_of(student_tok))
+    n = len(next(iter(sums.values())))
+    idx = torch.randint(n, (resamples, n), generator=torch.Generator().manual_seed(0))
+    bpb = {}
+    for arm, rows in sums.items():
+        s = torch.tensor(rows, dtype=torch.float64)[idx].sum(dim=1)
+        bpb[arm] = s[:, 1] / (math.log(2) * s[:, 4])  # [target tokens, CE nats, KL, agreements, bytes] per block
+    q = torch.tensor([0.025, 0.975], dtype=torch.float64)
+    out = {arm: torch.quantile(v, q).tolist() for arm, v in bpb.items()}
+    for base in ("ce", "uld"):
+        for arm in bpb:
+            if base in bpb and arm != base:
+                out[f"{arm} - {base}"] = torch.quantile(bpb[arm] - bpb[base], q).tolist()
+    return out
 
 
 def interval(values: list[float]) -> str:
@@ -189,7 +220,7 @@ def interval(values: list[float]) -> str:
 
 
 def report(args: argparse.Namespace, teacher: dict[str, float], init: dict[str, float],
-           results: dict[str, list[dict[str, float]]]) -> None:
+           results: dict[str, list[dict[str, Any]]], boot: dict[str, list[float]]) -> None:
     ce = statistics.fmean(r["bits_per_byte"] for r in results["ce"]) if "ce" in results else None
     print(f"\nGemma-3-270M -> SmolLM2 student (6 layers), {args.steps} steps of 4 x {args.block_size} tokens, "
           f"seeds {args.seeds}; held-out: {args.eval_batches} batches of 4 blocks")
@@ -203,8 +234,17 @@ def report(args: argparse.Namespace, teacher: dict[str, float], init: dict[str, 
     for arm, rows in results.items():
         bpb = [r["bits_per_byte"] for r in rows]
         ratio = f"{statistics.fmean(bpb) / ce:.3f}x" if ce else "-"
-        print(f"| {arm} | {interval(bpb)} | {ratio} | {statistics.fmean(r['perplexity'] for r in rows):.1f} | "
+        ci = f" [{boot[arm][0]:.4f}, {boot[arm][1]:.4f}]" if arm in boot else ""
+        print(f"| {arm} | {interval(bpb)}{ci} | {ratio} | {statistics.fmean(r['perplexity'] for r in rows):.1f} | "
               f"{statistics.fmean(r['span_kd'] for r in rows):.4f} | {statistics.fmean(r['wall_s'] for r in rows):.0f} |")
+
+    if boot:
+        print(f"\nOne seed: bits/byte intervals are 95 % percentile bootstraps over the {args.eval_batches * 4} "
+              "held-out blocks (2,000 resamples, one resample for all arms); paired differences on the same resample:")
+        for key, (lo, hi) in boot.items():
+            if " - " in key:
+                verdict = "lower" if hi < 0 else "higher" if lo > 0 else "tie"
+                print(f"  {key}: [{lo:+.4f}, {hi:+.4f}] bits/byte ({verdict})")
 
 
 if __name__ == "__main__":
