@@ -118,18 +118,31 @@ def teacher_prefix(tokenizer: Any) -> list[int]:
     return []
 
 
-def align_sequence(student_ids: Sequence[int], student_tok: Any, teacher_tok: Any) -> BlockAlignment:
-    """Spell `student_ids` as bytes, tokenize them with the teacher's tokenizer, and group both into spans."""
-    s_table = token_bytes(student_tok)
-    s_eos, t_eos = student_tok.eos_token_id, teacher_tok.eos_token_id
-    teacher_ids = teacher_prefix(teacher_tok)
-    s_tokens: list[tuple[int, int]] = []
-    s_index: list[int] = []
-    t_tokens: list[tuple[int, int]] = []
-    t_index: list[int] = []
-    pos = 0
+@dataclass
+class Retokenized:
+    """One side's token sequence spelled as bytes and read by the other side's tokenizer (`retokenize`).
+
+    `known`/`known_index`: byte range and sequence index of each known token with bytes (and of each EOS); `other`/
+    `other_index`: byte range of each token of the other side and its index in `other_ids`; `markers`: indices of the
+    known side's special tokens other than EOS (a byte only that side has: no span crosses it)."""
+
+    known: list[tuple[int, int]]
+    known_index: list[int]
+    other: list[tuple[int, int]]
+    other_index: list[int]
+    other_ids: list[int]
+    markers: list[int]
+
+
+def retokenize(ids: Sequence[int], table: Sequence[bytes | None], eos: int | None, other_tok: Any,
+               other_eos: int | None, other_ids: list[int]) -> Retokenized:
+    """Spell `ids` with `table` (`token_bytes` of their tokenizer) and tokenize the text between special tokens with
+    `other_tok`, appending its ids to `other_ids` (which may start with a prefix, e.g. the other side's BOS). An EOS
+    pairs with `other_eos` on one virtual byte both sides share; another special token is a marker byte of its own;
+    partial UTF-8 at a segment's edges (a block cut inside a character) is dropped."""
+    out = Retokenized([], [], [], [], other_ids, [])
+    pos, seg_start = 0, 0
     segment = bytearray()
-    seg_start = 0
 
     def flush() -> None:
         nonlocal segment
@@ -137,35 +150,44 @@ def align_sequence(student_ids: Sequence[int], student_tok: Any, teacher_tok: An
             lead, tail = _utf8_trim(bytes(segment))
             text = bytes(segment[lead: len(segment) - tail]).decode("utf-8", errors="strict")
             if text:
-                ids, ends = encode_bytes(teacher_tok, text)
+                got, ends = encode_bytes(other_tok, text)
                 prev = 0
-                for tid, end in zip(ids, ends, strict=True):
-                    t_tokens.append((seg_start + lead + prev, seg_start + lead + end))
-                    t_index.append(len(teacher_ids))
-                    teacher_ids.append(int(tid))
+                for oid, end in zip(got, ends, strict=True):
+                    out.other.append((seg_start + lead + prev, seg_start + lead + end))
+                    out.other_index.append(len(other_ids))
+                    other_ids.append(int(oid))
                     prev = end
         segment = bytearray()
 
-    for i, tid in enumerate(student_ids):
-        piece = s_table[tid] if 0 <= tid < len(s_table) else None
+    for i, tid in enumerate(ids):
+        piece = table[tid] if 0 <= tid < len(table) else None
         if piece is not None:
-            s_tokens.append((pos, pos + len(piece)))
-            s_index.append(i)
+            out.known.append((pos, pos + len(piece)))
+            out.known_index.append(i)
             segment += piece
             pos += len(piece)
             continue
         flush()
-        if tid == s_eos and t_eos is not None:  # a document boundary: one virtual byte both sides share
-            s_tokens.append((pos, pos + 1))
-            s_index.append(i)
-            t_tokens.append((pos, pos + 1))
-            t_index.append(len(teacher_ids))
-            teacher_ids.append(int(t_eos))
-            pos += 1
+        if tid == eos and other_eos is not None:  # a document boundary: one virtual byte both sides share
+            out.known.append((pos, pos + 1))
+            out.known_index.append(i)
+            out.other.append((pos, pos + 1))
+            out.other_index.append(len(other_ids))
+            other_ids.append(int(other_eos))
         else:
-            pos += 1  # a template marker: a byte only the student has, so no span crosses it
+            out.markers.append(i)
+        pos += 1
         seg_start = pos
     flush()
+    return out
+
+
+def align_sequence(student_ids: Sequence[int], student_tok: Any, teacher_tok: Any) -> BlockAlignment:
+    """Spell `student_ids` as bytes, tokenize them with the teacher's tokenizer, and group both into spans."""
+    teacher_ids = teacher_prefix(teacher_tok)
+    r = retokenize(student_ids, token_bytes(student_tok), student_tok.eos_token_id, teacher_tok,
+                   teacher_tok.eos_token_id, teacher_ids)
+    s_tokens, s_index, t_tokens, t_index = r.known, r.known_index, r.other, r.other_index
     raw = byte_spans(s_tokens, t_tokens)
     spans = [(range(s_index[s.start], s_index[s.stop - 1] + 1), range(t_index[t.start], t_index[t.stop - 1] + 1))
              for s, t in raw]

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from lmdistill.align import _utf8_trim, byte_spans, vocab_map
+from lmdistill.align import byte_spans, retokenize, vocab_map
 from lmdistill.api_spans import SpanReport, SpanTargetBlocks, _RecordSpans, add_spans, pack_spans
 from lmdistill.assets import cache_root
 from lmdistill.cache.format import Manifest, block_digests, decode_values, read_manifest, unpack_ids
@@ -36,7 +36,7 @@ from lmdistill.cache.reader import CachedTeacher
 from lmdistill.cache.writer import TOKENIZER_DIR
 from lmdistill.data import IGNORE, TokenBlocks
 from lmdistill.errors import CacheError
-from lmdistill.token_bytes import encode_bytes, token_bytes
+from lmdistill.token_bytes import token_bytes
 
 _TENSORS = ("block_digest", "row_offsets", "ids", "logprobs", "token_ids", "token_logprob", "block_first_id")
 
@@ -98,49 +98,9 @@ class _BlockAligner:
         """(student input ids, labels, attention mask, spans) of the block whose teacher tokens are `t_seq` [T + 1];
         t_lp[j] / top_ids[j] / top_lps[j]: the teacher's log-prob of token j + 1 and its top-k at position j."""
         s_seq: list[int] = []
-        s_tokens: list[tuple[int, int]] = []
-        s_full: list[int] = []
-        t_tokens: list[tuple[int, int]] = []
-        t_index: list[int] = []
-        marked: set[int] = set()  # teacher-only special tokens (no student counterpart)
-        pos, seg_start = 0, 0
-        segment = bytearray()
-
-        def flush() -> None:
-            nonlocal segment
-            if segment:
-                lead, tail = _utf8_trim(bytes(segment))
-                text = bytes(segment[lead: len(segment) - tail]).decode("utf-8", errors="strict")
-                if text:
-                    ids, ends = encode_bytes(self.student_tok, text)
-                    prev = 0
-                    for sid, end in zip(ids, ends, strict=True):
-                        s_tokens.append((seg_start + lead + prev, seg_start + lead + end))
-                        s_full.append(len(s_seq))
-                        s_seq.append(int(sid))
-                        prev = end
-            segment = bytearray()
-
-        for j, tid in enumerate(t_seq):
-            piece = self.t_table[tid] if 0 <= tid < len(self.t_table) else None
-            if piece is not None:
-                t_tokens.append((pos, pos + len(piece)))
-                t_index.append(j)
-                segment += piece
-                pos += len(piece)
-                continue
-            flush()
-            if tid == self.t_eos and self.s_eos is not None:  # a document boundary: one virtual byte both share
-                s_tokens.append((pos, pos + 1))
-                s_full.append(len(s_seq))
-                s_seq.append(int(self.s_eos))
-                t_tokens.append((pos, pos + 1))
-                t_index.append(j)
-            else:
-                marked.add(j)  # the teacher saw it, the student does not: the next span's contexts differ
-            pos += 1
-            seg_start = pos
-        flush()
+        r = retokenize(t_seq, self.t_table, self.t_eos, self.student_tok, self.s_eos, s_seq)
+        t_tokens, t_index, s_tokens, s_full = r.known, r.known_index, r.other, r.other_index
+        marked = set(r.markers)  # teacher-only special tokens: the next span's contexts differ
 
         T = self.block_size
         if len(s_seq) - 1 > T:
