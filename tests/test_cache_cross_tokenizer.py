@@ -204,3 +204,34 @@ def test_label_refuses_what_a_cross_tokenizer_reader_cannot_use(teacher_dir, tex
     with pytest.raises(ConfigError, match=needle):
         _label(teacher_dir, text_file, tmp_path / "cache", **{"cache.cross_tokenizer": "true", **extra})
     assert not (tmp_path / "cache" / "manifest.json").exists()
+
+
+def test_worker_processes_align_the_shards_to_the_same_targets(xcache, spiece_student, tmp_path, capsys):
+    """Shards aligned by two forked workers give exactly the blocks, span targets and counts of one process; a shard
+    damaged on disk is named from inside a worker, as it is without one."""
+    import dataclasses
+    import shutil
+
+    from lmdistill.cache.spans import align_workers
+    from lmdistill.models import load_tokenizer
+
+    tok = load_tokenizer(str(spiece_student))
+    assert len(read_manifest(xcache).shards_of("train")) >= 3  # several shards, so the two workers share them
+    assert align_workers(2, 3) == 2 and align_workers(8, 3) == 3 and align_workers(0, 100) >= 1
+    one = load_cache_span_splits(xcache, tok, len(tok), int(STUDENT_BLOCK), workers=1)
+    two = load_cache_span_splits(xcache, tok, len(tok), int(STUDENT_BLOCK), workers=2, progress=True)
+    for a, b in zip(one[:2], two[:2], strict=True):
+        for f in dataclasses.fields(a):
+            assert torch.equal(getattr(a, f.name), getattr(b, f.name)), f.name
+    assert one[2].as_dict() == two[2].as_dict() and one[2].records == len(one[0]) + len(one[1])
+    assert "align train" in capsys.readouterr().err  # the bar, shards done of the split's
+
+    damaged = tmp_path / "cache"
+    shutil.copytree(xcache, damaged)
+    shard = damaged / read_manifest(damaged).shards_of("train")[1].file
+    data = bytearray(shard.read_bytes())
+    data[-40:-30] = bytes(b ^ 0xFF for b in data[-40:-30])
+    shard.write_bytes(bytes(data))
+    for workers in (1, 2):
+        with pytest.raises(CacheError, match=rf"shard `.*{shard.name}` is corrupt"):
+            load_cache_span_splits(damaged, tok, len(tok), int(STUDENT_BLOCK), workers=workers)

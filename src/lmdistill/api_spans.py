@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,15 @@ class SpanReport(AlignmentReport):
                 "tokens_uncovered": self.tokens_uncovered, "alternatives_matched": self.alternatives_matched,
                 "alternatives_unmatched": self.alternatives_unmatched}
 
+    def merge(self, other: SpanReport) -> None:
+        """Add `other`'s counts to these (the reports of parts aligned apart, e.g. one per cache shard)."""
+        for f in fields(self):
+            if f.name == "skipped":
+                for why, n in other.skipped.items():
+                    self.skipped[why] = self.skipped.get(why, 0) + n
+            else:
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
     def line(self) -> str:
         skipped = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items())) or "none"
         alts = max(self.alternatives_matched + self.alternatives_unmatched, 1)
@@ -96,7 +105,7 @@ class _RecordSpans:
 
 def add_spans(out: _RecordSpans, report: SpanReport, spans: Sequence[tuple[range, range]], seq: Sequence[int],
               s_full: Sequence[int], learned: Callable[[int], bool], t_logprobs: Sequence[float],
-              alternatives: Callable[[int], list[tuple[int, float]]],
+              alternatives: Callable[[int], tuple[list[int], list[float]]],
               t_usable: Callable[[int], bool] | None = None) -> None:
     """Append the compared spans of one aligned sequence to `out` (the API's and the cache's one path).
 
@@ -105,26 +114,32 @@ def add_spans(out: _RecordSpans, report: SpanReport, spans: Sequence[tuple[range
         seq: the student's token ids; s_full [i]: the index in `seq` of aligned student token i.
         learned: whether `seq[f]` is the label of a block position (a span is compared when all its tokens are).
         t_logprobs [j]: the teacher's log-prob of its token j; alternatives(j): the teacher's other top-k entries at
-            token j as (student id with the same bytes or -1, probability), the token j itself left out.
+            token j as (student ids with the same bytes or -1, probabilities), the token j itself left out; an id
+            that is the span's first student token or repeats an earlier entry's becomes -1 here.
         t_usable: whether teacher token j has a prediction made from the same context as the student's (default:
             all).
     """
     for s_rng, t_rng in spans:
         fulls = [s_full[i] for i in s_rng]
-        if not all(learned(f) for f in fulls) or (t_usable is not None and not t_usable(t_rng.start)):
+        if not (learned(fulls[0]) if len(fulls) == 1 else all(map(learned, fulls))) or (
+                t_usable is not None and not t_usable(t_rng.start)):
             continue
         first = seq[fulls[0]]
         lp1 = t_logprobs[t_rng.start]
-        rest = sum(t_logprobs[j] for j in t_rng[1:])
-        ids: list[int] = []
-        probs: list[float] = []
-        for sid, p in alternatives(t_rng.start):
-            if sid == first or sid in ids:
-                sid = -1
-            report.alternatives_matched += sid >= 0
-            report.alternatives_unmatched += sid < 0
-            ids.append(sid)
-            probs.append(p)
+        rest = sum(t_logprobs[j] for j in t_rng[1:]) if len(t_rng) > 1 else 0.0
+        alt_ids, probs = alternatives(t_rng.start)
+        ids = list(alt_ids)
+        matched = [sid for sid in ids if sid >= 0]
+        if first in ids or len(set(matched)) != len(matched):  # rare: only then the per-entry pass
+            seen = {first}
+            for n, sid in enumerate(ids):
+                if sid in seen:
+                    ids[n] = -1
+                elif sid >= 0:
+                    seen.add(sid)
+            matched = [sid for sid in ids if sid >= 0]
+        report.alternatives_matched += len(matched)
+        report.alternatives_unmatched += len(ids) - len(matched)
         span = len(out.pos)
         out.pos.append(fulls[0] - 1)
         out.first.append(first)
@@ -224,8 +239,8 @@ class _SpanAligner:
         def learned(f: int) -> bool:  # the token at full index f is a label of a block position (f - 1 < T)
             return f - 1 < T and f < len(mask) and mask[f] == 1
 
-        def alternatives(j: int) -> list[tuple[int, float]]:
-            head, out = entries[j], []
+        def alternatives(j: int) -> tuple[list[int], list[float]]:
+            head, ids, probs = entries[j], [], []
             for alt in head.get("top_logprobs") or []:
                 lp = _logprob(alt)
                 if lp is None:
@@ -234,8 +249,9 @@ class _SpanAligner:
                 same = (alt.get("id") == head.get("id") if alt.get("id") is not None and head.get("id") is not None
                         else alt_bytes == t_bytes[j])
                 if not same:  # the sampled token's mass is span_t + other_t
-                    out.append((self.by_bytes.get(alt_bytes, -1), math.exp(lp)))
-            return out
+                    ids.append(self.by_bytes.get(alt_bytes, -1))
+                    probs.append(math.exp(lp))
+            return ids, probs
 
         out = _RecordSpans()
         add_spans(out, self.report, byte_spans(s_ranges, t_ranges), whole, [start + i for i in range(len(s_ranges))],
@@ -251,7 +267,7 @@ class SpanTargetBlocks(TokenBlocks):
     """Token blocks whose batches also carry the API teacher's span targets (they travel to the device with it).
 
     Storage is flat over the spans of all blocks: block i owns spans `offsets[i]:offsets[i + 1]` of `pos` [S] (input
-    position before the span), `first` [S], `ids` [S, K] (-1: unmatched or padding), `probs` [S, K] (0: padding),
+    position before the span), `first` [S], `ids` [S, K] int32 (-1: unmatched or padding), `probs` [S, K] (0: padding),
     `span_t`, `other_t` [S], `one` [S] (1:1 span), `n_tokens` [S] (student tokens in the span), and later-token
     entries `rest_offsets[i]:rest_offsets[i + 1]` of `rest_pos` [R] (input position) and `rest_span` [R] (the span's
     index within its block). `batch()` adds, padded to the batch's most spans P: `span_pos` [B, P] (-1 = padding),
@@ -366,15 +382,13 @@ def pack_spans(blocks: TokenBlocks, spans: list[_RecordSpans]) -> SpanTargetBloc
     offsets[1:] = torch.tensor([len(r.pos) for r in spans], dtype=torch.long).cumsum(0)
     rest_offsets = torch.zeros(len(spans) + 1, dtype=torch.long)
     rest_offsets[1:] = torch.tensor([len(r.rest_pos) for r in spans], dtype=torch.long).cumsum(0)
-    s = int(offsets[-1])
-    ids = torch.full((s, k), -1, dtype=torch.long)
-    probs = torch.zeros(s, k, dtype=torch.float32)
-    row = 0
-    for r in spans:
-        for row_ids, row_p in zip(r.ids, r.probs, strict=True):
-            ids[row, : len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
-            probs[row, : len(row_p)] = torch.tensor(row_p, dtype=torch.float32)
-            row += 1
+    # one tensor from padded rows, not one small tensor per span: this packing runs over every span of a cache
+    # int32: the top-k ids are most of what a cache's aligned targets hold in memory, and no vocabulary needs 64 bits
+    ids = torch.tensor([row + [-1] * (k - len(row)) for r in spans for row in r.ids], dtype=torch.int32).view(-1, k)
+    probs = torch.tensor([row + [0.0] * (k - len(row)) for r in spans for row in r.probs],
+                         dtype=torch.float32).view(-1, k)
+    if ids.shape[0] != int(offsets[-1]) or probs.shape[0] != ids.shape[0]:
+        raise RuntimeError("API span targets: one top-k row per span is needed")
 
     def flat(name: str, dtype: torch.dtype) -> Tensor:
         return torch.tensor([v for r in spans for v in getattr(r, name)], dtype=dtype)
@@ -393,6 +407,36 @@ def pack_spans(blocks: TokenBlocks, spans: list[_RecordSpans]) -> SpanTargetBloc
         if bool((out.labels[b, out.rest_pos[rlo:rhi]] == IGNORE).any()):
             raise RuntimeError(f"API span targets of block {b} cover an unlearned position")
     return out
+
+
+def concat_span_blocks(parts: Sequence[SpanTargetBlocks], block_size: int) -> SpanTargetBlocks:
+    """The blocks of `parts`, in order, as one SpanTargetBlocks (top-k rows padded to the widest part's k)."""
+    if not parts:
+        empty = TokenBlocks(*(torch.zeros(0, block_size, dtype=torch.long) for _ in range(3)))
+        return pack_spans(empty, [])
+    if len(parts) == 1:
+        return parts[0]
+    k = max(p.k for p in parts)
+
+    def widen(t: Tensor, fill: float) -> Tensor:
+        return torch.nn.functional.pad(t, (0, k - int(t.shape[1])), value=fill)
+
+    def chain(offsets: list[Tensor]) -> Tensor:  # per-part offsets [n_i + 1] -> one offsets [sum n_i + 1]
+        out, base = [offsets[0][:1]], 0
+        for o in offsets:
+            out.append(o[1:] + base)
+            base += int(o[-1])
+        return torch.cat(out)
+
+    def cat(name: str) -> Tensor:
+        return torch.cat([getattr(p, name) for p in parts])
+
+    return SpanTargetBlocks(
+        cat("input_ids"), cat("labels"), cat("attention_mask"), offsets=chain([p.offsets for p in parts]),
+        pos=cat("pos"), first=cat("first"), ids=torch.cat([widen(p.ids, -1) for p in parts]),
+        probs=torch.cat([widen(p.probs, 0.0) for p in parts]), span_t=cat("span_t"), other_t=cat("other_t"),
+        one=cat("one"), n_tokens=cat("n_tokens"), rest_offsets=chain([p.rest_offsets for p in parts]),
+        rest_pos=cat("rest_pos"), rest_span=cat("rest_span"))
 
 
 def build_api_span_targets(records: Sequence[dict[str, Any]], tokenizer: Any, data: DataConfig,

@@ -413,6 +413,14 @@ class SoftConfig(StudentRunConfig):
         "when loss.cross_tokenizer is set: it trains on the cache's text in its own tokens (data.source is not read).",
     )
 
+    cache_align_workers: int = Field(
+        0,
+        ge=0,
+        description="A cache read across tokenizers: processes that align its shards with the student's tokens when "
+        "the run starts (0: this process's CPU cores, shared among the node's ranks; 1: no worker processes). The "
+        "aligned targets do not depend on it.",
+    )
+
     api_logprobs: str | None = Field(
         None,
         description="Soft labels from a black-box teacher: a `lmdistill generate` JSONL written with "

@@ -17,19 +17,29 @@ spelled as bytes from the cache alone (no teacher model, no dataset). For each b
    special-token spelling, EOS with EOS), and span_t = p(x1) * p(later teacher tokens), other_t = p(x1) * (1 - that).
 
 The loss is lmdistill.losses.cross_tokenizer.sparse_span_divergence (`InBatchSpanTeacher`); the student's blocks and
-their targets are built once, when the run starts.
+their targets are built once, when the run starts, one shard at a time by forked worker processes (`align_workers`;
+each shard is aligned alone, so the result is the same for any number of them).
 """
 
 from __future__ import annotations
 
-import math
+import copy
+import multiprocessing as mp
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lmdistill.align import byte_spans, retokenize, vocab_map
-from lmdistill.api_spans import SpanReport, SpanTargetBlocks, _RecordSpans, add_spans, pack_spans
+from lmdistill.api_spans import (
+    SpanReport,
+    SpanTargetBlocks,
+    _RecordSpans,
+    add_spans,
+    concat_span_blocks,
+    pack_spans,
+)
 from lmdistill.assets import cache_root
 from lmdistill.cache.format import Manifest, block_digests, decode_values, read_manifest, unpack_ids
 from lmdistill.cache.reader import CachedTeacher
@@ -37,6 +47,7 @@ from lmdistill.cache.writer import TOKENIZER_DIR
 from lmdistill.data import IGNORE, TokenBlocks
 from lmdistill.errors import CacheError
 from lmdistill.token_bytes import token_bytes
+from lmdistill.train.logging import make_progress
 
 _TENSORS = ("block_digest", "row_offsets", "ids", "logprobs", "token_ids", "token_logprob", "block_first_id")
 
@@ -88,15 +99,16 @@ class _BlockAligner:
         shared = (vm.student_class >= 0).nonzero().squeeze(-1)
         student_of_class[vm.student_class[shared]] = shared
         t2s = torch.where(vm.teacher_class >= 0, student_of_class[vm.teacher_class.clamp_min(0)], -1)
-        self.t2s: list[int] = torch.where(t2s < n_vocab, t2s, -1).tolist()
+        self.t2s = torch.where(t2s < n_vocab, t2s, -1)
         self.t_eos, self.s_eos = teacher_tok.eos_token_id, student_tok.eos_token_id
         pad = student_tok.pad_token_id
         self.pad = int(pad if pad is not None else self.s_eos or 0)
 
-    def align(self, t_seq: list[int], t_lp: list[float], top_ids: list[list[int]],
-              top_lps: list[list[float]]) -> tuple[list[int], list[int], list[int], _RecordSpans]:
+    def align(self, t_seq: list[int], t_lp: list[float], top_ids: list[list[int]], top_student: list[list[int]],
+              top_probs: list[list[float]]) -> tuple[list[int], list[int], list[int], _RecordSpans]:
         """(student input ids, labels, attention mask, spans) of the block whose teacher tokens are `t_seq` [T + 1];
-        t_lp[j] / top_ids[j] / top_lps[j]: the teacher's log-prob of token j + 1 and its top-k at position j."""
+        t_lp[j]: the teacher's log-prob of token j + 1; top_ids[j] / top_student[j] / top_probs[j]: its top-k at
+        position j as teacher ids, as the student ids of the same bytes (-1: none) and as probabilities."""
         s_seq: list[int] = []
         r = retokenize(t_seq, self.t_table, self.t_eos, self.student_tok, self.s_eos, s_seq)
         t_tokens, t_index, s_tokens, s_full = r.known, r.known_index, r.other, r.other_index
@@ -113,11 +125,17 @@ class _BlockAligner:
             j = t_index[k]
             return j >= 1 and j - 1 not in marked
 
-        def alternatives(k: int) -> list[tuple[int, float]]:
+        def alternatives(k: int) -> tuple[list[int], list[float]]:
             j = t_index[k]
-            actual = t_seq[j]
-            return [(self.t2s[i], math.exp(lp)) for i, lp in zip(top_ids[j - 1], top_lps[j - 1], strict=True)
-                    if i != actual]
+            actual, raw, ids, probs = t_seq[j], top_ids[j - 1], top_student[j - 1], top_probs[j - 1]
+            n = raw.count(actual)
+            if n == 0:
+                return ids, probs
+            if n == 1:  # the usual case: a top-k lists each token once
+                a = raw.index(actual)
+                return ids[:a] + ids[a + 1:], probs[:a] + probs[a + 1:]
+            keep = [m for m, i in enumerate(raw) if i != actual]
+            return [ids[m] for m in keep], [probs[m] for m in keep]
 
         spans = _RecordSpans()
         t_lps = [t_lp[j - 1] if j >= 1 else 0.0 for j in t_index]
@@ -129,51 +147,102 @@ class _BlockAligner:
         return (inputs + [self.pad] * (T - n), labels + [IGNORE] * (T - n), [1] * n + [0] * (T - n), spans)
 
 
-def _split_blocks(cache: CachedTeacher, aligner: _BlockAligner) -> SpanTargetBlocks:
-    """Every cached block of one split as a student block with its span targets, in block order."""
+def _shard_blocks(cache: CachedTeacher, aligner: _BlockAligner, j: int) -> tuple[SpanTargetBlocks, SpanReport]:
+    """Shard `j`'s cached blocks as student blocks with their span targets, and the counts of that shard alone."""
+    aligner = copy.copy(aligner)
+    aligner.report = report = SpanReport()
     enc = cache.enc
     width, values, c = enc["id_bytes"], enc["values"], enc.get("int8_range", 0.0)
     T = int(cache.info["block_size"])
-    rows_in: list[list[int]] = []
-    rows_lab: list[list[int]] = []
-    rows_att: list[list[int]] = []
+    t = cache.shard_tensors(j, _TENSORS)
+    path = cache.root / cache.entries[j].file
+    first = unpack_ids(t["block_first_id"], width)
+    n = int(first.shape[0])
+    tokens = unpack_ids(t["token_ids"], width)
+    if not torch.equal(t["row_offsets"], torch.arange(n + 1, dtype=torch.int64) * T) or tokens.numel() != n * T:
+        raise CacheError(f"shard `{path}` does not hold {T} target rows per block, as a pretrain cache does; "
+                         "relabel with `lmdistill label --cache.cross_tokenizer true`")
+    labels = tokens.view(n, T)
+    inputs = torch.cat([first[:, None], labels[:, :-1]], dim=1)
+    # the rebuilt blocks are the labelled ones, byte for byte: their digests are the ones stored at labelling
+    if not torch.equal(block_digests(inputs, labels, torch.ones_like(inputs)), t["block_digest"]):
+        raise CacheError(f"shard `{path}`: the stored tokens do not rebuild the labelled blocks (digest mismatch);"
+                         " relabel with `lmdistill label --cache.cross_tokenizer true`")
+    top = unpack_ids(t["ids"], width).view(n, T, -1)
+    # mapped and exponentiated for the whole shard at once (per entry in Python, this was half of the alignment time)
+    top_student = aligner.t2s[top].tolist()
+    top_probs = decode_values(t["logprobs"], values, c).view(n, T, -1).double().exp().tolist()
+    top_ids = top.tolist()
+    t_lp = decode_values(t["token_logprob"], values, c).view(n, T).tolist()
+    seqs = torch.cat([inputs, labels[:, -1:]], dim=1).tolist()
+    rows: tuple[list[list[int]], list[list[int]], list[list[int]]] = ([], [], [])
     spans: list[_RecordSpans] = []
-    for j in sorted(cache.entries):
-        t = cache.shard_tensors(j, _TENSORS)
-        path = cache.root / cache.entries[j].file
-        first = unpack_ids(t["block_first_id"], width)
-        n = int(first.shape[0])
-        tokens = unpack_ids(t["token_ids"], width)
-        if not torch.equal(t["row_offsets"], torch.arange(n + 1, dtype=torch.int64) * T) or tokens.numel() != n * T:
-            raise CacheError(f"shard `{path}` does not hold {T} target rows per block, as a pretrain cache does; "
-                             "relabel with `lmdistill label --cache.cross_tokenizer true`")
-        labels = tokens.view(n, T)
-        inputs = torch.cat([first[:, None], labels[:, :-1]], dim=1)
-        # the rebuilt blocks are the labelled ones, byte for byte: their digests are the ones stored at labelling
-        if not torch.equal(block_digests(inputs, labels, torch.ones_like(inputs)), t["block_digest"]):
-            raise CacheError(f"shard `{path}`: the stored tokens do not rebuild the labelled blocks (digest mismatch);"
-                             " relabel with `lmdistill label --cache.cross_tokenizer true`")
-        top_ids = unpack_ids(t["ids"], width).view(n, T, -1).tolist()
-        top_lps = decode_values(t["logprobs"], values, c).view(n, T, -1).tolist()
-        t_lp = decode_values(t["token_logprob"], values, c).view(n, T).tolist()
-        seqs = torch.cat([inputs, labels[:, -1:]], dim=1).tolist()
-        for b in range(n):
-            inp, lab, att, sp = aligner.align(seqs[b], t_lp[b], top_ids[b], top_lps[b])
-            rows_in.append(inp)
-            rows_lab.append(lab)
-            rows_att.append(att)
-            spans.append(sp)
-            aligner.report.kept += bool(sp.pos)
-            aligner.report.soft_positions += sum(sp.n_tokens)
-        aligner.report.records += n
+    for b in range(n):
+        *row, sp = aligner.align(seqs[b], t_lp[b], top_ids[b], top_student[b], top_probs[b])
+        for out, r in zip(rows, row, strict=True):
+            out.append(r)
+        spans.append(sp)
+        report.kept += bool(sp.pos)
+        report.soft_positions += sum(sp.n_tokens)
+    report.records += n
     size = aligner.block_size
-    blocks = (TokenBlocks(torch.tensor(rows_in), torch.tensor(rows_lab), torch.tensor(rows_att)) if rows_in else
-              TokenBlocks(*(torch.zeros(0, size, dtype=torch.long) for _ in range(3))))
-    return pack_spans(blocks, spans)
+    blocks = TokenBlocks(*(torch.tensor(r, dtype=torch.long).view(-1, size) for r in rows))
+    return pack_spans(blocks, spans), report
+
+
+# The aligner and the split's cache, set in the parent before it forks its workers (they inherit both, so a worker
+# starts without re-reading the two tokenizers or rebuilding the vocab map).
+_FORKED: tuple[CachedTeacher, _BlockAligner] | None = None
+
+
+def _shard_in_worker(j: int) -> tuple[SpanTargetBlocks, SpanReport]:
+    assert _FORKED is not None
+    torch.set_num_threads(1)  # the workers are the parallelism; intra-op threads would only contend for the cores
+    return _shard_blocks(*_FORKED, j)
+
+
+def align_workers(requested: int, n_shards: int) -> int:
+    """Processes that align a split: `requested`, or (0) this process's CPU cores shared among the node's ranks;
+    never more than the shards, and 1 where processes cannot be forked."""
+    if requested <= 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        requested = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    if "fork" not in mp.get_all_start_methods():
+        return 1
+    return max(1, min(requested, n_shards))
+
+
+def _split_blocks(cache: CachedTeacher, aligner: _BlockAligner, workers: int,
+                  progress: bool = False) -> SpanTargetBlocks:
+    """Every cached block of one split as a student block with its span targets, in block order; the shards are
+    aligned by `workers` forked processes (the result is the same for any number: each shard is aligned alone)."""
+    global _FORKED
+    shards = sorted(cache.entries)
+    n = align_workers(workers, len(shards))
+    parts: list[tuple[SpanTargetBlocks, SpanReport]] = []
+    with make_progress(progress) as bar:
+        task = bar.add_task(f"align {cache.split_name}", total=len(shards), stats=f"{n} worker{'s' * (n > 1)}")
+        if n == 1:
+            for j in shards:
+                parts.append(_shard_blocks(cache, aligner, j))
+                bar.advance(task)
+        else:
+            _FORKED = (cache, aligner)
+            try:
+                with mp.get_context("fork").Pool(n) as pool:
+                    for part in pool.imap(_shard_in_worker, shards, chunksize=1):
+                        parts.append(part)
+                        bar.advance(task)
+            finally:
+                _FORKED = None
+    for _, report in parts:
+        aligner.report.merge(report)
+    return concat_span_blocks([blocks for blocks, _ in parts], aligner.block_size)
 
 
 def load_cache_span_splits(root: str | Path, student_tok: Any, n_vocab: int, block_size: int, *,
-                           temperature: float = 1.0) -> tuple[SpanTargetBlocks, SpanTargetBlocks, SpanReport]:
+                           temperature: float = 1.0, workers: int = 0, progress: bool = False,
+                           ) -> tuple[SpanTargetBlocks, SpanTargetBlocks, SpanReport]:
     """(train, held-out, report): a cross-tokenizer cache's train and eval splits as the student's blocks with span
     targets (held-out: empty when the cache has no eval split).
 
@@ -183,6 +252,8 @@ def load_cache_span_splits(root: str | Path, student_tok: Any, n_vocab: int, blo
         block_size: the student's block length (data.block_size); a block's text that needs more student tokens
             is cut there (counted in the report's truncated_records).
         temperature: the loss temperature; the cache's log-probs are at 1.
+        workers: processes that align the shards (0: this process's CPU cores shared among the node's ranks, see
+            `align_workers`); the result does not depend on it. progress: a bar per split (shards done).
 
     Raises:
         CacheError: no cross-tokenizer fields, a temperature other than 1, a damaged shard or tokenizer copy.
@@ -197,9 +268,9 @@ def load_cache_span_splits(root: str | Path, student_tok: Any, n_vocab: int, blo
         )
     report = SpanReport()
     aligner = _BlockAligner(t_tok, student_tok, n_vocab, block_size, report)
-    train = _split_blocks(CachedTeacher(root, "train"), aligner)
+    train = _split_blocks(CachedTeacher(root, "train"), aligner, workers, progress)
     if "eval" in manifest.header["data"]["splits"]:
-        held = _split_blocks(CachedTeacher(root, "eval"), aligner)
+        held = _split_blocks(CachedTeacher(root, "eval"), aligner, workers, progress)
     else:
         held = pack_spans(TokenBlocks(*(torch.zeros(0, block_size, dtype=torch.long) for _ in range(3))), [])
     if int(train.offsets[-1]) == 0:

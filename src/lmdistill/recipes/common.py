@@ -241,9 +241,14 @@ def finish_run(trainer: Trainer, tokenizer: Any, cfg: Any, summary: dict[str, An
     return summary
 
 
+def on_main_rank() -> bool:
+    """Whether this is the main process (before the accelerator exists: the launcher's RANK)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def print_main(line: str) -> None:
     """One line about the run, printed by the main process only (before the accelerator exists)."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    if on_main_rank():
         print(line, flush=True)
 
 

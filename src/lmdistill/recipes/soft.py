@@ -37,7 +37,15 @@ from lmdistill.losses.cross_tokenizer import AlignedTargets, SparseSpanTargets
 from lmdistill.losses.hidden import LayerMatch, layer_match
 from lmdistill.losses.objective import Targets, distill_loss
 from lmdistill.models import load_tokenizer
-from lmdistill.recipes.common import Recipe, build_setup, describe, open_cache, print_main, run_recipe
+from lmdistill.recipes.common import (
+    Recipe,
+    build_setup,
+    describe,
+    on_main_rank,
+    open_cache,
+    print_main,
+    run_recipe,
+)
 from lmdistill.teachers import HFTeacher, SparseTeacher, model_layers, model_outputs
 from lmdistill.train.loop import StepInfo, StepLoss, Trained
 
@@ -90,7 +98,9 @@ def run_soft(cfg: SoftConfig) -> dict[str, Any]:
     if cache_across:  # the cache's teacher tokens spelled as bytes, re-tokenized for the student, aligned by spans
         assert cfg.teacher_cache is not None and cfg.loss.cross_tokenizer != "refuse"
         train, held, span_report = load_cache_span_splits(cfg.teacher_cache, setup.tokenizer, n_vocab,
-                                                          cfg.data.block_size, temperature=cfg.loss.temperature)
+                                                          cfg.data.block_size, temperature=cfg.loss.temperature,
+                                                          workers=cfg.cache_align_workers,
+                                                          progress=cfg.train.progress and on_main_rank())
         teacher = eval_teacher = InBatchSpanTeacher(cfg.loss.cross_tokenizer, cfg.loss.matched_weight,
                                                     cfg.loss.unmatched_weight)
         source = (f"cache {cfg.teacher_cache} across tokenizers ({cfg.loss.cross_tokenizer}, top-{train.k} per span):"
