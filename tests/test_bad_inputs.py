@@ -403,10 +403,15 @@ def cross_tokenizer_student_of_a_cache_without_its_fields(c: Ctx):
     return args, ["labelled without cache.cross_tokenizer", "--cache.cross_tokenizer true"]
 
 
-def label_cross_tokenizer_of_chat_data(c: Ctx):
-    return label_argv(c.teacher_dir, c.chat_file, c.tmp / "newcache", **{
-        "cache.cross_tokenizer": "true", "data.stage": "chat"}), ["cache.cross_tokenizer needs data.stage=pretrain",
-                                                                   "--api_logprobs"]
+def label_cross_tokenizer_with_sampled_encoding(c: Ctx):
+    return label_argv(c.teacher_dir, c.text_file, c.tmp / "newcache", **{
+        "cache.cross_tokenizer": "true", "cache.encoding": "sampled"}), [
+        "cache.cross_tokenizer needs the teacher's top-k", "--cache.encoding topk"]
+
+
+def soft_negative_cache_align_workers(c: Ctx):
+    return soft_from_cache(c, c.cache, cache_align_workers="-1"), ["cache_align_workers",
+                                                                   "greater than or equal to 0"]
 
 
 def cache_of_other_data(c: Ctx):
@@ -476,7 +481,7 @@ CACHE_CASES = {
               label_k_larger_than_vocab, label_into_cache_of_another_teacher, label_nan_teacher,
               cache_of_another_tokenizer, cache_of_other_data, cache_shard_truncated, cache_shard_corrupt,
               cache_unfinished, hard_nan_teacher, cross_tokenizer_student_of_a_cache_without_its_fields,
-              label_cross_tokenizer_of_chat_data)
+              label_cross_tokenizer_with_sampled_encoding, soft_negative_cache_align_workers)
 }
 
 

@@ -235,3 +235,110 @@ def test_worker_processes_align_the_shards_to_the_same_targets(xcache, spiece_st
     for workers in (1, 2):
         with pytest.raises(CacheError, match=rf"shard `.*{shard.name}` is corrupt"):
             load_cache_span_splits(damaged, tok, len(tok), int(STUDENT_BLOCK), workers=workers)
+
+
+CHAT = {"data.stage": "chat", "data.block_size": "128", "data.max_documents": "60", "data.eval_documents": "12"}
+CHAT_STUDENT_BLOCK = "192"
+
+
+@pytest.fixture(scope="module")
+def gemma_chat_student(tmp_path_factory) -> Path:
+    """A SentencePiece-style student whose chat template is Gemma-like (`<start_of_turn>`), unlike the teacher's
+    ChatML."""
+    from test_onpolicy_cross_tokenizer import gemma_like_tokenizer
+
+    d = tmp_path_factory.mktemp("xcache-chat-student")
+    make_model(d, gemma_like_tokenizer(None), hidden=32, layers=2, seed=4)
+    return d
+
+
+@pytest.fixture(scope="module")
+def xchat(teacher_dir, chat_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("xchat") / "cache"
+    _label(teacher_dir, chat_file, out, **{"cache.cross_tokenizer": "true", "data.source": str(chat_file), **CHAT})
+    return out
+
+
+def test_a_chat_cache_gives_the_online_teachers_span_targets(xchat, teacher_dir, gemma_chat_student):
+    """Each model renders the stored messages with its own template; the cache's span targets equal those a local
+    teacher computes on the same student rows (its own forward on its own rendering, lmdistill.chat_align)."""
+    from lmdistill.config import DataConfig
+    from lmdistill.cross_tokenizer_teacher import CrossTokenizerTeacher
+    from lmdistill.data import ChatBlocks, build_splits, conversation_blocks
+    from lmdistill.models import load_causal_lm, load_tokenizer
+
+    s_tok, t_tok = load_tokenizer(str(gemma_chat_student)), load_tokenizer(str(teacher_dir))
+    train, held, report = load_cache_span_splits(xchat, s_tok, len(s_tok), int(CHAT_STUDENT_BLOCK))
+    assert len(train) == read_manifest(xchat).split("train")["blocks"] and len(held) == 12
+    assert report.kept == report.records and report.spans_merged > 0 and report.spans_one_to_one > 0
+    # the student's rows are its own template's rendering of the labelled conversations, in order
+    params = DataConfig.model_validate(read_manifest(xchat).header["data"]["params"])
+    labelled = build_splits(params, t_tok).train
+    assert isinstance(labelled, ChatBlocks)
+    rows, _ = conversation_blocks(labelled.conversations, s_tok, int(CHAT_STUDENT_BLOCK))
+    assert torch.equal(rows.input_ids, train.input_ids) and torch.equal(rows.labels, train.labels)
+    start = s_tok.convert_tokens_to_ids("<start_of_turn>")
+    assert bool((train.input_ids == start).any())  # the Gemma-like markers, not the teacher's ChatML
+    online = CrossTokenizerTeacher(load_causal_lm(str(teacher_dir)), t_tok, s_tok, mode="hybrid", chat=[rows])
+    compared = alternatives = ends = 0
+    for lo in range(0, 24, 8):
+        idx = list(range(lo, lo + 8))
+        cache_t = InBatchSpanTeacher("hybrid").targets(train.batch(idx))
+        on = online.targets(rows.batch(idx))
+        online_at = {(int(b), int(p)): k for k, (b, p) in enumerate(zip(on.batch.span_batch, on.batch.student_pos,
+                                                                          strict=True))}
+        vm, coarse = on.vmap, on.teacher.coarse
+        for s in range(cache_t.n_spans):
+            b, p = int(cache_t.span_batch[s]), int(cache_t.span_pos[s])
+            k = online_at[(b, p)]  # every cached span is one the local teacher compares too
+            assert int(on.batch.student_first[k]) == int(cache_t.first[s])
+            torch.testing.assert_close(cache_t.span_t[s], coarse[k, vm.n_shared], rtol=2e-2, atol=1e-4)
+            for sid, prob in zip(cache_t.ids[s].tolist(), cache_t.probs[s].tolist(), strict=True):
+                if sid >= 0:
+                    want = float(coarse[k, int(vm.student_class[sid])])
+                    assert prob == pytest.approx(want, rel=2e-2, abs=1e-4), (s, sid)
+                    alternatives += 1
+            ends += int(cache_t.first[s]) == s_tok.convert_tokens_to_ids("<end_of_turn>")
+            compared += 1
+    print(f"chat cache: {compared} spans equal to the online teacher's, {alternatives} alternatives, {ends} turn ends")
+    assert compared >= 50 and alternatives >= 200 and ends >= 8, (compared, alternatives, ends)
+
+
+def test_a_chat_student_of_another_template_beats_its_ce_twin_from_the_cache(xchat, teacher_dir, gemma_chat_student,
+                                                                             chat_file, tmp_path):
+    chat = {**CHAT, "data.block_size": CHAT_STUDENT_BLOCK, "train.micro_batch_size": "8"}
+    kd = _soft(teacher_dir, gemma_chat_student, chat_file, tmp_path / "kd", xchat, **chat)
+    ce = _soft(teacher_dir, gemma_chat_student, chat_file, tmp_path / "ce", xchat, **chat, **{"loss.alpha": "0"})
+    print(f"held-out span_kd from the chat cache: hybrid {kd['eval_last']['span_kd']:.4f}, CE twin "
+          f"{ce['eval_last']['span_kd']:.4f}")
+    assert kd["eval_last"]["span_kd"] < 0.9 * ce["eval_last"]["span_kd"], (kd["eval_last"], ce["eval_last"])
+    assert kd["alignment"]["kept"] == kd["alignment"]["records"]
+
+
+def test_a_chat_cache_read_with_another_teacher_template_is_refused(xchat, gemma_chat_student, tmp_path):
+    """The stored messages must render as the labelled blocks: a teacher template changed in the cache's tokenizer
+    copy (its fingerprint covers the vocabulary only) is caught by the block digests; a student without a template
+    is refused by name."""
+    import shutil
+
+    from lmdistill.models import load_tokenizer
+
+    cache = tmp_path / "cache"
+    shutil.copytree(xchat, cache)
+    template = cache / "tokenizer" / "chat_template.jinja"
+    assert template.is_file()
+    template.write_text(template.read_text().replace("<|im_start|>", "<|im_start|> "))
+    s_tok = load_tokenizer(str(gemma_chat_student))
+    with pytest.raises(CacheError, match=r"chat template does not render the stored conversations.*relabel"):
+        load_cache_span_splits(cache, s_tok, len(s_tok), int(CHAT_STUDENT_BLOCK))
+    s_tok.chat_template = None
+    with pytest.raises(CacheError, match=r"holds chat data.*chat_template"):
+        load_cache_span_splits(xchat, s_tok, len(s_tok), int(CHAT_STUDENT_BLOCK))
+
+
+def test_a_chat_cache_serves_a_student_of_the_teachers_tokenizer(xchat, teacher_dir, student_dir, chat_file,
+                                                                  tmp_path):
+    """The same-tokenizer reader ignores the stored messages: it checks the chat blocks against the data as ever."""
+    out = _soft(teacher_dir, student_dir, chat_file, tmp_path / "same", xchat, **{
+        **CHAT, "loss.cross_tokenizer": "refuse", "train.max_steps": "6", "train.eval_every": "6"})
+    assert out["eval_last"]["kl_to_teacher"] < out["eval_first"]["kl_to_teacher"], out

@@ -779,8 +779,9 @@ class CacheConfig(BaseConfig):
         False,
         description="Also store what a student of ANOTHER tokenizer needs (`soft --teacher_cache DIR "
         "--loss.cross_tokenizer hybrid|uld`): each target's actual teacher token and its log-prob, each block's first "
-        "token, and the teacher's tokenizer files in DIR/tokenizer (data.stage=pretrain, encoding topk or "
-        "topk_sampled, temperature 1; docs/cache_format.md).",
+        "token, the teacher's tokenizer files in DIR/tokenizer, and with data.stage=chat each block's messages "
+        "(the student renders them with its own chat template). Needs encoding topk or topk_sampled and temperature "
+        "1; docs/cache_format.md.",
     )
 
     @field_validator("splits")

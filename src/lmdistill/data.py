@@ -273,14 +273,21 @@ def render_chat(messages: list[dict[str, str]], tokenizer: Any, block_size: int)
 
 def chat_blocks(records: Any, cfg: DataConfig, tokenizer: Any) -> TokenBlocks:
     """One padded block per conversation; labels only where the next token is an assistant token."""
-    T = cfg.block_size
+    blocks, truncated = conversation_blocks([conversation(rec, cfg) for rec in records], tokenizer, cfg.block_size)
+    if truncated:
+        log.warning("%d conversations were longer than block_size=%d tokens and were truncated", truncated,
+                    cfg.block_size)
+    return blocks
+
+
+def conversation_blocks(conversations: list[list[dict[str, str]]], tokenizer: Any,
+                        block_size: int) -> tuple[TokenBlocks, int]:
+    """(blocks, how many conversations were cut at block_size): `chat_blocks` for conversations already read."""
+    T = block_size
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows_in, rows_lab, rows_att = [], [], []
-    conversations: list[list[dict[str, str]]] = []
     truncated = 0
-    for rec in records:
-        messages = conversation(rec, cfg)
-        conversations.append(messages)
+    for messages in conversations:
         ids, mask = render_chat(messages, tokenizer, T)
         if len(ids) > T:
             truncated += 1
@@ -290,11 +297,9 @@ def chat_blocks(records: Any, cfg: DataConfig, tokenizer: Any) -> TokenBlocks:
         rows_in.append(inp + [pad] * (T - n))
         rows_lab.append(labels + [IGNORE] * (T - n))
         rows_att.append([1] * n + [0] * (T - n))
-    if truncated:
-        log.warning("%d conversations were longer than block_size=%d tokens and were truncated", truncated, T)
     if not rows_in:
-        return _empty(T)
-    return ChatBlocks(torch.tensor(rows_in), torch.tensor(rows_lab), torch.tensor(rows_att), conversations)
+        return _empty(T), truncated
+    return ChatBlocks(torch.tensor(rows_in), torch.tensor(rows_lab), torch.tensor(rows_att), conversations), truncated
 
 
 def check_block_size(block_size: int, model_config: Any) -> None:

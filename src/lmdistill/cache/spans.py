@@ -16,6 +16,12 @@ spelled as bytes from the cache alone (no teacher model, no dataset). For each b
    first teacher token, mapped to the student tokens of the same bytes (lmdistill.align.vocab_map: same bytes, same
    special-token spelling, EOS with EOS), and span_t = p(x1) * p(later teacher tokens), other_t = p(x1) * (1 - that).
 
+A chat cache (data.stage=chat) also stores each block's messages (`conversations`, UTF-8 JSON, and
+`conversation_offsets` [n_blocks + 1]). Its blocks are not spelled from the targets (the prompt is no target): the
+teacher's chat template renders the messages again, which must give the labelled block (its digest), and the student
+renders them with its own template; the two are aligned on the assistant messages' content as a local teacher's chat
+rows are (lmdistill.chat_align), and each span whose teacher tokens are all cached targets gets the targets above.
+
 The loss is lmdistill.losses.cross_tokenizer.sparse_span_divergence (`InBatchSpanTeacher`); the student's blocks and
 their targets are built once, when the run starts, one shard at a time by forked worker processes (`align_workers`;
 each shard is aligned alone, so the result is the same for any number of them).
@@ -24,6 +30,7 @@ each shard is aligned alone, so the result is the same for any number of them).
 from __future__ import annotations
 
 import copy
+import json
 import multiprocessing as mp
 import os
 from pathlib import Path
@@ -44,12 +51,15 @@ from lmdistill.assets import cache_root
 from lmdistill.cache.format import Manifest, block_digests, decode_values, read_manifest, unpack_ids
 from lmdistill.cache.reader import CachedTeacher
 from lmdistill.cache.writer import TOKENIZER_DIR
-from lmdistill.data import IGNORE, TokenBlocks
+from lmdistill.chat_align import ChatAligner
+from lmdistill.data import IGNORE, TokenBlocks, conversation_blocks, conversation_key
 from lmdistill.errors import CacheError
 from lmdistill.token_bytes import token_bytes
 from lmdistill.train.logging import make_progress
 
 _TENSORS = ("block_digest", "row_offsets", "ids", "logprobs", "token_ids", "token_logprob", "block_first_id")
+_CHAT_TENSORS = ("block_digest", "row_offsets", "ids", "logprobs", "token_logprob", "conversations",
+                 "conversation_offsets")
 
 
 def same_tokenizer(manifest: Manifest, tokenizer: Any) -> bool:
@@ -87,6 +97,19 @@ def teacher_tokenizer(manifest: Manifest) -> Any:
     return tok
 
 
+def _without(actual: int, raw: list[int], ids: list[int], probs: list[float]) -> tuple[list[int], list[float]]:
+    """A top-k row (teacher ids `raw`, student ids, probabilities) without the teacher's actual token: the alternatives
+    of a span (the actual token's mass is the span's and the other's)."""
+    n = raw.count(actual)
+    if n == 0:
+        return ids, probs
+    if n == 1:  # the usual case: a top-k lists each token once
+        a = raw.index(actual)
+        return ids[:a] + ids[a + 1:], probs[:a] + probs[a + 1:]
+    keep = [m for m, i in enumerate(raw) if i != actual]
+    return [ids[m] for m in keep], [probs[m] for m in keep]
+
+
 class _BlockAligner:
     """Turns one cached block (the teacher's tokens, their log-probs and top-k) into a student block + its spans."""
 
@@ -103,6 +126,48 @@ class _BlockAligner:
         self.t_eos, self.s_eos = teacher_tok.eos_token_id, student_tok.eos_token_id
         pad = student_tok.pad_token_id
         self.pad = int(pad if pad is not None else self.s_eos or 0)
+        self.teacher_tok = teacher_tok
+        self.chat: ChatAligner | None = None  # set for a chat cache: each side renders the messages itself
+
+    def align_chat(self, messages: list[dict[str, str]], s_row: tuple[list[int], list[int], list[int]],
+                   t_labels: list[int], first_row: int, top_ids: list[list[int]], top_student: list[list[int]],
+                   top_probs: list[list[float]], t_lp: list[float]) -> _RecordSpans:
+        """The spans of one chat block: the student's rendering `s_row` (input ids, labels, attention mask) of
+        `messages` aligned on the content with the teacher's own rendering, whose labelled block has labels
+        `t_labels` and whose targets are the cache's rows from `first_row` on (top_*[r], t_lp[r]: row r)."""
+        assert self.chat is not None
+        inputs, labels, attention = s_row
+        n = sum(attention)
+        seq = inputs[:n] + ([labels[n - 1]] if n and labels[n - 1] != IGNORE else [])
+        spans = _RecordSpans()
+        a = self.chat.align_row(seq, labels, conversation_key(messages), completion=False)
+        learned_n = sum(1 for y in labels if y != IGNORE)
+        if a is None:  # a template refused the conversation (warned once): cross-entropy only
+            self.report.tokens_uncovered += learned_n
+            return spans
+        row_of: dict[int, int] = {}  # teacher block position -> its cache row (the labelled positions, in order)
+        for p, y in enumerate(t_labels):
+            if y != IGNORE:
+                row_of[p] = first_row + len(row_of)
+        t_ids = a.teacher_ids
+
+        def cached(k: int) -> bool:  # teacher token k is a target of the cached block (its prediction is stored)
+            return k - 1 in row_of and t_labels[k - 1] == t_ids[k]
+
+        T = self.block_size
+
+        def learned(f: int) -> bool:
+            return 1 <= f <= T and labels[f - 1] != IGNORE
+
+        def alternatives(k: int) -> tuple[list[int], list[float]]:
+            r = row_of[k - 1]
+            return _without(t_ids[k], top_ids[r], top_student[r], top_probs[r])
+
+        usable = [(s_rng, t_rng) for s_rng, t_rng in a.spans if all(cached(k) for k in t_rng)]
+        t_lps = [t_lp[row_of[k - 1]] if cached(k) else 0.0 for k in range(len(t_ids))]
+        add_spans(spans, self.report, usable, seq, range(len(seq)), learned, t_lps, alternatives)
+        self.report.tokens_uncovered += learned_n - sum(spans.n_tokens)
+        return spans
 
     def align(self, t_seq: list[int], t_lp: list[float], top_ids: list[list[int]], top_student: list[list[int]],
               top_probs: list[list[float]]) -> tuple[list[int], list[int], list[int], _RecordSpans]:
@@ -127,15 +192,7 @@ class _BlockAligner:
 
         def alternatives(k: int) -> tuple[list[int], list[float]]:
             j = t_index[k]
-            actual, raw, ids, probs = t_seq[j], top_ids[j - 1], top_student[j - 1], top_probs[j - 1]
-            n = raw.count(actual)
-            if n == 0:
-                return ids, probs
-            if n == 1:  # the usual case: a top-k lists each token once
-                a = raw.index(actual)
-                return ids[:a] + ids[a + 1:], probs[:a] + probs[a + 1:]
-            keep = [m for m, i in enumerate(raw) if i != actual]
-            return [ids[m] for m in keep], [probs[m] for m in keep]
+            return _without(t_seq[j], top_ids[j - 1], top_student[j - 1], top_probs[j - 1])
 
         spans = _RecordSpans()
         t_lps = [t_lp[j - 1] if j >= 1 else 0.0 for j in t_index]
@@ -150,9 +207,74 @@ class _BlockAligner:
 def _shard_blocks(cache: CachedTeacher, aligner: _BlockAligner, j: int) -> tuple[SpanTargetBlocks, SpanReport]:
     """Shard `j`'s cached blocks as student blocks with their span targets, and the counts of that shard alone."""
     aligner = copy.copy(aligner)
-    aligner.report = report = SpanReport()
-    enc = cache.enc
+    aligner.report = SpanReport()
+    if aligner.chat is not None:
+        return _chat_shard_blocks(cache, aligner, j), aligner.report
+    return _text_shard_blocks(cache, aligner, j), aligner.report
+
+
+def _top_rows(t: dict[str, torch.Tensor], enc: dict[str, Any], aligner: _BlockAligner, n_rows: int,
+              ) -> tuple[list[list[int]], list[list[int]], list[list[float]], list[float]]:
+    """A shard's top-k rows as (teacher ids, student ids of the same bytes, probabilities), and each row's actual
+    token log-prob."""
     width, values, c = enc["id_bytes"], enc["values"], enc.get("int8_range", 0.0)
+    top = unpack_ids(t["ids"], width).view(n_rows, -1)
+    # mapped and exponentiated for the whole shard at once (per entry in Python, this was half of the alignment time)
+    top_student = aligner.t2s[top].tolist()
+    top_probs = decode_values(t["logprobs"], values, c).view(n_rows, -1).double().exp().tolist()
+    t_lp = decode_values(t["token_logprob"], values, c).view(n_rows).tolist()
+    return top.tolist(), top_student, top_probs, t_lp
+
+
+def _chat_shard_blocks(cache: CachedTeacher, aligner: _BlockAligner, j: int) -> SpanTargetBlocks:
+    """A chat shard: each block's messages rendered by the teacher's template (checked against the labelled block's
+    digest) and by the student's, aligned on the content."""
+    assert aligner.chat is not None
+    report = aligner.report
+    t = cache.shard_tensors(j, _CHAT_TENSORS)
+    path = cache.root / cache.entries[j].file
+    offsets = t["conversation_offsets"].tolist()
+    raw = bytes(t["conversations"].numpy())
+    n = len(offsets) - 1
+    try:
+        conversations = [json.loads(raw[offsets[b]: offsets[b + 1]].decode("utf-8")) for b in range(n)]
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CacheError(f"shard `{path}` holds unreadable conversations ({e}); relabel with `lmdistill label "
+                         "--cache.cross_tokenizer true`") from None
+    T = int(cache.info["block_size"])
+    t_blocks, _ = conversation_blocks(conversations, aligner.teacher_tok, T)
+    if len(t_blocks) != t["block_digest"].shape[0] or not torch.equal(
+            block_digests(t_blocks.input_ids, t_blocks.labels, t_blocks.attention_mask), t["block_digest"]):
+        raise CacheError(f"shard `{path}`: the teacher's chat template does not render the stored conversations as "
+                         "the labelled blocks (digest mismatch; an edited tokenizer copy in the cache?); relabel with "
+                         "`lmdistill label --cache.cross_tokenizer true`")
+    per_block = (t_blocks.labels != IGNORE).sum(-1)
+    row_offsets = torch.cat([torch.zeros(1, dtype=torch.int64), per_block.cumsum(0)])
+    if not torch.equal(t["row_offsets"], row_offsets):
+        raise CacheError(f"shard `{path}` does not hold one target row per labelled position; relabel with "
+                         "`lmdistill label --cache.cross_tokenizer true`")
+    top_ids, top_student, top_probs, t_lp = _top_rows(t, cache.enc, aligner, int(row_offsets[-1]))
+    s_blocks, truncated = conversation_blocks(conversations, aligner.student_tok, aligner.block_size)
+    report.truncated_records += truncated
+    aligner.chat.add([s_blocks])
+    s_rows = [r.tolist() for r in (s_blocks.input_ids, s_blocks.labels, s_blocks.attention_mask)]
+    t_labels = t_blocks.labels.tolist()
+    spans: list[_RecordSpans] = []
+    for b in range(n):
+        sp = aligner.align_chat(conversations[b], (s_rows[0][b], s_rows[1][b], s_rows[2][b]), t_labels[b],
+                                int(row_offsets[b]), top_ids, top_student, top_probs, t_lp)
+        spans.append(sp)
+        report.kept += bool(sp.pos)
+        report.soft_positions += sum(sp.n_tokens)
+    report.records += n
+    return pack_spans(TokenBlocks(s_blocks.input_ids, s_blocks.labels, s_blocks.attention_mask), spans)
+
+
+def _text_shard_blocks(cache: CachedTeacher, aligner: _BlockAligner, j: int) -> SpanTargetBlocks:
+    """A packed-text shard: the blocks spelled from the stored tokens, re-tokenized for the student."""
+    report = aligner.report
+    enc = cache.enc
+    width = enc["id_bytes"]
     T = int(cache.info["block_size"])
     t = cache.shard_tensors(j, _TENSORS)
     path = cache.root / cache.entries[j].file
@@ -168,17 +290,13 @@ def _shard_blocks(cache: CachedTeacher, aligner: _BlockAligner, j: int) -> tuple
     if not torch.equal(block_digests(inputs, labels, torch.ones_like(inputs)), t["block_digest"]):
         raise CacheError(f"shard `{path}`: the stored tokens do not rebuild the labelled blocks (digest mismatch);"
                          " relabel with `lmdistill label --cache.cross_tokenizer true`")
-    top = unpack_ids(t["ids"], width).view(n, T, -1)
-    # mapped and exponentiated for the whole shard at once (per entry in Python, this was half of the alignment time)
-    top_student = aligner.t2s[top].tolist()
-    top_probs = decode_values(t["logprobs"], values, c).view(n, T, -1).double().exp().tolist()
-    top_ids = top.tolist()
-    t_lp = decode_values(t["token_logprob"], values, c).view(n, T).tolist()
+    top_ids, top_student, top_probs, t_lp = _top_rows(t, enc, aligner, n * T)
     seqs = torch.cat([inputs, labels[:, -1:]], dim=1).tolist()
     rows: tuple[list[list[int]], list[list[int]], list[list[int]]] = ([], [], [])
     spans: list[_RecordSpans] = []
     for b in range(n):
-        *row, sp = aligner.align(seqs[b], t_lp[b], top_ids[b], top_student[b], top_probs[b])
+        at = slice(b * T, (b + 1) * T)  # the block's T target rows
+        *row, sp = aligner.align(seqs[b], t_lp[at], top_ids[at], top_student[at], top_probs[at])
         for out, r in zip(rows, row, strict=True):
             out.append(r)
         spans.append(sp)
@@ -187,7 +305,7 @@ def _shard_blocks(cache: CachedTeacher, aligner: _BlockAligner, j: int) -> tuple
     report.records += n
     size = aligner.block_size
     blocks = TokenBlocks(*(torch.tensor(r, dtype=torch.long).view(-1, size) for r in rows))
-    return pack_spans(blocks, spans), report
+    return pack_spans(blocks, spans)
 
 
 # The aligner and the split's cache, set in the parent before it forks its workers (they inherit both, so a worker
@@ -268,6 +386,11 @@ def load_cache_span_splits(root: str | Path, student_tok: Any, n_vocab: int, blo
         )
     report = SpanReport()
     aligner = _BlockAligner(t_tok, student_tok, n_vocab, block_size, report)
+    if manifest.header["data"]["params"].get("stage") == "chat":
+        if getattr(student_tok, "chat_template", None) is None:
+            raise CacheError(f"cache `{manifest.root}` holds chat data, which the student reads through its own chat "
+                             "template, and the student's tokenizer has none; set its tokenizer's chat_template")
+        aligner.chat = ChatAligner(student_tok, t_tok, [])
     train = _split_blocks(CachedTeacher(root, "train"), aligner, workers, progress)
     if "eval" in manifest.header["data"]["splits"]:
         held = _split_blocks(CachedTeacher(root, "eval"), aligner, workers, progress)

@@ -52,7 +52,7 @@ from lmdistill.cache.format import (
     shard_name,
 )
 from lmdistill.config import CacheConfig
-from lmdistill.data import IGNORE, TokenBlocks
+from lmdistill.data import IGNORE, ChatBlocks, TokenBlocks
 from lmdistill.errors import CacheError, ConfigError
 from lmdistill.io import atomic_dir, write_bytes, write_json
 
@@ -186,15 +186,18 @@ def teacher_fingerprint(model: Any, name_or_path: str) -> dict[str, str]:
             "fingerprint": hashlib.sha256(f"{name_or_path}|{config_sha}|{weights_sha}".encode()).hexdigest()}
 
 
+def conversation_tensors(conversations: list[list[dict[str, str]]]) -> dict[str, Tensor]:
+    """A chat shard's conversations, one JSON text per block: `conversations` (uint8, the UTF-8 bytes of all of them)
+    and `conversation_offsets` [n_blocks + 1] (int64)."""
+    texts = [json.dumps(m, ensure_ascii=False, separators=(",", ":")).encode("utf-8") for m in conversations]
+    offsets = torch.zeros(len(texts) + 1, dtype=torch.int64)
+    offsets[1:] = torch.tensor([len(t) for t in texts], dtype=torch.int64).cumsum(0)
+    data = torch.tensor(list(b"".join(texts)), dtype=torch.uint8)
+    return {"conversations": data, "conversation_offsets": offsets}
+
+
 def check_cross_tokenizer(cfg: CacheConfig, data_params: dict[str, Any]) -> None:
     """Refuse `cache.cross_tokenizer` where a reader of another tokenizer could not rebuild the text or the spans."""
-    if data_params.get("stage", "pretrain") != "pretrain":
-        raise ConfigError(
-            "cache.cross_tokenizer needs data.stage=pretrain (packed text: every position is a target, so the stored "
-            "tokens spell the whole text); chat data is rendered with the teacher's template, which another "
-            "tokenizer's student does not share. For chat across tokenizers use `lmdistill generate "
-            "--sampling.logprobs true` + `lmdistill soft --api_logprobs FILE --loss.cross_tokenizer hybrid`"
-        )
     if cfg.encoding == "sampled":
         raise ConfigError("cache.cross_tokenizer needs the teacher's top-k per position: use --cache.encoding topk "
                           "(or topk_sampled), not sampled")
@@ -403,7 +406,7 @@ class CacheWriter:
             if on_batch is not None:
                 on_batch(int(mask.sum()))
         sub = TokenBlocks(*(t[lo:hi] for t in (blocks.input_ids, blocks.labels, blocks.attention_mask)))
-        tensors = self._pack(parts, sub)
+        tensors = self._pack(parts, sub, blocks.conversations[lo:hi] if isinstance(blocks, ChatBlocks) else None)
         # one metadata key: safetensors writes a metadata map in hash order, which differs from run to run
         about = json.dumps({"blocks": [lo, hi], "format": FORMAT, "shard": j, "split": split,
                             "version": self.header["version"]}, sort_keys=True)
@@ -420,7 +423,8 @@ class CacheWriter:
         log.info("rank %d of %d wrote %s (%d rows, %d bytes)", self.rank, self.world, rel, rows_n, len(data))
         return rows_n
 
-    def _pack(self, parts: list[dict[str, Tensor]], sub: TokenBlocks) -> dict[str, Tensor]:
+    def _pack(self, parts: list[dict[str, Tensor]], sub: TokenBlocks,
+              conversations: list[list[dict[str, str]]] | None) -> dict[str, Tensor]:
         enc = self.enc
         cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         per_block = (sub.labels != IGNORE).sum(-1)
@@ -445,6 +449,8 @@ class CacheWriter:
             out["block_first_id"] = pack_ids(sub.input_ids[:, 0], width)
             out["token_ids"] = pack_ids(cat["token_ids"], width)
             out["token_logprob"] = encode_values(cat["token_logprob"], enc["values"], enc.get("int8_range", 0.0))
+            if conversations is not None:  # chat: a student renders the messages with its own template
+                out.update(conversation_tensors(conversations))
         return out
 
     # -- merge --------------------------------------------------------------------------------------------------------
