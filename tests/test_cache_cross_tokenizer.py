@@ -119,23 +119,33 @@ def test_cache_span_targets_equal_the_online_teachers(xcache, teacher_dir, spiec
         same = [b for b, i in enumerate(idx)
                 if ab.teacher_input_ids[b, : int(ab.teacher_attention_mask[b].sum())].tolist()
                 == cached_blocks.input_ids[i].tolist() + [int(cached_blocks.labels[i, -1])]]
-        online_at = {(int(b), int(p)): k for k, (b, p) in enumerate(zip(on.batch.span_batch, on.batch.student_pos,
-                                                                          strict=True))}
-        vm, coarse = on.vmap, on.teacher.coarse
-        for s in range(cache_t.n_spans):
-            b, p = int(cache_t.span_batch[s]), int(cache_t.span_pos[s])
-            if b not in same or (b, p) not in online_at:
-                continue
-            k = online_at[(b, p)]
-            assert int(on.batch.student_first[k]) == int(cache_t.first[s])
-            torch.testing.assert_close(cache_t.span_t[s], coarse[k, vm.n_shared], rtol=2e-2, atol=1e-4)
-            for sid, prob in zip(cache_t.ids[s].tolist(), cache_t.probs[s].tolist(), strict=True):
-                if sid >= 0:
-                    want = float(coarse[k, int(vm.student_class[sid])])
-                    assert prob == pytest.approx(want, rel=2e-2, abs=1e-4), (s, sid)
-                    alternatives += 1
-            compared += 1
+        firsts, alts = _assert_spans_equal(cache_t, on, lambda b, _, same=same: b in same)
+        compared, alternatives = compared + len(firsts), alternatives + alts
     assert compared >= 50 and alternatives >= 200, (compared, alternatives)
+
+
+def _assert_spans_equal(cache_t, on, compare=None) -> tuple[list[int], int]:
+    """Each cached span at (row b, position p) that `compare(b, p)` picks (default: every one, and the online teacher
+    must compare it too) has the online teacher's first token, span probability and alternatives' probabilities.
+    Returns the first student token of each span compared and the number of alternatives compared."""
+    online_at = {(int(b), int(p)): k for k, (b, p) in enumerate(zip(on.batch.span_batch, on.batch.student_pos,
+                                                                      strict=True))}
+    vm, coarse = on.vmap, on.teacher.coarse
+    firsts, alternatives = [], 0
+    for s in range(cache_t.n_spans):
+        b, p = int(cache_t.span_batch[s]), int(cache_t.span_pos[s])
+        if compare is not None and (not compare(b, p) or (b, p) not in online_at):
+            continue
+        k = online_at[(b, p)]
+        assert int(on.batch.student_first[k]) == int(cache_t.first[s])
+        torch.testing.assert_close(cache_t.span_t[s], coarse[k, vm.n_shared], rtol=2e-2, atol=1e-4)
+        for sid, prob in zip(cache_t.ids[s].tolist(), cache_t.probs[s].tolist(), strict=True):
+            if sid >= 0:
+                want = float(coarse[k, int(vm.student_class[sid])])
+                assert prob == pytest.approx(want, rel=2e-2, abs=1e-4), (s, sid)
+                alternatives += 1
+        firsts.append(int(cache_t.first[s]))
+    return firsts, alternatives
 
 
 def test_a_student_of_another_tokenizer_beats_its_ce_twin_from_the_cache(xcache, teacher_dir, spiece_student,
@@ -283,23 +293,11 @@ def test_a_chat_cache_gives_the_online_teachers_span_targets(xchat, teacher_dir,
     compared = alternatives = ends = 0
     for lo in range(0, 24, 8):
         idx = list(range(lo, lo + 8))
-        cache_t = InBatchSpanTeacher("hybrid").targets(train.batch(idx))
-        on = online.targets(rows.batch(idx))
-        online_at = {(int(b), int(p)): k for k, (b, p) in enumerate(zip(on.batch.span_batch, on.batch.student_pos,
-                                                                          strict=True))}
-        vm, coarse = on.vmap, on.teacher.coarse
-        for s in range(cache_t.n_spans):
-            b, p = int(cache_t.span_batch[s]), int(cache_t.span_pos[s])
-            k = online_at[(b, p)]  # every cached span is one the local teacher compares too
-            assert int(on.batch.student_first[k]) == int(cache_t.first[s])
-            torch.testing.assert_close(cache_t.span_t[s], coarse[k, vm.n_shared], rtol=2e-2, atol=1e-4)
-            for sid, prob in zip(cache_t.ids[s].tolist(), cache_t.probs[s].tolist(), strict=True):
-                if sid >= 0:
-                    want = float(coarse[k, int(vm.student_class[sid])])
-                    assert prob == pytest.approx(want, rel=2e-2, abs=1e-4), (s, sid)
-                    alternatives += 1
-            ends += int(cache_t.first[s]) == s_tok.convert_tokens_to_ids("<end_of_turn>")
-            compared += 1
+        # every cached span is one the local teacher compares too
+        firsts, alts = _assert_spans_equal(InBatchSpanTeacher("hybrid").targets(train.batch(idx)),
+                                           online.targets(rows.batch(idx)))
+        compared, alternatives = compared + len(firsts), alternatives + alts
+        ends += firsts.count(s_tok.convert_tokens_to_ids("<end_of_turn>"))
     print(f"chat cache: {compared} spans equal to the online teacher's, {alternatives} alternatives, {ends} turn ends")
     assert compared >= 50 and alternatives >= 200 and ends >= 8, (compared, alternatives, ends)
 
