@@ -320,9 +320,11 @@ def test_what_cannot_cross_tokenizers_is_refused_with_the_fix(teacher_dir, stude
     cross = {"loss.cross_tokenizer": "hybrid"}
     with pytest.raises(ConfigError, match="--signal dense"):
         _config(teacher_dir, student_dir, tmp_path, signal="topk", **cross)
-    with pytest.raises(ConfigError, match="drop teacher_server.url"):
-        _config(teacher_dir, student_dir, tmp_path, signal="sampled_token", **cross,
+    with pytest.raises(ConfigError, match="--signal sampled_token with teacher_server.url"):
+        _config(teacher_dir, student_dir, tmp_path, signal="topk", **cross,
                 **{"teacher_server.url": "http://127.0.0.1:9/v1"})
+    assert _config(teacher_dir, student_dir, tmp_path, signal="sampled_token", **cross,
+                   **{"teacher_server.url": "http://127.0.0.1:9/v1"}).teacher_server.url
     with pytest.raises(ConfigError, match="lmdistill generate"):
         _config(teacher_dir, student_dir, tmp_path, seq_kd="true", lmbda="0.5", **cross)
     assert json.dumps(_config(teacher_dir, student_dir, tmp_path, **cross).loss.cross_tokenizer) == '"hybrid"'
@@ -353,3 +355,77 @@ def test_soft_on_chat_data_reads_the_teachers_own_template(gemma_teacher_dir, st
     last = summary["eval_last"]
     # not in a span: the `\n` ChatML puts after <|im_end|> (a label) and the word the block cuts (measured: 0.90)
     assert last["aligned_one_to_one"] + last["aligned_merged"] > 0.85, last
+
+
+# ------------------------------------------------------------------- a teacher server of another tokenizer
+
+
+@pytest.fixture(scope="module")
+def served_gemma(gemma_teacher_dir):
+    from test_onpolicy import Serve
+
+    server = Serve(gemma_teacher_dir)
+    yield server
+    server.stop()
+
+
+def test_a_served_teacher_of_another_tokenizer_gives_the_local_span_scores(served_gemma, gemma_teacher_dir, tokenizer):
+    """The alignment is made here with the teacher's tokenizer and template; the server's log-probs of the teacher's
+    tokens give the same span scores as the local teacher's forward."""
+    from transformers import AutoModelForCausalLM
+
+    from lmdistill.config import TeacherServerConfig
+    from lmdistill.onpolicy_cross_tokenizer import ServedSpanTeacher
+    from lmdistill.served_teacher import ServedTeacher
+
+    t_tok = gemma_like_tokenizer(None)
+    blocks = _blocks(tokenizer)
+    local = CrossTokenizerTeacher(AutoModelForCausalLM.from_pretrained(gemma_teacher_dir).eval(), t_tok, tokenizer,
+                                  mode="hybrid", chat=[blocks])
+    served = ServedSpanTeacher(ServedTeacher(TeacherServerConfig(url=served_gemma.url), t_tok, "the teacher's"), t_tok,
+                               tokenizer, [blocks])
+    rows = _canonical_rollout(tokenizer, blocks, [0, 1])
+    ab, none, got = served.scores(rows)
+    want_ab, _, want = local.scores(rows, dense=False)
+    assert none is None and ab.n_spans > 10 and ab.counts["merged"] > 0
+    for name in ("teacher_input_ids", "span_batch", "student_pos", "teacher_pos", "teacher_rest"):
+        assert torch.equal(getattr(ab, name), getattr(want_ab, name)), name
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="not whole distributions"):
+        served.scores(rows, dense=True)
+    with pytest.raises(ConfigError, match="is not the student's"):  # the student's tokenizer sent to this server
+        ServedTeacher(TeacherServerConfig(url=served_gemma.url), tokenizer)
+
+
+def test_onpolicy_sampled_token_from_a_served_teacher_of_another_tokenizer(served_gemma, gemma_teacher_dir,
+                                                                            student_dir, chat_file, tmp_path):
+    """teacher.name_or_path gives the tokenizer and template (no weights are loaded); the server scores. A
+    teacher.name_or_path whose tokenizer is not the server's is refused by name."""
+    from lmdistill.recipes import common
+    from lmdistill.train.logging import read_log
+
+    def no_weights(*_: object, **__: object) -> None:
+        raise AssertionError("a served teacher's weights must not be loaded")
+
+    common_args = {"loss.cross_tokenizer": "hybrid", "teacher_server.url": served_gemma.url, "train.max_steps": "2",
+                   "train.eval_every": "2", "train.eval_batches": "1", "rollout.max_new_tokens": "12"}
+    real_load = common.load_teacher
+    common.load_teacher = no_weights
+    try:
+        summary = run_onpolicy(load_config(OnPolicyConfig, None, onpolicy_args(
+            gemma_teacher_dir, student_dir, chat_file, tmp_path / "run", signal="sampled_token", **common_args)))
+        other = train_spiece_tokenizer(None)  # the teacher's vocabulary without its two turn markers
+        other.chat_template = GEMMA_LIKE
+        other.save_pretrained(tmp_path / "other")
+        with pytest.raises(ConfigError, match=r"is not `.*other`'s.*set teacher.name_or_path to the served model"):
+            run_onpolicy(load_config(OnPolicyConfig, None, onpolicy_args(
+                tmp_path / "other", student_dir, chat_file, tmp_path / "wrong", signal="sampled_token",
+                **common_args)))
+    finally:
+        common.load_teacher = real_load
+    rows = [r for r in read_log(Path(summary["log"])) if "loss" in r]
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert all(r["aligned_one_to_one"] + r["aligned_merged"] > 0.5 for r in rows)
+    last = summary["eval_last"]
+    assert "onpolicy_span_kd" not in last and "span_kd" not in last  # no distributions from a server
+    assert all(torch.isfinite(torch.tensor(last[k])) for k in ("onpolicy_reverse_kl", "teacher_nll_greedy"))

@@ -581,8 +581,9 @@ class OnPolicyConfig(StudentRunConfig):
         description="The divergence (signal dense / topk). On the student's own tokens the loss is the divergence "
         "alone; alpha mixes in the CE only on off-policy steps (whose labels are real responses). loss.hidden: "
         "layer-wise distillation on the same tokens (signal=dense with a local teacher only). loss.cross_tokenizer: "
-        "a local teacher of another tokenizer, scored by byte spans under its own chat template (signal=dense: the "
-        "span divergence; sampled_token: per-span rewards).",
+        "a teacher of another tokenizer, scored by byte spans under its own chat template (signal=dense: the "
+        "span divergence, local teacher; sampled_token: per-span rewards, local or behind teacher_server.url with "
+        "teacher.name_or_path giving its tokenizer).",
     )
 
     @model_validator(mode="after")
@@ -591,10 +592,10 @@ class OnPolicyConfig(StudentRunConfig):
             raise ValueError("onpolicy needs chat data (data.stage=chat): the prompt is what the student answers")
         served = self.teacher_server.url is not None
         if self.loss.cross_tokenizer != "refuse":  # lmdistill.onpolicy_cross_tokenizer
-            if served:
-                raise ValueError("a teacher of another tokenizer (loss.cross_tokenizer) is scored in this process: "
-                                 "drop teacher_server.url, or set --loss.cross_tokenizer refuse for a server that "
-                                 "tokenizes as the student does")
+            if served and self.signal != "sampled_token":
+                raise ValueError("a teacher server of another tokenizer (loss.cross_tokenizer) is scored by the "
+                                 "log-probs of its own tokens: use --signal sampled_token with teacher_server.url "
+                                 "(teacher.name_or_path names its tokenizer), or a local teacher for dense")
             if self.signal == "topk":
                 raise ValueError("signal=topk compares the teacher's top-k token ids, which are not the student's "
                                  "across tokenizers: with loss.cross_tokenizer use --signal dense (the span "

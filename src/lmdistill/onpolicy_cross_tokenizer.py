@@ -17,23 +17,31 @@ spans of the same bytes (lmdistill.align). Only the student's sampled tokens are
   into the same importance-weighted, clipped policy-gradient loss as with one tokenizer
   (lmdistill.losses.reverse_kl_policy_gradient); the logged `reverse_kl` sums each span's -r_s once. Sampled tokens
   in no compared span (a stop token the teacher cannot pair, text after a cut character) get no gradient.
-- `topk` and a teacher server are refused (lmdistill.config.OnPolicyConfig).
+- A teacher server (`teacher_server.url`, signal `sampled_token`): the alignment is the same, read here with the
+  teacher's tokenizer and chat template (`teacher.name_or_path`, no weights), and the server scores the teacher's
+  token sequences (`ServedSpanTeacher`: one echo call per batch, as with one tokenizer); it must tokenize as that
+  tokenizer does (checked at start). `dense` needs the teacher's distributions, which a server does not send.
+- `topk` is refused (lmdistill.config.OnPolicyConfig): the teacher's top-k ids are not the student's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lmdistill.align import AlignedBatch
+from lmdistill.align import AlignedBatch, align_batch
+from lmdistill.chat_align import ChatAligner
 from lmdistill.config import OnPolicyConfig, RolloutConfig
 from lmdistill.cross_tokenizer_teacher import CrossTokenizerTeacher
 from lmdistill.data import IGNORE, TokenBlocks
+from lmdistill.errors import ConfigError
 from lmdistill.losses import Hidden, StepLoss, distill_loss, reverse_kl_policy_gradient, token_logprobs
 from lmdistill.losses.cross_tokenizer import span_sums
 from lmdistill.rollout import as_batch, prompt_ids, sample_completions, tag_completions
+from lmdistill.served_teacher import ServedTeacher
 from lmdistill.teachers import model_outputs
 
 
@@ -84,11 +92,34 @@ def span_policy_gradient(logprobs: Tensor, labels: Tensor, span_index: Tensor, s
     return out
 
 
-class CrossTokenizerOnPolicy:
-    """`onpolicy`'s scoring, loss and held-out metrics with a teacher of another tokenizer."""
+class ServedSpanTeacher:
+    """A teacher server of another tokenizer, scored by byte spans (signal `sampled_token`): the student's rows are
+    aligned with the teacher's own reading of them here, and the server gives the teacher's log-probs of its tokens."""
 
-    def __init__(self, teacher: CrossTokenizerTeacher, cfg: OnPolicyConfig, n_vocab: int) -> None:
+    def __init__(self, server: ServedTeacher, teacher_tokenizer: Any, student_tokenizer: Any,
+                 chat: Sequence[TokenBlocks]) -> None:
+        self.server, self.teacher_tokenizer, self.student_tokenizer = server, teacher_tokenizer, student_tokenizer
+        self.chat = ChatAligner(student_tokenizer, teacher_tokenizer, chat)
+
+    def scores(self, batch: dict[str, Tensor], dense: bool = False) -> tuple[AlignedBatch, None, Tensor]:
+        """The alignment, no dense targets, and the teacher's log-prob of each compared span's bytes [S] (the sum of
+        its tokens' log-probs), from one scoring call."""
+        if dense:
+            raise ConfigError("a teacher server sends the log-probs of given tokens, not whole distributions: across "
+                              "tokenizers use --signal sampled_token with a server, or a local teacher for dense")
+        device = batch["input_ids"].device
+        ab = align_batch(batch, self.student_tokenizer, self.teacher_tokenizer, self.chat).to(device)
+        lp = self.server.sequence_logprobs(ab.teacher_input_ids, ab.teacher_attention_mask)
+        rest = span_sums(torch.where(ab.teacher_rest != IGNORE, lp, 0.0), ab.teacher_rest_span, ab.n_spans)
+        return ab, None, lp[ab.span_batch, ab.teacher_pos] + rest
+
+
+class CrossTokenizerOnPolicy:
+    """`onpolicy`'s scoring, loss and held-out metrics with a teacher of another tokenizer (local or served)."""
+
+    def __init__(self, teacher: CrossTokenizerTeacher | ServedSpanTeacher, cfg: OnPolicyConfig, n_vocab: int) -> None:
         self.teacher, self.cfg, self.n_vocab = teacher, cfg, n_vocab
+        self.dense = isinstance(teacher, CrossTokenizerTeacher)  # a server gives no distributions
 
     def score(self, batch: dict[str, Tensor]) -> dict[str, Any]:
         """What rides in the batch to the update (and through rollout reuse): the aligned targets (dense), or the
@@ -115,7 +146,7 @@ class CrossTokenizerOnPolicy:
                 eos_ids: set[int], max_prompts: int = 16, batch_size: int = 8) -> dict[str, float]:
         """On held-out prompts the student answers itself (as `lmdistill.rollout.onpolicy_metrics`):
 
-        onpolicy_span_kd: the training span divergence per compared span; onpolicy_reverse_kl: the mean over the
+        onpolicy_span_kd (a local teacher): the training span divergence per compared span; onpolicy_reverse_kl: the mean over the
         sampled tokens in compared spans of log p_S(span) - log p_T(span) summed per span (with one tokenizer: the
         same-tokenizer estimate); onpolicy_aligned: the share of sampled tokens in a compared span;
         teacher_nll_greedy: the teacher's mean NLL of its own tokens of the compared spans of the student's greedy
@@ -149,11 +180,11 @@ class CrossTokenizerOnPolicy:
             rows = as_batch(r, block_size, pad_id)
             tag_completions(rows, r, batch)
             rows = {k: v.to(device) for k, v in rows.items()}
-            ab, targets, t_span = self.teacher.scores(rows)
-            assert targets is not None
+            ab, targets, t_span = self.teacher.scores(rows, dense=self.dense)
             out = model_outputs(student, rows, self.n_vocab, True)
             assert isinstance(out, Hidden)
-            kd += float(targets.kd_sum(out, loss.kind, loss.beta, loss.temperature))
+            if targets is not None:
+                kd += float(targets.kd_sum(out, loss.kind, loss.beta, loss.temperature))
             index = student_span_index(ab)
             s_span = span_sums(token_logprobs(out, rows["labels"]), index, ab.n_spans)
             rkl += float((s_span - t_span).sum())
@@ -161,6 +192,9 @@ class CrossTokenizerOnPolicy:
             tokens += float((index >= 0).sum())
             sampled += float((rows["labels"] != IGNORE).sum())
         student.train(was)
-        return {"onpolicy_span_kd": kd / max(spans, 1.0), "onpolicy_reverse_kl": rkl / max(tokens, 1.0),
-                "onpolicy_aligned": tokens / max(sampled, 1.0), "teacher_nll_greedy": nll / max(nll_tokens, 1.0),
-                "answer_length": answer_tokens / max(answers, 1.0)}
+        out_metrics = {"onpolicy_reverse_kl": rkl / max(tokens, 1.0), "onpolicy_aligned": tokens / max(sampled, 1.0),
+                       "teacher_nll_greedy": nll / max(nll_tokens, 1.0),
+                       "answer_length": answer_tokens / max(answers, 1.0)}
+        if self.dense:
+            out_metrics["onpolicy_span_kd"] = kd / max(spans, 1.0)
+        return out_metrics

@@ -5,7 +5,8 @@ The scoring call is the legacy completions endpoint with the token ids as the pr
 for every position j >= 1 of a sequence the reply holds log p(seq[j] | seq[:j]) and the k most probable tokens there,
 named `token_id:<id>`. vLLM: `vllm serve MODEL --max-logprobs 20` (k <= 20).
 
-Before training the client checks that the server's tokenizer is the student's: `lmdistill serve` lists a tokenizer
+Before training the client checks that the server's tokenizer is the one whose ids it sends (the student's; across
+tokenizers, the teacher's, read from teacher.name_or_path): `lmdistill serve` lists a tokenizer
 fingerprint with its model; any other server is asked to tokenize a probe text (`POST /tokenize`, vLLM's endpoint) and
 its ids are compared. HTTP retries (429/5xx, timeouts, dropped connections, Retry-After) are the openai client's;
 when they run out during training the loop checkpoints and stops (`TeacherUnavailableError`).
@@ -35,8 +36,11 @@ PROBE = "Teacher check: <|im_start|> 12,345 ünïcödé — 日本語 🙂\n\tta
 class ServedTeacher:
     """Scores the student's token sequences on a teacher server (see the module docstring)."""
 
-    def __init__(self, cfg: TeacherServerConfig, tokenizer: Any) -> None:
+    def __init__(self, cfg: TeacherServerConfig, tokenizer: Any, whose: str = "the student's") -> None:
+        """`tokenizer`: the one whose ids are sent (`whose` names it in a mismatch): the student's, or a teacher's of
+        another tokenizer (lmdistill.onpolicy_cross_tokenizer.ServedSpanTeacher)."""
         assert cfg.url is not None
+        self.whose = whose
         self.url = cfg.url.rstrip("/")
         key, _ = read_api_key(cfg.api_key_env, None)
         self.client = openai.OpenAI(base_url=self.url, api_key=key or "unused", timeout=cfg.timeout_s,
@@ -82,6 +86,12 @@ class ServedTeacher:
                                       f"fingerprint, POST /tokenize answered {reply.status_code}); on-policy scoring "
                                       "needs a server that shares the student's tokenizer: lmdistill serve or vLLM")
             same = reply.json().get("tokens") == tokenizer(PROBE, add_special_tokens=False)["input_ids"]
+        if not same and self.whose != "the student's":
+            raise ConfigError(
+                f"the teacher server's tokenizer (`{self.model}` at {self.url}) is not {self.whose}, so its log-probs "
+                "would score other tokens than the ones sent; set teacher.name_or_path to the served model (its "
+                "tokenizer and chat template are read here)"
+            )
         if not same:
             raise ConfigError(
                 f"the teacher server's tokenizer (`{self.model}` at {self.url}) is not the student's, so its log-probs "
@@ -96,6 +106,21 @@ class ServedTeacher:
                                      batch["attention_mask"].tolist(), strict=True):
             n = sum(mask)
             seqs.append(ids[:n] + ([labels[n - 1]] if n and labels[n - 1] != IGNORE else []))
+        return self._score_sequences(seqs, k)
+
+    def sequence_logprobs(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """[B, T]: at position t, log p of each row's token t + 1 given its tokens up to t (0 past the row's end)."""
+        seqs = [ids[: sum(mask)] for ids, mask in zip(input_ids.tolist(), attention_mask.tolist(), strict=True)]
+        rows = [r for r, seq in enumerate(seqs) if len(seq) >= 2]  # a lone token has nothing to score
+        out = torch.zeros(input_ids.shape, dtype=torch.float32)
+        for r, (seq, token_lps, _) in zip(rows, self._score_sequences([seqs[r] for r in rows], 1), strict=True):
+            out[r, : len(seq) - 1] = torch.tensor(token_lps[1: len(seq)], dtype=torch.float32)
+        return out.to(input_ids.device)
+
+    def _score_sequences(self, seqs: list[list[int]],
+                         k: int) -> list[tuple[list[int], list[float], list[dict[int, float]]]]:
+        if not seqs:
+            return []
         reply = self._call(lambda: self.client.completions.create(
             model=self.model, prompt=seqs, echo=True, max_tokens=1, temperature=0.0, logprobs=k,
             extra_body={"return_tokens_as_token_ids": True}), "scoring the student's tokens")

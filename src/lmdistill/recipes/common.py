@@ -63,18 +63,20 @@ class Setup:
         return byte_lengths_of(self.tokenizer)
 
 
-def build_setup(cfg: StudentRunConfig, *, teacher: bool, data: bool = True, cross_tokenizer: bool = False) -> Setup:
+def build_setup(cfg: StudentRunConfig, *, teacher: bool, data: bool = True, cross_tokenizer: bool = False,
+                teacher_tokenizer: bool = False) -> Setup:
     """The student (every recipe builds it here), the tokenizer that reads the data, the shared vocab, the data splits
     (`data`), and the frozen teacher when the recipe runs it (`teacher`).
 
-    `cfg` has `teacher`, `student`, `data` and `train` sections. init=pretrained touches no teacher unless `teacher`:
+    `cfg` has `teacher`, `student`, `data` and `train` sections. init=pretrained touches no teacher unless `teacher`
+    (or `teacher_tokenizer`: its tokenizer alone, for a served teacher of another tokenizer):
     the student's own tokenizer reads the data (the teacher may be only text or log-probs in a file). init=prune and
     init=config build the student from the teacher's weights or config, with its tokenizer.
     """
     set_seed(cfg.train.seed)
     s_cfg = cfg.student
     t_tok = None
-    if teacher or s_cfg.init != "pretrained":
+    if teacher or teacher_tokenizer or s_cfg.init != "pretrained":
         t_tok = load_tokenizer(cfg.teacher.name_or_path, revision=cfg.teacher.revision,
                                trust_remote_code=cfg.teacher.trust_remote_code)
     model = load_teacher(cfg.teacher) if teacher or s_cfg.init == "prune" else None

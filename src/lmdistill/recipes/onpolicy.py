@@ -20,9 +20,9 @@ data's responses (or, with `seq_kd`, on answers the teacher writes) exactly as `
 `loss.hidden` (signal `dense`, local teacher only) adds layer-wise distillation on the same tokens, as in `soft`: the
 teacher's scoring forward also gives the hidden states of its paired layers, which ride in the batch.
 
-A local teacher of another tokenizer (`loss.cross_tokenizer hybrid|uld`, signal `dense` or `sampled_token`) reads
-each prompt through its own chat template and the completion's bytes in its own tokens, scored by byte spans:
-`lmdistill.onpolicy_cross_tokenizer`.
+A teacher of another tokenizer (`loss.cross_tokenizer hybrid|uld`; signal `dense` or `sampled_token` locally,
+`sampled_token` behind a server) reads each prompt through its own chat template and the completion's bytes in its
+own tokens, scored by byte spans: `lmdistill.onpolicy_cross_tokenizer`.
 """
 
 from __future__ import annotations
@@ -35,14 +35,14 @@ from torch import Tensor, nn
 
 from lmdistill.api_targets import InBatchTeacher
 from lmdistill.config import OnPolicyConfig
-from lmdistill.cross_tokenizer_teacher import cross_tokenizer_teacher
+from lmdistill.cross_tokenizer_teacher import CrossTokenizerTeacher, cross_tokenizer_teacher
 from lmdistill.evaluate import evaluate_blocks
 from lmdistill.generate.seeded_sampling import derive_seed
 from lmdistill.losses import Hidden, distill_loss, reverse_kl_policy_gradient, token_logprobs
 from lmdistill.losses.chunked_ce import chunked_token_logprobs
 from lmdistill.losses.hidden import layer_match
 from lmdistill.models import lm_head
-from lmdistill.onpolicy_cross_tokenizer import CrossTokenizerOnPolicy
+from lmdistill.onpolicy_cross_tokenizer import CrossTokenizerOnPolicy, ServedSpanTeacher
 from lmdistill.recipes.common import Recipe, build_setup, describe, print_main, run_recipe
 from lmdistill.rollout import PhaseClock, ReusedRollouts, eos_ids_of, onpolicy_metrics, rollout_batch
 from lmdistill.served_teacher import ServedTeacher
@@ -53,13 +53,19 @@ from lmdistill.train.loop import StepInfo, StepLoss, Trained, TrainResult
 def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
     """Distil on the student's own completions; returns the run summary (also output_dir/summary.json)."""
     served = cfg.teacher_server.url is not None
-    setup = build_setup(cfg, teacher=not served, cross_tokenizer=cfg.loss.cross_tokenizer != "refuse")
+    across = cfg.loss.cross_tokenizer != "refuse"
+    setup = build_setup(cfg, teacher=not served, cross_tokenizer=across, teacher_tokenizer=served and across)
     assert setup.splits is not None
     train, held, n_vocab, tok = setup.splits.train, setup.splits.eval, setup.n_vocab, setup.tokenizer
-    cross = None if setup.teacher is None or setup.teacher_tokenizer is None else CrossTokenizerOnPolicy(
-        cross_tokenizer_teacher(setup.teacher, setup.teacher_tokenizer, tok, cfg, train, held), cfg, n_vocab)
+    cross = None
+    if setup.teacher_tokenizer is not None:  # a teacher of another tokenizer: scored by byte spans
+        t_tok = setup.teacher_tokenizer
+        scorer = cross_tokenizer_teacher(setup.teacher, t_tok, tok, cfg, train, held) if setup.teacher is not None \
+            else ServedSpanTeacher(ServedTeacher(cfg.teacher_server, t_tok, f"`{cfg.teacher.name_or_path}`'s"),
+                                   t_tok, tok, [train, held])
+        cross = CrossTokenizerOnPolicy(scorer, cfg, n_vocab)
     teacher = HFTeacher(setup.teacher, n_vocab) if setup.teacher is not None and cross is None else None
-    server = ServedTeacher(cfg.teacher_server, tok) if served else None
+    server = ServedTeacher(cfg.teacher_server, tok) if served and cross is None else None
     pad, eos, block = tok.pad_token_id, eos_ids_of(setup.student, tok), cfg.data.block_size
     clock, info = PhaseClock(), describe(setup, train, held)
     # the config allows it with signal=dense and a local teacher only: the teacher's forward gives the states anyway
@@ -141,7 +147,9 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
                               "max_batches": cfg.train.eval_batches, "byte_lengths": setup.byte_lengths}
         metrics = evaluate_blocks(student, held, teacher_logits_fn=teacher.logits if teacher else None, **kw)
         if cross is not None:
-            return {**metrics, **cross.teacher.evaluate(student, held, cfg.loss, **kw),
+            spans = cross.teacher.evaluate(student, held, cfg.loss, **kw) if isinstance(
+                cross.teacher, CrossTokenizerTeacher) else {}  # held-out span_kd needs the teacher's distributions
+            return {**metrics, **spans,
                     **cross.metrics(student, held, cfg=cfg.rollout, seed=cfg.train.seed, pad_id=pad, eos_ids=eos,
                                     max_prompts=cfg.train.eval_batches * cfg.train.micro_batch_size)}
         metrics.update(onpolicy_metrics(student, held, teacher_logprobs, n_vocab=n_vocab, cfg=cfg.rollout,
@@ -149,7 +157,7 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
                                         max_prompts=cfg.train.eval_batches * cfg.train.micro_batch_size))
         return metrics
 
-    where = f"server {cfg.teacher_server.url}" if served else "local teacher" + (
+    where = (f"server {cfg.teacher_server.url}" if served else "local teacher") + (
         f" of another tokenizer ({cfg.loss.cross_tokenizer} spans)" if cross else "")
     print_main(f"on-policy distillation ({cfg.signal}, {where}, lmbda {cfg.lmbda}): student "
                f"{sum(p.numel() for p in setup.student.parameters()) / 1e6:.1f}M, {len(train)} prompts, "
@@ -162,7 +170,8 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
 
     return run_recipe(Recipe(f"onpolicy-{cfg.signal}", cfg, tok, train, {"student": Trained(setup.student)}, loss,
                              evaluate if len(held) else None,
-                             teachers=[teacher] if teacher else [cross.teacher.teacher] if cross else [],
+                             teachers=[teacher] if teacher else [cross.teacher.teacher] if cross and isinstance(
+                                 cross.teacher, CrossTokenizerTeacher) else [],
                              info=info, rollout=ReusedRollouts(fresh_rollout, cfg.rollout.reuse, cfg.train.max_steps),
                              finish=finish,
                              fused=cfg.loss.fused, lora=cfg.student.lora.enabled))
