@@ -17,7 +17,9 @@ each other count in `--workers` (forked processes, one shard at a time), in the 
   first run);
 - every count's targets are checked equal to the baseline's, tensor by tensor.
 
-It also prints the memory the aligned targets hold per teacher token (they stay in memory for the run).
+It also prints the memory the aligned targets hold per teacher token, and the start of a run end to end
+(`load_cache_span_splits`: the tokenizer setup included) without the store, on the run that aligns and stores, and on
+a later run that memory-maps the stored targets (lmdistill.cache.span_store).
 """
 
 from __future__ import annotations
@@ -113,6 +115,28 @@ def main() -> None:
                     rows))
     print(f"\nsetup (once per run, any cache size): {setup:.2f} s; the aligned targets hold "
           f"{held_bytes(baseline) / n_teacher:.0f} bytes of memory per teacher token")
+
+    # a run's start, end to end (load_cache_span_splits): aligning every time, vs the stored targets (the first run
+    # aligns and writes them, later runs map them)
+    import tempfile
+
+    from lmdistill.cache.spans import load_cache_span_splits
+
+    w = max(counts)
+    store = Path(tempfile.mkdtemp(prefix="bench-span-targets-"))
+    os.environ["LMDISTILL_SPAN_TARGETS"] = str(store)
+    starts: dict[str, float] = {}
+    for name, kw in ((f"align, no store ({w} workers)", {"store": False}),
+                     (f"first run: align + store ({w} workers)", {}), ("later runs: map the stored targets", {})):
+        start = time.perf_counter()
+        load_cache_span_splits(args.cache, student_tok, len(student_tok), args.block_size, workers=w, **kw)
+        starts[name] = time.perf_counter() - start
+    base = next(iter(starts.values()))
+    on_disk = sum(f.stat().st_size for f in store.rglob("*.pt"))
+    print()
+    print(fmt_table(["start of a run", "s", "speed vs no store"],
+                    [[k, f"{v:.2f}", f"{base / v:.2f}x"] for k, v in starts.items()]))
+    print(f"\nstored: {on_disk / n_teacher:.0f} bytes per teacher token on disk ({on_disk / 1e6:.1f} MB), in {store}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# aligned cross-tokenizer cache targets are stored per session, so no test reads what an earlier session aligned
+os.environ["LMDISTILL_SPAN_TARGETS"] = tempfile.mkdtemp(prefix="lmdistill-span-targets-")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 CHAT_TEMPLATE = (

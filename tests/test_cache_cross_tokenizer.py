@@ -4,6 +4,7 @@ at read time, lmdistill.cache.spans), and the same cache read by a student of th
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -216,7 +217,8 @@ def test_label_refuses_what_a_cross_tokenizer_reader_cannot_use(teacher_dir, tex
     assert not (tmp_path / "cache" / "manifest.json").exists()
 
 
-def test_worker_processes_align_the_shards_to_the_same_targets(xcache, spiece_student, tmp_path, capsys):
+def test_worker_processes_align_the_shards_to_the_same_targets(xcache, spiece_student, tmp_path, capsys,
+                                                              monkeypatch):
     """Shards aligned by two forked workers give exactly the blocks, span targets and counts of one process; a shard
     damaged on disk is named from inside a worker, as it is without one."""
     import dataclasses
@@ -228,8 +230,12 @@ def test_worker_processes_align_the_shards_to_the_same_targets(xcache, spiece_st
     tok = load_tokenizer(str(spiece_student))
     assert len(read_manifest(xcache).shards_of("train")) >= 3  # several shards, so the two workers share them
     assert align_workers(2, 3) == 2 and align_workers(8, 3) == 3 and align_workers(0, 100) >= 1
-    one = load_cache_span_splits(xcache, tok, len(tok), int(STUDENT_BLOCK), workers=1)
-    two = load_cache_span_splits(xcache, tok, len(tok), int(STUDENT_BLOCK), workers=2, progress=True)
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(4 * cores))  # more ranks than cores: one each, unless aligning alone
+    assert align_workers(0, 100) == 1 and align_workers(0, 100, alone=True) == min(100, cores)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    one = load_cache_span_splits(xcache, tok, len(tok), int(STUDENT_BLOCK), workers=1, store=False)
+    two = load_cache_span_splits(xcache, tok, len(tok), int(STUDENT_BLOCK), workers=2, progress=True, store=False)
     for a, b in zip(one[:2], two[:2], strict=True):
         for f in dataclasses.fields(a):
             assert torch.equal(getattr(a, f.name), getattr(b, f.name)), f.name
@@ -244,7 +250,49 @@ def test_worker_processes_align_the_shards_to_the_same_targets(xcache, spiece_st
     shard.write_bytes(bytes(data))
     for workers in (1, 2):
         with pytest.raises(CacheError, match=rf"shard `.*{shard.name}` is corrupt"):
-            load_cache_span_splits(damaged, tok, len(tok), int(STUDENT_BLOCK), workers=workers)
+            load_cache_span_splits(damaged, tok, len(tok), int(STUDENT_BLOCK), workers=workers, store=False)
+
+
+def test_the_aligned_targets_are_stored_once_and_memory_mapped(xcache, spiece_student, tmp_path, monkeypatch,
+                                                               caplog):
+    """The first read aligns and stores; a later one (same cache, student tokenizer and block size) maps the stored
+    files without aligning; another block size is another key; a damaged stored copy is aligned again."""
+    import dataclasses
+
+    from lmdistill.cache import spans
+    from lmdistill.models import load_tokenizer
+
+    monkeypatch.setenv("LMDISTILL_SPAN_TARGETS", str(tmp_path / "store"))
+    tok = load_tokenizer(str(spiece_student))
+    T = int(STUDENT_BLOCK)
+    fresh = load_cache_span_splits(xcache, tok, len(tok), T, store=False)
+    assert not (tmp_path / "store").exists()
+    first = load_cache_span_splits(xcache, tok, len(tok), T)
+    (stored,) = [p for p in (tmp_path / "store").iterdir() if p.is_dir()]
+    assert {p.name for p in stored.iterdir()} == {"train.pt", "eval.pt", "report.json"}
+    assert str(stored / "train.pt") in Path("/proc/self/maps").read_text()  # mapped, not read into memory
+    aligning = spans._split_blocks
+
+    def no_alignment(*_: object, **__: object) -> None:
+        raise AssertionError("a stored alignment must not be computed again")
+
+    monkeypatch.setattr(spans, "_split_blocks", no_alignment)
+    again = load_cache_span_splits(xcache, tok, len(tok), T)
+    for got in (first, again):
+        for a, b in zip(fresh[:2], got[:2], strict=True):
+            for f in dataclasses.fields(a):
+                assert torch.equal(getattr(a, f.name), getattr(b, f.name)), f.name
+        assert got[2].as_dict() == fresh[2].as_dict()
+    with pytest.raises(AssertionError, match="must not be computed again"):
+        load_cache_span_splits(xcache, tok, len(tok), T + 8)
+    monkeypatch.setattr(spans, "_split_blocks", aligning)
+    (stored / "train.pt").write_bytes(b"not a tensor file")
+    healed = load_cache_span_splits(xcache, tok, len(tok), T)
+    assert "cannot be read" in caplog.text and torch.equal(healed[0].ids, fresh[0].ids)
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("LMDISTILL_SPAN_TARGETS", str(tmp_path / "a-file" / "store"))  # nothing can be stored there
+    in_memory = load_cache_span_splits(xcache, tok, len(tok), T)
+    assert "keeps them in memory" in caplog.text and torch.equal(in_memory[0].ids, fresh[0].ids)
 
 
 CHAT = {"data.stage": "chat", "data.block_size": "128", "data.max_documents": "60", "data.eval_documents": "12"}

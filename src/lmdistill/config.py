@@ -420,6 +420,12 @@ class SoftConfig(StudentRunConfig):
         "the run starts (0: this process's CPU cores, shared among the node's ranks; 1: no worker processes). The "
         "aligned targets do not depend on it.",
     )
+    cache_align_store: bool = Field(
+        True,
+        description="A cache read across tokenizers: keep its aligned targets on disk ($LMDISTILL_CACHE/span-targets,"
+        " or $LMDISTILL_SPAN_TARGETS; about the memory they take) and memory-map them, so later runs with the same "
+        "cache, student tokenizer and block size skip the alignment and a node's processes share one copy.",
+    )
 
     api_logprobs: str | None = Field(
         None,

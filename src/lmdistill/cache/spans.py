@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import multiprocessing as mp
 import os
 from pathlib import Path
@@ -50,12 +51,15 @@ from lmdistill.api_spans import (
 from lmdistill.assets import cache_root
 from lmdistill.cache.format import Manifest, block_digests, decode_values, read_manifest, unpack_ids
 from lmdistill.cache.reader import CachedTeacher
+from lmdistill.cache.span_store import store_key, stored_bytes, stored_or_aligned
 from lmdistill.cache.writer import TOKENIZER_DIR
 from lmdistill.chat_align import ChatAligner
 from lmdistill.data import IGNORE, TokenBlocks, conversation_blocks, conversation_key
 from lmdistill.errors import CacheError
 from lmdistill.token_bytes import token_bytes
 from lmdistill.train.logging import make_progress
+
+log = logging.getLogger(__name__)
 
 _TENSORS = ("block_digest", "row_offsets", "ids", "logprobs", "token_ids", "token_logprob", "block_first_id")
 _CHAT_TENSORS = ("block_digest", "row_offsets", "ids", "logprobs", "token_logprob", "conversations",
@@ -319,24 +323,26 @@ def _shard_in_worker(j: int) -> tuple[SpanTargetBlocks, SpanReport]:
     return _shard_blocks(*_FORKED, j)
 
 
-def align_workers(requested: int, n_shards: int) -> int:
-    """Processes that align a split: `requested`, or (0) this process's CPU cores shared among the node's ranks;
-    never more than the shards, and 1 where processes cannot be forked."""
+def align_workers(requested: int, n_shards: int, alone: bool = False) -> int:
+    """Processes that align a split: `requested`, or (0) this process's CPU cores, shared among the node's ranks
+    unless this rank aligns `alone` (the others wait for the stored result); never more than the shards, and 1 where
+    processes cannot be forked."""
     if requested <= 0:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        requested = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+        ranks = 1 if alone else max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        requested = max(1, cores // ranks)
     if "fork" not in mp.get_all_start_methods():
         return 1
     return max(1, min(requested, n_shards))
 
 
-def _split_blocks(cache: CachedTeacher, aligner: _BlockAligner, workers: int,
-                  progress: bool = False) -> SpanTargetBlocks:
+def _split_blocks(cache: CachedTeacher, aligner: _BlockAligner, workers: int, progress: bool = False,
+                  alone: bool = False) -> SpanTargetBlocks:
     """Every cached block of one split as a student block with its span targets, in block order; the shards are
     aligned by `workers` forked processes (the result is the same for any number: each shard is aligned alone)."""
     global _FORKED
     shards = sorted(cache.entries)
-    n = align_workers(workers, len(shards))
+    n = align_workers(workers, len(shards), alone)
     parts: list[tuple[SpanTargetBlocks, SpanReport]] = []
     with make_progress(progress) as bar:
         task = bar.add_task(f"align {cache.split_name}", total=len(shards), stats=f"{n} worker{'s' * (n > 1)}")
@@ -360,7 +366,7 @@ def _split_blocks(cache: CachedTeacher, aligner: _BlockAligner, workers: int,
 
 def load_cache_span_splits(root: str | Path, student_tok: Any, n_vocab: int, block_size: int, *,
                            temperature: float = 1.0, workers: int = 0, progress: bool = False,
-                           ) -> tuple[SpanTargetBlocks, SpanTargetBlocks, SpanReport]:
+                           store: bool = True) -> tuple[SpanTargetBlocks, SpanTargetBlocks, SpanReport]:
     """(train, held-out, report): a cross-tokenizer cache's train and eval splits as the student's blocks with span
     targets (held-out: empty when the cache has no eval split).
 
@@ -372,6 +378,8 @@ def load_cache_span_splits(root: str | Path, student_tok: Any, n_vocab: int, blo
         temperature: the loss temperature; the cache's log-probs are at 1.
         workers: processes that align the shards (0: this process's CPU cores shared among the node's ranks, see
             `align_workers`); the result does not depend on it. progress: a bar per split (shards done).
+        store: keep the aligned targets on disk and memory-map them (lmdistill.cache.span_store): aligned by the
+            first run only, shared by every run and process with the same cache, student tokenizer and block size.
 
     Raises:
         CacheError: no cross-tokenizer fields, a temperature other than 1, a damaged shard or tokenizer copy.
@@ -384,20 +392,33 @@ def load_cache_span_splits(root: str | Path, student_tok: Any, n_vocab: int, blo
             f"and across tokenizers the span probabilities cannot be re-tempered; set --loss.temperature "
             f"{manifest.encoding['temperature']:g}"
         )
-    report = SpanReport()
-    aligner = _BlockAligner(t_tok, student_tok, n_vocab, block_size, report)
-    if manifest.header["data"]["params"].get("stage") == "chat":
-        if getattr(student_tok, "chat_template", None) is None:
-            raise CacheError(f"cache `{manifest.root}` holds chat data, which the student reads through its own chat "
-                             "template, and the student's tokenizer has none; set its tokenizer's chat_template")
-        aligner.chat = ChatAligner(student_tok, t_tok, [])
-    train = _split_blocks(CachedTeacher(root, "train"), aligner, workers, progress)
-    if "eval" in manifest.header["data"]["splits"]:
-        held = _split_blocks(CachedTeacher(root, "eval"), aligner, workers, progress)
-    else:
-        held = pack_spans(TokenBlocks(*(torch.zeros(0, block_size, dtype=torch.long) for _ in range(3))), [])
-    if int(train.offsets[-1]) == 0:
-        raise CacheError(f"no span of cache `{manifest.root}` aligns with the student's tokens ({report.line()}); "
-                         "the two tokenizations never close at the same byte on this text")
+    chat = manifest.header["data"]["params"].get("stage") == "chat"
+    if chat and getattr(student_tok, "chat_template", None) is None:
+        raise CacheError(f"cache `{manifest.root}` holds chat data, which the student reads through its own chat "
+                         "template, and the student's tokenizer has none; set its tokenizer's chat_template")
+
+    def align() -> tuple[SpanTargetBlocks, SpanTargetBlocks, SpanReport]:
+        report = SpanReport()
+        aligner = _BlockAligner(t_tok, student_tok, n_vocab, block_size, report)
+        if chat:
+            aligner.chat = ChatAligner(student_tok, t_tok, [])
+        # with the store, one process aligns while the node's others wait on its lock: it may take every core
+        train = _split_blocks(CachedTeacher(root, "train"), aligner, workers, progress, alone=store)
+        if "eval" in manifest.header["data"]["splits"]:
+            held = _split_blocks(CachedTeacher(root, "eval"), aligner, workers, progress, alone=store)
+        else:
+            held = concat_span_blocks([], block_size)
+        if int(train.offsets[-1]) == 0:
+            raise CacheError(f"no span of cache `{manifest.root}` aligns with the student's tokens ({report.line()});"
+                             " the two tokenizations never close at the same byte on this text")
+        return train, held, report
+
+    if not store:
+        return align()
+    (train, held, report), path = stored_or_aligned(
+        store_key(manifest, student_tok, t_tok, n_vocab, block_size), align)
+    if path is not None:
+        log.info("aligned targets of cache `%s`: `%s` (%.1f MB, memory-mapped)", manifest.root, path,
+                 stored_bytes(path) / 1e6)
     return train, held, report
 

@@ -100,7 +100,8 @@ def run_soft(cfg: SoftConfig) -> dict[str, Any]:
         train, held, span_report = load_cache_span_splits(cfg.teacher_cache, setup.tokenizer, n_vocab,
                                                           cfg.data.block_size, temperature=cfg.loss.temperature,
                                                           workers=cfg.cache_align_workers,
-                                                          progress=cfg.train.progress and on_main_rank())
+                                                          progress=cfg.train.progress and on_main_rank(),
+                                                          store=cfg.cache_align_store)
         teacher = eval_teacher = InBatchSpanTeacher(cfg.loss.cross_tokenizer, cfg.loss.matched_weight,
                                                     cfg.loss.unmatched_weight)
         source = (f"cache {cfg.teacher_cache} across tokenizers ({cfg.loss.cross_tokenizer}, top-{train.k} per span):"

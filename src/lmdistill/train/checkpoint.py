@@ -194,7 +194,7 @@ class CheckpointManager:
 RESUME_SAFE_FIELDS = frozenset({
     "train.max_steps", "train.eval_every", "train.eval_batches", "train.log_every", "train.save_every",
     "train.keep_checkpoints", "train.progress", "train.resume", "train.output_dir", "progress",
-    "cache_align_workers",  # how many processes align a cache across tokenizers, not what they compute
+    "cache_align_workers", "cache_align_store",  # how a cache is aligned across tokenizers, not what it gives
 })
 
 
