@@ -222,6 +222,35 @@ def test_soft_across_tokenizers_beats_its_ce_twin(teacher_dir, spiece_student, t
     print({k: (round(v["span_kd"], 4), round(v["aligned_one_to_one"], 3), round(v["aligned_merged"], 3)) for k, v in runs.items()}, ce_under_hybrid)
 
 
+def test_alignment_prepared_ahead_by_workers_trains_the_same(teacher_dir, spiece_student, text_file, tmp_path,
+                                                             monkeypatch):
+    """The alignment done in two forked workers ahead of each step (lmdistill.train.prefetch) gives the step exactly
+    what aligning in the step gives: the same loss at every step and the same held-out numbers; and the step does
+    no aligning of its own."""
+    from lmdistill import cross_tokenizer_teacher
+    from lmdistill.train.logging import read_log
+
+    common = {"train.max_steps": "6", "train.eval_every": "6", "train.grad_accum": "2"}
+    inline = _cross_run(teacher_dir, spiece_student, text_file, tmp_path / "inline",
+                        **{**common, "train.prepare_workers": "0"})
+    aligned_in_step: list[int] = []
+    real = cross_tokenizer_teacher.align_batch
+
+    def counting(*args, **kwargs):
+        aligned_in_step.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cross_tokenizer_teacher, "align_batch", counting)  # the parent's module (workers forked later)
+    ahead = _cross_run(teacher_dir, spiece_student, text_file, tmp_path / "ahead",
+                       **{**common, "train.prepare_workers": "2"})
+    rows = {name: [r["loss"] for r in read_log(Path(out["log"])) if "loss" in r]
+            for name, out in (("inline", inline), ("ahead", ahead))}
+    assert len(rows["inline"]) == 6 and rows["inline"] == rows["ahead"]
+    assert inline["eval_last"]["span_kd"] == ahead["eval_last"]["span_kd"]
+    n_eval_batches = 2 * 4  # two evaluations (steps 0 and 6) of eval_batches=4: aligned in the process, as ever
+    assert len(aligned_in_step) == n_eval_batches, aligned_in_step
+
+
 def test_cross_tokenizer_refuses_layer_wise_distillation(teacher_dir, spiece_student, text_file, tmp_path):
     from lmdistill.errors import ConfigError
 

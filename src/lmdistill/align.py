@@ -226,6 +226,21 @@ class AlignedBatch:
         moved = {f: getattr(self, f).to(device) for f in self.__dataclass_fields__ if f != "counts"}
         return AlignedBatch(**moved, counts=self.counts)
 
+    def as_fields(self) -> dict[str, Tensor]:
+        """The alignment as batch entries (`align/<name>`), so it can be computed ahead and ride with its batch."""
+        out = {f"align/{f}": getattr(self, f) for f in self.__dataclass_fields__ if f != "counts"}
+        out.update({f"align/count/{k}": torch.tensor(v) for k, v in self.counts.items()})
+        return out
+
+    @staticmethod
+    def from_fields(batch: dict[str, Tensor]) -> AlignedBatch | None:
+        """The alignment a batch carries (`as_fields`), or None."""
+        if "align/span_batch" not in batch:
+            return None
+        names = [f for f in AlignedBatch.__dataclass_fields__ if f != "counts"]
+        counts = {k.removeprefix("align/count/"): int(v) for k, v in batch.items() if k.startswith("align/count/")}
+        return AlignedBatch(**{f: batch[f"align/{f}"] for f in names}, counts=counts)
+
 
 def _student_sequence(input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None) -> list[int]:
     """The block's tokens: its inputs, then the last label (the token the last position predicts)."""

@@ -258,6 +258,14 @@ class TrainConfig(BaseConfig):
     log_every: int = Field(1, ge=1, description="Write a log line every N steps.")
     resume: bool = Field(False, description="Continue from the newest complete checkpoint in output_dir.")
     progress: bool = Field(True, description="Show a progress bar.")
+    prepare_workers: int = Field(
+        -1,
+        ge=-1,
+        description="Processes that prepare the next steps' batches while the current one runs, where a recipe has "
+        "CPU work per batch (an online teacher of another tokenizer: the byte-span alignment). -1: one per two cores "
+        "of this rank's share (at most 4; none below 4 cores); 0: the step does it. What is trained does not depend "
+        "on it.",
+    )
 
 
 def _annotation_name(annotation: Any) -> str:

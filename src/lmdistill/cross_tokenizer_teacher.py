@@ -52,6 +52,11 @@ class CrossTokenizerTeacher:
         # chat data: the teacher renders each conversation with its own template (lmdistill.chat_align)
         self.chat = ChatAligner(student_tokenizer, teacher_tokenizer, chat) if chat else None
 
+    def prepare(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A data batch with its alignment (`AlignedBatch.as_fields`): the CPU half of `scores`, which the loop runs
+        ahead of the step in worker processes (lmdistill.train.prefetch)."""
+        return {**batch, **align_batch(batch, self.student_tokenizer, self.teacher_tokenizer, self.chat).as_fields()}
+
     @torch.no_grad()
     def targets(self, batch: dict[str, Tensor]) -> AlignedTargets:
         _, targets, _ = self.scores(batch)
@@ -64,7 +69,9 @@ class CrossTokenizerTeacher:
         """The alignment, the aligned targets (`dense`; else None) and the teacher's log-prob of each compared span's
         bytes [S] (the sum of its tokens' log-probs, temperature 1), from one teacher forward."""
         device = batch["input_ids"].device
-        ab = align_batch(batch, self.student_tokenizer, self.teacher_tokenizer, self.chat).to(device)
+        ab = AlignedBatch.from_fields(batch) or align_batch(batch, self.student_tokenizer, self.teacher_tokenizer,
+                                                             self.chat)
+        ab = ab.to(device)
         out = self.teacher.targets({"input_ids": ab.teacher_input_ids, "attention_mask": ab.teacher_attention_mask})
         rest = span_sums(chunked_token_logprobs(out.hidden, out.head, ab.teacher_rest), ab.teacher_rest_span,
                          ab.n_spans)

@@ -198,6 +198,14 @@ class StopFlag:
         return signal.Signals(self.signum).name if self.signum is not None else ""
 
 
+def worker_signals() -> None:
+    """A forked helper process's signals (a pool's initializer): SIGTERM ends it at once, as the pool's terminate()
+    expects, instead of the parent's finish-then-stop handler it inherited; SIGINT is ignored, since Ctrl-C reaches
+    the whole process group and the parent, which owns the work, decides and ends its helpers."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @contextmanager
 def stop_on_signals(what: str) -> Iterator[StopFlag]:
     """Within the block, the first SIGTERM or SIGINT only sets the yielded flag (the caller finishes `what` is in

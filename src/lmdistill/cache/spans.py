@@ -56,6 +56,7 @@ from lmdistill.cache.writer import TOKENIZER_DIR
 from lmdistill.chat_align import ChatAligner
 from lmdistill.data import IGNORE, TokenBlocks, conversation_blocks, conversation_key
 from lmdistill.errors import CacheError
+from lmdistill.io import worker_signals
 from lmdistill.token_bytes import token_bytes
 from lmdistill.train.logging import make_progress
 
@@ -353,7 +354,7 @@ def _split_blocks(cache: CachedTeacher, aligner: _BlockAligner, workers: int, pr
         else:
             _FORKED = (cache, aligner)
             try:
-                with mp.get_context("fork").Pool(n) as pool:
+                with mp.get_context("fork").Pool(n, initializer=worker_signals) as pool:
                     for part in pool.imap(_shard_in_worker, shards, chunksize=1):
                         parts.append(part)
                         bar.advance(task)

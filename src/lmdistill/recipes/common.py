@@ -46,6 +46,7 @@ from lmdistill.train.loop import (
     TrainResult,
     make_accelerator,
 )
+from lmdistill.train.prefetch import PrepareFn
 
 
 @dataclass
@@ -178,6 +179,8 @@ class Recipe:
     loss: the step loss (`lmdistill.train.loop.LossFn`). evaluate: held-out metrics of the unwrapped models, or None.
     teachers: frozen online teachers, placed for the engine once the trained models are prepared.
     rollout: turns each data micro-batch into the one trained on (on-policy recipes sample it there).
+    prepare: the CPU work on each data micro-batch that does not depend on the models (a teacher of another
+        tokenizer's alignment), run ahead of the step in worker processes.
     fused / lora: what the engine check needs to know (fused losses and LoRA exports need whole weights).
     """
 
@@ -193,6 +196,7 @@ class Recipe:
     state: dict[str, Stateful] = field(default_factory=dict)
     on_step: StepHook | None = None
     rollout: RolloutFn | None = None
+    prepare: PrepareFn | None = None  # CPU work per data batch, done ahead of the step (lmdistill.train.prefetch)
     finish: Callable[[TrainResult], dict[str, Any]] | None = None  # more summary fields, once training ended
     fused: bool = True
     lora: bool = False
@@ -205,6 +209,7 @@ def run_recipe(recipe: Recipe) -> dict[str, Any]:
     check_supported(accelerator, fused_loss=recipe.fused, lora=recipe.lora)
     trainer = Trainer(cfg.train, models=recipe.models, data=recipe.data, loss_fn=recipe.loss, eval_fn=recipe.evaluate,
                       accelerator=accelerator, state=recipe.state, on_step=recipe.on_step, rollout=recipe.rollout,
+                      prepare=recipe.prepare,
                       # the resolved config goes with every checkpoint; a resume with another one is refused
                       run_info={"recipe": recipe.name, "config": cfg.model_dump(mode="json")})
     for teacher in recipe.teachers:

@@ -167,5 +167,6 @@ def run_soft(cfg: SoftConfig) -> dict[str, Any]:
         teachers=[teacher] if isinstance(teacher, HFTeacher) else
         [teacher.teacher] if isinstance(teacher, CrossTokenizerTeacher) else [], info=info, fused=cfg.loss.fused,
         lora=cfg.student.lora.enabled,
+        prepare=teacher.prepare if isinstance(teacher, CrossTokenizerTeacher) else None,
     ))
 

@@ -193,7 +193,7 @@ class CheckpointManager:
 # where its outputs go, not what a step computes. Any field named `output_dir` or `output` is an output path too.
 RESUME_SAFE_FIELDS = frozenset({
     "train.max_steps", "train.eval_every", "train.eval_batches", "train.log_every", "train.save_every",
-    "train.keep_checkpoints", "train.progress", "train.resume", "train.output_dir", "progress",
+    "train.keep_checkpoints", "train.progress", "train.resume", "train.output_dir", "progress", "train.prepare_workers",
     "cache_align_workers", "cache_align_store",  # how a cache is aligned across tokenizers, not what it gives
 })
 

@@ -35,6 +35,7 @@ from lmdistill.train.distributed import (
     load_full_training_state,
 )
 from lmdistill.train.logging import RunLogger, make_progress
+from lmdistill.train.prefetch import Prefetcher, PrepareFn, prefetch_workers
 
 Batch = dict[str, Tensor]
 
@@ -149,7 +150,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, *, models: dict[str, Trained], data: TokenBlocks, loss_fn: LossFn,
                  eval_fn: EvalFn | None = None, accelerator: Any | None = None, run_info: dict[str, Any] | None = None,
                  state: dict[str, Stateful] | None = None, on_step: StepHook | None = None,
-                 rollout: RolloutFn | None = None) -> None:
+                 rollout: RolloutFn | None = None, prepare: PrepareFn | None = None) -> None:
         self.cfg = cfg
         self.accelerator = acc = accelerator or make_accelerator(cfg)
         self.engine = engine(acc)
@@ -179,6 +180,8 @@ class Trainer:
         self.state, self.on_step, self.rollout = state or {}, on_step, rollout
         self.schedule = BatchSchedule(len(data), cfg.micro_batch_size, cfg.grad_accum, cfg.seed,
                                       world_size=acc.num_processes, rank=acc.process_index)
+        # a recipe's CPU work per data batch, done ahead of the step in worker processes (lmdistill.train.prefetch)
+        self.prefetch = Prefetcher(data, prepare, prefetch_workers(cfg.prepare_workers)) if prepare else None
         self.ckpt = CheckpointManager(cfg.output_dir, keep=cfg.keep_checkpoints)
         self.run_info = run_info or {}
         self.resumed_from: Path | None = None  # the checkpoint fit() resumed from
@@ -274,8 +277,9 @@ class Trainer:
         info = StepInfo(step, updating)
         for model in self.models.values():
             model.train()
-        batches = [{k: v.to(acc.device) for k, v in self.data.batch(idx).items()}
-                   for idx in self.schedule.micro_batches(step)]
+        cpu = self.prefetch.batches(step, self.schedule.micro_batches, self.cfg.max_steps) if self.prefetch else \
+            [self.data.batch(idx) for idx in self.schedule.micro_batches(step)]
+        batches = [{k: v.to(acc.device) for k, v in batch.items()} for batch in cpu]
         if self.rollout is not None:
             models = self.unwrapped
             batches = [self.rollout(models, batch, info) for batch in batches]
@@ -350,6 +354,8 @@ class Trainer:
             with stop_on_signals("optimizer step") as stop:
                 return self._fit(stop)
         finally:
+            if self.prefetch is not None:
+                self.prefetch.close()
             if lock is not None:
                 lock.close()
 
