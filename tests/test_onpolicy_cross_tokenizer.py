@@ -318,13 +318,14 @@ def test_onpolicy_sampled_token_across_tokenizers_runs(gemma_teacher_dir, studen
 
 def test_what_cannot_cross_tokenizers_is_refused_with_the_fix(teacher_dir, student_dir, chat_file, tmp_path):
     cross = {"loss.cross_tokenizer": "hybrid"}
-    with pytest.raises(ConfigError, match="--signal dense"):
+    with pytest.raises(ConfigError, match="reads a teacher server's top-k.*--signal dense"):
         _config(teacher_dir, student_dir, tmp_path, signal="topk", **cross)
-    with pytest.raises(ConfigError, match="--signal sampled_token with teacher_server.url"):
-        _config(teacher_dir, student_dir, tmp_path, signal="topk", **cross,
+    with pytest.raises(ConfigError, match="--signal sampled_token or --signal topk with teacher_server.url"):
+        _config(teacher_dir, student_dir, tmp_path, signal="dense", **cross,
                 **{"teacher_server.url": "http://127.0.0.1:9/v1"})
-    assert _config(teacher_dir, student_dir, tmp_path, signal="sampled_token", **cross,
-                   **{"teacher_server.url": "http://127.0.0.1:9/v1"}).teacher_server.url
+    for signal in ("sampled_token", "topk"):
+        assert _config(teacher_dir, student_dir, tmp_path, signal=signal, **cross,
+                       **{"teacher_server.url": "http://127.0.0.1:9/v1"}).teacher_server.url
     with pytest.raises(ConfigError, match="lmdistill generate"):
         _config(teacher_dir, student_dir, tmp_path, seq_kd="true", lmbda="0.5", **cross)
     assert json.dumps(_config(teacher_dir, student_dir, tmp_path, **cross).loss.cross_tokenizer) == '"hybrid"'
@@ -383,7 +384,7 @@ def test_a_served_teacher_of_another_tokenizer_gives_the_local_span_scores(serve
     local = CrossTokenizerTeacher(AutoModelForCausalLM.from_pretrained(gemma_teacher_dir).eval(), t_tok, tokenizer,
                                   mode="hybrid", chat=[blocks])
     served = ServedSpanTeacher(ServedTeacher(TeacherServerConfig(url=served_gemma.url), t_tok, "the teacher's"), t_tok,
-                               tokenizer, [blocks])
+                               tokenizer, [blocks], len(tokenizer))
     rows = _canonical_rollout(tokenizer, blocks, [0, 1])
     ab, none, got = served.scores(rows)
     want_ab, _, want = local.scores(rows, dense=False)
@@ -429,3 +430,66 @@ def test_onpolicy_sampled_token_from_a_served_teacher_of_another_tokenizer(serve
     last = summary["eval_last"]
     assert "onpolicy_span_kd" not in last and "span_kd" not in last  # no distributions from a server
     assert all(torch.isfinite(torch.tensor(last[k])) for k in ("onpolicy_reverse_kl", "teacher_nll_greedy"))
+
+
+def test_the_servers_topk_span_targets_are_the_local_teachers(served_gemma, gemma_teacher_dir, tokenizer):
+    """signal=topk from a server of another tokenizer: the span targets built from the server's log-probs and top-k
+    equal those built from the local teacher's logits, and follow the sparse span targets' rules."""
+    from transformers import AutoModelForCausalLM
+
+    from lmdistill.config import SoftLossConfig, TeacherServerConfig
+    from lmdistill.onpolicy_cross_tokenizer import ServedSpanTeacher, span_topk_targets
+    from lmdistill.served_teacher import ServedTeacher
+
+    t_tok, k = gemma_like_tokenizer(None), 20
+    loss = SoftLossConfig(cross_tokenizer="hybrid")
+    blocks = _blocks(tokenizer)
+    served = ServedSpanTeacher(ServedTeacher(TeacherServerConfig(url=served_gemma.url), t_tok, "the teacher's"), t_tok,
+                               tokenizer, [blocks], len(tokenizer))
+    rows = _canonical_rollout(tokenizer, blocks, [0, 1])
+    got = served.topk(rows, k, loss)
+    # the same construction from the local teacher's own logits
+    ab = align_batch(rows, tokenizer, t_tok, served.chat)
+    model = AutoModelForCausalLM.from_pretrained(gemma_teacher_dir).eval()
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ab.teacher_input_ids,
+                                       attention_mask=ab.teacher_attention_mask).logits.float(), -1)
+    nxt = ab.teacher_input_ids[:, 1:]
+    lp = torch.zeros(ab.teacher_input_ids.shape)
+    lp[:, :-1] = logp[:, :-1].gather(-1, nxt[..., None]).squeeze(-1) * ab.teacher_attention_mask[:, 1:]
+    top_v, top_i = logp.topk(k, dim=-1)
+    tops = [[dict(zip(top_i[b, t].tolist(), top_v[b, t].tolist(), strict=True)) for t in range(logp.shape[1])]
+            for b in range(logp.shape[0])]
+    want = span_topk_targets(ab, lp, tops, served.t2s, loss)
+    assert got.n_spans == want.n_spans > 10
+    for name in ("span_batch", "span_pos", "first", "rest_labels", "rest_span"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    torch.testing.assert_close(got.span_t, want.span_t, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.other_t, want.other_t, rtol=1e-4, atol=1e-5)
+    # the server's top-k may also list the scored token (outside the top k): compare the entries both have
+    compared = 0
+    for s in range(got.n_spans):
+        g = {int(i): float(p) for i, p in zip(got.ids[s], got.probs[s], strict=True) if i >= 0}
+        w = {int(i): float(p) for i, p in zip(want.ids[s], want.probs[s], strict=True) if i >= 0}
+        assert set(w) <= set(g)  # every local top-k alternative is among the server's
+        for sid in w:
+            assert g[sid] == pytest.approx(w[sid], rel=1e-3, abs=1e-5)
+            compared += 1
+        matched = [int(i) for i in got.ids[s] if i >= 0]
+        assert int(got.first[s]) not in matched and len(matched) == len(set(matched))
+        assert float(got.probs[s].sum() + got.span_t[s] + got.other_t[s]) <= 1.0 + 1e-4
+    # measured: 34 spans, 18 alternatives with a student token of the same bytes (two tiny unrelated vocabularies)
+    assert compared >= 15, (got.n_spans, compared)
+
+
+def test_onpolicy_topk_from_a_served_teacher_of_another_tokenizer(served_gemma, gemma_teacher_dir, student_dir,
+                                                                   chat_file, tmp_path):
+    from lmdistill.train.logging import read_log
+
+    summary = run_onpolicy(load_config(OnPolicyConfig, None, onpolicy_args(
+        gemma_teacher_dir, student_dir, chat_file, tmp_path / "run", signal="topk", k="5", **{
+            "loss.cross_tokenizer": "hybrid", "teacher_server.url": served_gemma.url, "train.max_steps": "2",
+            "train.eval_every": "2", "train.eval_batches": "1", "rollout.max_new_tokens": "12"})))
+    rows = [r for r in read_log(Path(summary["log"])) if "loss" in r]
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) and r["loss"] > 0 for r in rows)
+    assert torch.isfinite(torch.tensor(summary["eval_last"]["onpolicy_reverse_kl"]))

@@ -335,6 +335,14 @@ class VocabMap:
     def to(self, device: torch.device | str) -> VocabMap:
         return VocabMap(self.teacher_class.to(device), self.student_class.to(device), self.n_shared)
 
+    def teacher_to_student(self, n_student_vocab: int) -> Tensor:
+        """[Vt]: the student id with each teacher id's bytes (-1: none, or one at or past `n_student_vocab`)."""
+        student_of_class = torch.full((max(self.n_shared, 1),), -1, dtype=torch.long)
+        shared = (self.student_class >= 0).nonzero().squeeze(-1)
+        student_of_class[self.student_class[shared]] = shared
+        t2s = torch.where(self.teacher_class >= 0, student_of_class[self.teacher_class.clamp_min(0)], -1)
+        return torch.where(t2s < n_student_vocab, t2s, -1)
+
 
 def _build_vocab_map(teacher_tok: Any, student_tok: Any) -> VocabMap:
     t_table, s_table = token_bytes(teacher_tok), token_bytes(student_tok)

@@ -597,7 +597,7 @@ class OnPolicyConfig(StudentRunConfig):
         "layer-wise distillation on the same tokens (signal=dense with a local teacher only). loss.cross_tokenizer: "
         "a teacher of another tokenizer, scored by byte spans under its own chat template (signal=dense: the "
         "span divergence, local teacher; sampled_token: per-span rewards, local or behind teacher_server.url with "
-        "teacher.name_or_path giving its tokenizer).",
+        "teacher.name_or_path giving its tokenizer; topk: the server's top-k per span).",
     )
 
     @model_validator(mode="after")
@@ -606,13 +606,13 @@ class OnPolicyConfig(StudentRunConfig):
             raise ValueError("onpolicy needs chat data (data.stage=chat): the prompt is what the student answers")
         served = self.teacher_server.url is not None
         if self.loss.cross_tokenizer != "refuse":  # lmdistill.onpolicy_cross_tokenizer
-            if served and self.signal != "sampled_token":
-                raise ValueError("a teacher server of another tokenizer (loss.cross_tokenizer) is scored by the "
-                                 "log-probs of its own tokens: use --signal sampled_token with teacher_server.url "
+            if served and self.signal == "dense":
+                raise ValueError("a teacher server of another tokenizer (loss.cross_tokenizer) sends log-probs, not "
+                                 "distributions: use --signal sampled_token or --signal topk with teacher_server.url "
                                  "(teacher.name_or_path names its tokenizer), or a local teacher for dense")
-            if self.signal == "topk":
-                raise ValueError("signal=topk compares the teacher's top-k token ids, which are not the student's "
-                                 "across tokenizers: with loss.cross_tokenizer use --signal dense (the span "
+            if self.signal == "topk" and not served:
+                raise ValueError("signal=topk across tokenizers reads a teacher server's top-k; a local teacher of "
+                                 "another tokenizer gives its whole distribution: use --signal dense (the span "
                                  "divergence) or --signal sampled_token (per-span rewards)")
             if self.seq_kd:
                 raise ValueError("seq_kd with loss.cross_tokenizer: the teacher would write answers in its own "

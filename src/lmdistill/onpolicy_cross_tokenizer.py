@@ -17,29 +17,33 @@ spans of the same bytes (lmdistill.align). Only the student's sampled tokens are
   into the same importance-weighted, clipped policy-gradient loss as with one tokenizer
   (lmdistill.losses.reverse_kl_policy_gradient); the logged `reverse_kl` sums each span's -r_s once. Sampled tokens
   in no compared span (a stop token the teacher cannot pair, text after a cut character) get no gradient.
-- A teacher server (`teacher_server.url`, signal `sampled_token`): the alignment is the same, read here with the
-  teacher's tokenizer and chat template (`teacher.name_or_path`, no weights), and the server scores the teacher's
-  token sequences (`ServedSpanTeacher`: one echo call per batch, as with one tokenizer); it must tokenize as that
-  tokenizer does (checked at start). `dense` needs the teacher's distributions, which a server does not send.
-- `topk` is refused (lmdistill.config.OnPolicyConfig): the teacher's top-k ids are not the student's.
+- A teacher server (`teacher_server.url`, signal `sampled_token` or `topk`): the alignment is the same, read here
+  with the teacher's tokenizer and chat template (`teacher.name_or_path`, no weights), and the server scores the
+  teacher's token sequences (`ServedSpanTeacher`: one echo call per batch, as with one tokenizer); it must tokenize as
+  that tokenizer does (checked at start). `topk`: each span's target is the server's top-k at its first teacher token
+  mapped to student ids, with the span's own probability (`span_topk_targets`: the black-box teacher's sparse span
+  targets, lmdistill.api_spans), trained with the sparse span divergence. `dense` needs the teacher's distributions,
+  which a server does not send; `topk` with a local teacher is refused (its `dense` is the whole distribution).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lmdistill.align import AlignedBatch, align_batch
+from lmdistill.align import AlignedBatch, align_batch, vocab_map
+from lmdistill.assets import cache_root
 from lmdistill.chat_align import ChatAligner
-from lmdistill.config import OnPolicyConfig, RolloutConfig
+from lmdistill.config import OnPolicyConfig, RolloutConfig, SoftLossConfig
 from lmdistill.cross_tokenizer_teacher import CrossTokenizerTeacher
 from lmdistill.data import IGNORE, TokenBlocks
 from lmdistill.errors import ConfigError
 from lmdistill.losses import Hidden, StepLoss, distill_loss, reverse_kl_policy_gradient, token_logprobs
-from lmdistill.losses.cross_tokenizer import span_sums
+from lmdistill.losses.cross_tokenizer import SparseSpanTargets, span_sums
 from lmdistill.rollout import as_batch, prompt_ids, sample_completions, tag_completions
 from lmdistill.served_teacher import ServedTeacher
 from lmdistill.teachers import model_outputs
@@ -92,14 +96,64 @@ def span_policy_gradient(logprobs: Tensor, labels: Tensor, span_index: Tensor, s
     return out
 
 
+def span_topk_targets(ab: AlignedBatch, lp: Tensor, tops: list[list[dict[int, float]]], t2s: Tensor,
+                      loss: SoftLossConfig) -> SparseSpanTargets:
+    """Sparse span targets (the black-box teacher's kind, lmdistill.api_spans) from a teacher's log-probs of its own
+    tokens `lp` [B, Tt] and its top-k at each position, `tops[b][t]` {teacher id: log p} (predicting token t + 1).
+
+    Per span: the first teacher token's alternatives (its top-k without that token), mapped to the student ids of the
+    same bytes (`t2s`; -1 where there is none, for the span's own first student token and for a repeat), span_t =
+    p(first) * p(later teacher tokens), other_t = p(first) * (1 - p(later teacher tokens)).
+    """
+    assert loss.cross_tokenizer != "refuse"
+    mode = loss.cross_tokenizer
+    rest = span_sums(torch.where(ab.teacher_rest != IGNORE, lp, 0.0), ab.teacher_rest_span, ab.n_spans)
+    first_lp = lp[ab.span_batch, ab.teacher_pos]
+    to_student = t2s.tolist()
+    rows_ids: list[list[int]] = []
+    rows_p: list[list[float]] = []
+    for b, pos, t_first, s_first in zip(ab.span_batch.tolist(), ab.teacher_pos.tolist(), ab.teacher_first.tolist(),
+                                        ab.student_first.tolist(), strict=True):
+        ids, probs, seen = [], [], {s_first}
+        for tid, value in tops[b][pos].items():
+            if tid == t_first:  # the span's own mass is span_t + other_t
+                continue
+            sid = to_student[tid] if 0 <= tid < len(to_student) else -1
+            if sid in seen:
+                sid = -1
+            elif sid >= 0:
+                seen.add(sid)
+            ids.append(sid)
+            probs.append(math.exp(value))
+        rows_ids.append(ids)
+        rows_p.append(probs)
+    k = max([1] + [len(r) for r in rows_ids])
+    device = lp.device
+    ids_t = torch.tensor([r + [-1] * (k - len(r)) for r in rows_ids], dtype=torch.long).view(-1, k).to(device)
+    probs_t = torch.tensor([r + [0.0] * (k - len(r)) for r in rows_p], dtype=torch.float32).view(-1, k).to(device)
+    return SparseSpanTargets(ab.span_batch, ab.student_pos, ab.student_first, ids_t, probs_t, (first_lp + rest).exp(),
+                             first_lp.exp() * -torch.expm1(rest), ab.student_rest, ab.student_rest_span,
+                             mode, loss.matched_weight, loss.unmatched_weight, dict(ab.counts))
+
+
 class ServedSpanTeacher:
-    """A teacher server of another tokenizer, scored by byte spans (signal `sampled_token`): the student's rows are
-    aligned with the teacher's own reading of them here, and the server gives the teacher's log-probs of its tokens."""
+    """A teacher server of another tokenizer, scored by byte spans (signals `sampled_token` and `topk`): the student's
+    rows are aligned with the teacher's own reading of them here, and the server gives the teacher's log-probs of its
+    tokens (and its top-k at each position)."""
 
     def __init__(self, server: ServedTeacher, teacher_tokenizer: Any, student_tokenizer: Any,
-                 chat: Sequence[TokenBlocks]) -> None:
+                 chat: Sequence[TokenBlocks], n_vocab: int) -> None:
         self.server, self.teacher_tokenizer, self.student_tokenizer = server, teacher_tokenizer, student_tokenizer
         self.chat = ChatAligner(student_tokenizer, teacher_tokenizer, chat)
+        self.t2s = vocab_map(teacher_tokenizer, student_tokenizer, str(cache_root() / "vocab-maps")).teacher_to_student(
+            n_vocab)
+
+    def topk(self, batch: dict[str, Tensor], k: int, loss: SoftLossConfig) -> SparseSpanTargets:
+        """Sparse span targets from the server's top-k at each span's first teacher token (`span_topk_targets`)."""
+        device = batch["input_ids"].device
+        ab = align_batch(batch, self.student_tokenizer, self.teacher_tokenizer, self.chat).to(device)
+        lp, tops = self.server.sequence_scores(ab.teacher_input_ids, ab.teacher_attention_mask, k)
+        return span_topk_targets(ab, lp, tops, self.t2s, loss)
 
     def scores(self, batch: dict[str, Tensor], dense: bool = False) -> tuple[AlignedBatch, None, Tensor]:
         """The alignment, no dense targets, and the teacher's log-prob of each compared span's bytes [S] (the sum of
@@ -124,6 +178,9 @@ class CrossTokenizerOnPolicy:
     def score(self, batch: dict[str, Tensor]) -> dict[str, Any]:
         """What rides in the batch to the update (and through rollout reuse): the aligned targets (dense), or the
         spans and the teacher's span log-probs (sampled_token)."""
+        if self.cfg.signal == "topk":  # a teacher server (the config allows topk across tokenizers with one only)
+            assert isinstance(self.teacher, ServedSpanTeacher)
+            return {"span_targets": self.teacher.topk(batch, self.cfg.k, self.cfg.loss)}
         ab, targets, span_logprob = self.teacher.scores(batch, dense=self.cfg.signal == "dense")
         if targets is not None:
             return {"span_targets": targets}

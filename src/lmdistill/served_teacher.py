@@ -110,12 +110,19 @@ class ServedTeacher:
 
     def sequence_logprobs(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """[B, T]: at position t, log p of each row's token t + 1 given its tokens up to t (0 past the row's end)."""
+        return self.sequence_scores(input_ids, attention_mask, 1)[0]
+
+    def sequence_scores(self, input_ids: Tensor, attention_mask: Tensor,
+                        k: int) -> tuple[Tensor, list[list[dict[int, float]]]]:
+        """`sequence_logprobs`, and per row and position t the k most probable next tokens {id: log p} there."""
         seqs = [ids[: sum(mask)] for ids, mask in zip(input_ids.tolist(), attention_mask.tolist(), strict=True)]
         rows = [r for r, seq in enumerate(seqs) if len(seq) >= 2]  # a lone token has nothing to score
         out = torch.zeros(input_ids.shape, dtype=torch.float32)
-        for r, (seq, token_lps, _) in zip(rows, self._score_sequences([seqs[r] for r in rows], 1), strict=True):
+        tops: list[list[dict[int, float]]] = [[] for _ in seqs]
+        for r, (seq, token_lps, top) in zip(rows, self._score_sequences([seqs[r] for r in rows], k), strict=True):
             out[r, : len(seq) - 1] = torch.tensor(token_lps[1: len(seq)], dtype=torch.float32)
-        return out.to(input_ids.device)
+            tops[r] = top[1: len(seq)]
+        return out.to(input_ids.device), tops
 
     def _score_sequences(self, seqs: list[list[int]],
                          k: int) -> list[tuple[list[int], list[float], list[dict[int, float]]]]:

@@ -122,12 +122,7 @@ class _BlockAligner:
         self.student_tok, self.block_size, self.report = student_tok, block_size, report
         self.t_table = token_bytes(teacher_tok)
         token_bytes(student_tok)  # a tokenizer without byte offsets is refused by name before any block
-        vm = vocab_map(teacher_tok, student_tok, str(cache_root() / "vocab-maps"))
-        student_of_class = torch.full((max(vm.n_shared, 1),), -1, dtype=torch.long)
-        shared = (vm.student_class >= 0).nonzero().squeeze(-1)
-        student_of_class[vm.student_class[shared]] = shared
-        t2s = torch.where(vm.teacher_class >= 0, student_of_class[vm.teacher_class.clamp_min(0)], -1)
-        self.t2s = torch.where(t2s < n_vocab, t2s, -1)
+        self.t2s = vocab_map(teacher_tok, student_tok, str(cache_root() / "vocab-maps")).teacher_to_student(n_vocab)
         self.t_eos, self.s_eos = teacher_tok.eos_token_id, student_tok.eos_token_id
         pad = student_tok.pad_token_id
         self.pad = int(pad if pad is not None else self.s_eos or 0)

@@ -62,7 +62,7 @@ def run_onpolicy(cfg: OnPolicyConfig) -> dict[str, Any]:
         t_tok = setup.teacher_tokenizer
         scorer = cross_tokenizer_teacher(setup.teacher, t_tok, tok, cfg, train, held) if setup.teacher is not None \
             else ServedSpanTeacher(ServedTeacher(cfg.teacher_server, t_tok, f"`{cfg.teacher.name_or_path}`'s"),
-                                   t_tok, tok, [train, held])
+                                   t_tok, tok, [train, held], n_vocab)
         cross = CrossTokenizerOnPolicy(scorer, cfg, n_vocab)
     teacher = HFTeacher(setup.teacher, n_vocab) if setup.teacher is not None and cross is None else None
     server = ServedTeacher(cfg.teacher_server, tok) if served and cross is None else None
