@@ -242,7 +242,7 @@ class AlignedBatch:
         return AlignedBatch(**{f: batch[f"align/{f}"] for f in names}, counts=counts)
 
 
-def _student_sequence(input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None) -> list[int]:
+def student_sequence(input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None) -> list[int]:
     """The block's tokens: its inputs, then the last label (the token the last position predicts)."""
     n = int(attention_mask.sum()) if attention_mask is not None else int(input_ids.numel())
     seq = input_ids[:n].tolist()
@@ -274,7 +274,7 @@ def align_batch(batch: dict[str, Tensor], student_tok: Any, teacher_tok: Any,
     mask = batch.get("attention_mask")
     mask = mask.cpu() if mask is not None else None
     B, T = labels.shape
-    sequences = [_student_sequence(input_ids[b], labels[b], None if mask is None else mask[b]) for b in range(B)]
+    sequences = [student_sequence(input_ids[b], labels[b], None if mask is None else mask[b]) for b in range(B)]
     by_chat: list[BlockAlignment | None] = [None] * B
     if chat is not None and chat.applies(batch):
         keys = batch["conversation"].reshape(-1).tolist()

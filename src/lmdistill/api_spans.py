@@ -103,6 +103,22 @@ class _RecordSpans:
     rest_span: list[int] = field(default_factory=list)
 
 
+def span_alternative_ids(first: int, ids: Sequence[int]) -> list[int]:
+    """A span target's alternatives as student ids: -1 for one that is the span's own first student token `first` or
+    repeats an earlier one (two teacher tokens of the same bytes), since each student token is listed once and the
+    first one's mass is the span's."""
+    out = list(ids)
+    matched = [sid for sid in out if sid >= 0]
+    if first in out or len(set(matched)) != len(matched):  # rare: only then the per-entry pass
+        seen = {first}
+        for n, sid in enumerate(out):
+            if sid in seen:
+                out[n] = -1
+            elif sid >= 0:
+                seen.add(sid)
+    return out
+
+
 def add_spans(out: _RecordSpans, report: SpanReport, spans: Sequence[tuple[range, range]], seq: Sequence[int],
               s_full: Sequence[int], learned: Callable[[int], bool], t_logprobs: Sequence[float],
               alternatives: Callable[[int], tuple[list[int], list[float]]],
@@ -128,18 +144,10 @@ def add_spans(out: _RecordSpans, report: SpanReport, spans: Sequence[tuple[range
         lp1 = t_logprobs[t_rng.start]
         rest = sum(t_logprobs[j] for j in t_rng[1:]) if len(t_rng) > 1 else 0.0
         alt_ids, probs = alternatives(t_rng.start)
-        ids = list(alt_ids)
-        matched = [sid for sid in ids if sid >= 0]
-        if first in ids or len(set(matched)) != len(matched):  # rare: only then the per-entry pass
-            seen = {first}
-            for n, sid in enumerate(ids):
-                if sid in seen:
-                    ids[n] = -1
-                elif sid >= 0:
-                    seen.add(sid)
-            matched = [sid for sid in ids if sid >= 0]
-        report.alternatives_matched += len(matched)
-        report.alternatives_unmatched += len(ids) - len(matched)
+        ids = span_alternative_ids(first, alt_ids)
+        matched = sum(1 for sid in ids if sid >= 0)
+        report.alternatives_matched += matched
+        report.alternatives_unmatched += len(ids) - matched
         span = len(out.pos)
         out.pos.append(fulls[0] - 1)
         out.first.append(first)

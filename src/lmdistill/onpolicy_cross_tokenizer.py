@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from lmdistill.align import AlignedBatch, align_batch, vocab_map
+from lmdistill.api_spans import span_alternative_ids
 from lmdistill.assets import cache_root
 from lmdistill.chat_align import ChatAligner
 from lmdistill.config import OnPolicyConfig, RolloutConfig, SoftLossConfig
@@ -96,6 +97,13 @@ def span_policy_gradient(logprobs: Tensor, labels: Tensor, span_index: Tensor, s
     return out
 
 
+def _span_logprob_parts(ab: AlignedBatch, lp: Tensor) -> tuple[Tensor, Tensor]:
+    """[S] each span's first teacher token's log-prob and [S] the sum over its later teacher tokens, from the
+    teacher's log-probs of its own tokens `lp` [B, Tt] (position t: token t + 1)."""
+    rest = span_sums(torch.where(ab.teacher_rest != IGNORE, lp, 0.0), ab.teacher_rest_span, ab.n_spans)
+    return lp[ab.span_batch, ab.teacher_pos], rest
+
+
 def span_topk_targets(ab: AlignedBatch, lp: Tensor, tops: list[list[dict[int, float]]], t2s: Tensor,
                       loss: SoftLossConfig) -> SparseSpanTargets:
     """Sparse span targets (the black-box teacher's kind, lmdistill.api_spans) from a teacher's log-probs of its own
@@ -107,26 +115,16 @@ def span_topk_targets(ab: AlignedBatch, lp: Tensor, tops: list[list[dict[int, fl
     """
     assert loss.cross_tokenizer != "refuse"
     mode = loss.cross_tokenizer
-    rest = span_sums(torch.where(ab.teacher_rest != IGNORE, lp, 0.0), ab.teacher_rest_span, ab.n_spans)
-    first_lp = lp[ab.span_batch, ab.teacher_pos]
+    first_lp, rest = _span_logprob_parts(ab, lp)
     to_student = t2s.tolist()
     rows_ids: list[list[int]] = []
     rows_p: list[list[float]] = []
     for b, pos, t_first, s_first in zip(ab.span_batch.tolist(), ab.teacher_pos.tolist(), ab.teacher_first.tolist(),
                                         ab.student_first.tolist(), strict=True):
-        ids, probs, seen = [], [], {s_first}
-        for tid, value in tops[b][pos].items():
-            if tid == t_first:  # the span's own mass is span_t + other_t
-                continue
-            sid = to_student[tid] if 0 <= tid < len(to_student) else -1
-            if sid in seen:
-                sid = -1
-            elif sid >= 0:
-                seen.add(sid)
-            ids.append(sid)
-            probs.append(math.exp(value))
-        rows_ids.append(ids)
-        rows_p.append(probs)
+        entries = [(tid, v) for tid, v in tops[b][pos].items() if tid != t_first]  # its mass is span_t + other_t
+        rows_ids.append(span_alternative_ids(s_first, [to_student[tid] if 0 <= tid < len(to_student) else -1
+                                                       for tid, _ in entries]))
+        rows_p.append([math.exp(v) for _, v in entries])
     k = max([1] + [len(r) for r in rows_ids])
     device = lp.device
     ids_t = torch.tensor([r + [-1] * (k - len(r)) for r in rows_ids], dtype=torch.long).view(-1, k).to(device)
@@ -163,9 +161,9 @@ class ServedSpanTeacher:
                               "tokenizers use --signal sampled_token with a server, or a local teacher for dense")
         device = batch["input_ids"].device
         ab = align_batch(batch, self.student_tokenizer, self.teacher_tokenizer, self.chat).to(device)
-        lp = self.server.sequence_logprobs(ab.teacher_input_ids, ab.teacher_attention_mask)
-        rest = span_sums(torch.where(ab.teacher_rest != IGNORE, lp, 0.0), ab.teacher_rest_span, ab.n_spans)
-        return ab, None, lp[ab.span_batch, ab.teacher_pos] + rest
+        first, rest = _span_logprob_parts(ab, self.server.sequence_logprobs(ab.teacher_input_ids,
+                                                                           ab.teacher_attention_mask))
+        return ab, None, first + rest
 
 
 class CrossTokenizerOnPolicy:

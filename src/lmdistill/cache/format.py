@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lmdistill.data import IGNORE
 from lmdistill.errors import CacheError
 from lmdistill.losses.divergences import LOGPROB_FLOOR
 
@@ -130,6 +131,11 @@ def block_digests(input_ids: Tensor, labels: Tensor, attention_mask: Tensor) -> 
             h.update(t.to(torch.int64).contiguous().numpy().tobytes())
         out[i] = torch.frombuffer(bytearray(h.digest()), dtype=torch.uint8)
     return out
+
+
+def row_offsets_of(labels: Tensor) -> Tensor:
+    """[n + 1] int64: where each block's target rows start (one row per labelled position, blocks in order)."""
+    return torch.cat([torch.zeros(1, dtype=torch.int64), (labels != IGNORE).sum(-1).cumsum(0)])
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

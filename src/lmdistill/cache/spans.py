@@ -33,13 +33,12 @@ import copy
 import json
 import logging
 import multiprocessing as mp
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lmdistill.align import byte_spans, retokenize, vocab_map
+from lmdistill.align import byte_spans, retokenize, student_sequence, vocab_map
 from lmdistill.api_spans import (
     SpanReport,
     SpanTargetBlocks,
@@ -49,7 +48,14 @@ from lmdistill.api_spans import (
     pack_spans,
 )
 from lmdistill.assets import cache_root
-from lmdistill.cache.format import Manifest, block_digests, decode_values, read_manifest, unpack_ids
+from lmdistill.cache.format import (
+    Manifest,
+    block_digests,
+    decode_values,
+    read_manifest,
+    row_offsets_of,
+    unpack_ids,
+)
 from lmdistill.cache.reader import CachedTeacher
 from lmdistill.cache.span_store import store_key, stored_bytes, stored_or_aligned
 from lmdistill.cache.writer import TOKENIZER_DIR
@@ -58,6 +64,7 @@ from lmdistill.data import IGNORE, TokenBlocks, conversation_blocks, conversatio
 from lmdistill.errors import CacheError
 from lmdistill.io import worker_signals
 from lmdistill.token_bytes import token_bytes
+from lmdistill.train.distributed import local_cpu_cores
 from lmdistill.train.logging import make_progress
 
 log = logging.getLogger(__name__)
@@ -129,16 +136,13 @@ class _BlockAligner:
         self.teacher_tok = teacher_tok
         self.chat: ChatAligner | None = None  # set for a chat cache: each side renders the messages itself
 
-    def align_chat(self, messages: list[dict[str, str]], s_row: tuple[list[int], list[int], list[int]],
-                   t_labels: list[int], first_row: int, top_ids: list[list[int]], top_student: list[list[int]],
+    def align_chat(self, messages: list[dict[str, str]], seq: list[int], labels: list[int], t_labels: list[int],
+                   first_row: int, top_ids: list[list[int]], top_student: list[list[int]],
                    top_probs: list[list[float]], t_lp: list[float]) -> _RecordSpans:
-        """The spans of one chat block: the student's rendering `s_row` (input ids, labels, attention mask) of
-        `messages` aligned on the content with the teacher's own rendering, whose labelled block has labels
-        `t_labels` and whose targets are the cache's rows from `first_row` on (top_*[r], t_lp[r]: row r)."""
+        """The spans of one chat block: the student's rendering of `messages` (its tokens `seq`, its block's labels
+        `labels`) aligned on the content with the teacher's own rendering, whose labelled block has labels `t_labels`
+        and whose targets are the cache's rows from `first_row` on (top_*[r], t_lp[r]: row r)."""
         assert self.chat is not None
-        inputs, labels, attention = s_row
-        n = sum(attention)
-        seq = inputs[:n] + ([labels[n - 1]] if n and labels[n - 1] != IGNORE else [])
         spans = _RecordSpans()
         a = self.chat.align_row(seq, labels, conversation_key(messages), completion=False)
         learned_n = sum(1 for y in labels if y != IGNORE)
@@ -207,10 +211,12 @@ class _BlockAligner:
 def _shard_blocks(cache: CachedTeacher, aligner: _BlockAligner, j: int) -> tuple[SpanTargetBlocks, SpanReport]:
     """Shard `j`'s cached blocks as student blocks with their span targets, and the counts of that shard alone."""
     aligner = copy.copy(aligner)
-    aligner.report = SpanReport()
-    if aligner.chat is not None:
-        return _chat_shard_blocks(cache, aligner, j), aligner.report
-    return _text_shard_blocks(cache, aligner, j), aligner.report
+    aligner.report = report = SpanReport()
+    blocks = _chat_shard_blocks(cache, aligner, j) if aligner.chat is not None else _text_shard_blocks(cache, aligner, j)
+    report.records += len(blocks)
+    report.kept += int((blocks.offsets[1:] > blocks.offsets[:-1]).sum())  # blocks with at least one span
+    report.soft_positions += int(blocks.n_tokens.sum())
+    return blocks, report
 
 
 def _top_rows(t: dict[str, torch.Tensor], enc: dict[str, Any], aligner: _BlockAligner, n_rows: int,
@@ -248,8 +254,7 @@ def _chat_shard_blocks(cache: CachedTeacher, aligner: _BlockAligner, j: int) -> 
         raise CacheError(f"shard `{path}`: the teacher's chat template does not render the stored conversations as "
                          "the labelled blocks (digest mismatch; an edited tokenizer copy in the cache?); relabel with "
                          "`lmdistill label --cache.cross_tokenizer true`")
-    per_block = (t_blocks.labels != IGNORE).sum(-1)
-    row_offsets = torch.cat([torch.zeros(1, dtype=torch.int64), per_block.cumsum(0)])
+    row_offsets = row_offsets_of(t_blocks.labels)
     if not torch.equal(t["row_offsets"], row_offsets):
         raise CacheError(f"shard `{path}` does not hold one target row per labelled position; relabel with "
                          "`lmdistill label --cache.cross_tokenizer true`")
@@ -257,22 +262,17 @@ def _chat_shard_blocks(cache: CachedTeacher, aligner: _BlockAligner, j: int) -> 
     s_blocks, truncated = conversation_blocks(conversations, aligner.student_tok, aligner.block_size)
     report.truncated_records += truncated
     aligner.chat.add([s_blocks])
-    s_rows = [r.tolist() for r in (s_blocks.input_ids, s_blocks.labels, s_blocks.attention_mask)]
-    t_labels = t_blocks.labels.tolist()
+    s_labels, t_labels = s_blocks.labels.tolist(), t_blocks.labels.tolist()
     spans: list[_RecordSpans] = []
     for b in range(n):
-        sp = aligner.align_chat(conversations[b], (s_rows[0][b], s_rows[1][b], s_rows[2][b]), t_labels[b],
-                                int(row_offsets[b]), top_ids, top_student, top_probs, t_lp)
-        spans.append(sp)
-        report.kept += bool(sp.pos)
-        report.soft_positions += sum(sp.n_tokens)
-    report.records += n
+        seq = student_sequence(s_blocks.input_ids[b], s_blocks.labels[b], s_blocks.attention_mask[b])
+        spans.append(aligner.align_chat(conversations[b], seq, s_labels[b], t_labels[b], int(row_offsets[b]),
+                                        top_ids, top_student, top_probs, t_lp))
     return pack_spans(TokenBlocks(s_blocks.input_ids, s_blocks.labels, s_blocks.attention_mask), spans)
 
 
 def _text_shard_blocks(cache: CachedTeacher, aligner: _BlockAligner, j: int) -> SpanTargetBlocks:
     """A packed-text shard: the blocks spelled from the stored tokens, re-tokenized for the student."""
-    report = aligner.report
     enc = cache.enc
     width = enc["id_bytes"]
     T = int(cache.info["block_size"])
@@ -300,9 +300,6 @@ def _text_shard_blocks(cache: CachedTeacher, aligner: _BlockAligner, j: int) -> 
         for out, r in zip(rows, row, strict=True):
             out.append(r)
         spans.append(sp)
-        report.kept += bool(sp.pos)
-        report.soft_positions += sum(sp.n_tokens)
-    report.records += n
     size = aligner.block_size
     blocks = TokenBlocks(*(torch.tensor(r, dtype=torch.long).view(-1, size) for r in rows))
     return pack_spans(blocks, spans)
@@ -324,9 +321,7 @@ def align_workers(requested: int, n_shards: int, alone: bool = False) -> int:
     unless this rank aligns `alone` (the others wait for the stored result); never more than the shards, and 1 where
     processes cannot be forked."""
     if requested <= 0:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        ranks = 1 if alone else max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        requested = max(1, cores // ranks)
+        requested = local_cpu_cores(shared_with_ranks=not alone)
     if "fork" not in mp.get_all_start_methods():
         return 1
     return max(1, min(requested, n_shards))

@@ -48,6 +48,7 @@ from lmdistill.cache.format import (
     journal_name,
     n_shards,
     pack_ids,
+    row_offsets_of,
     sha256_file,
     shard_name,
 )
@@ -427,9 +428,8 @@ class CacheWriter:
               conversations: list[list[dict[str, str]]] | None) -> dict[str, Tensor]:
         enc = self.enc
         cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        per_block = (sub.labels != IGNORE).sum(-1)
         out = {"block_digest": block_digests(sub.input_ids, sub.labels, sub.attention_mask),
-               "row_offsets": torch.cat([torch.zeros(1, dtype=torch.int64), per_block.cumsum(0)])}
+               "row_offsets": row_offsets_of(sub.labels)}
         width = enc["id_bytes"]
         out["ids"] = pack_ids(cat["ids"], width)
         out["logprobs"] = encode_values(cat["logprobs"], enc["values"], enc.get("int8_range", 0.0))

@@ -40,6 +40,14 @@ from lmdistill.config import TrainConfig
 from lmdistill.errors import ConfigError
 
 
+def local_cpu_cores(shared_with_ranks: bool = True) -> int:
+    """This process's CPU cores (its affinity), divided among the node's ranks (the launcher's LOCAL_WORLD_SIZE) when
+    they all work at once; at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if shared_with_ranks else 1
+    return max(1, cores // ranks)
+
+
 def engine(accelerator: Any) -> str:
     """`fsdp`, `deepspeed`, `ddp` (any multi-process replicated run) or `single`."""
     kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]

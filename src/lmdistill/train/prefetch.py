@@ -21,6 +21,7 @@ from torch import Tensor
 
 from lmdistill.data import TokenBlocks
 from lmdistill.io import worker_signals
+from lmdistill.train.distributed import local_cpu_cores
 
 PrepareFn = Callable[[dict[str, Tensor]], dict[str, Tensor]]
 
@@ -80,12 +81,9 @@ def prefetch_workers(requested: int) -> int:
     """`requested`, or (-1, auto) one worker per two free cores of this process's share of the node, at most 4, and
     none with fewer than 4 cores (there the workers would only take the step's cores); 0 where processes cannot be
     forked."""
-    import os
-
     if "fork" not in mp.get_all_start_methods():
         return 0
     if requested >= 0:
         return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    cores = local_cpu_cores()
     return 0 if cores < 4 else min(4, cores // 2)
